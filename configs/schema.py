@@ -1,0 +1,314 @@
+"""The validated shape of a SoraFlow config: one pydantic model per YAML section.
+
+A config is data: YAML parsed with `yaml.safe_load`, validated here, never executed.
+Unknown keys are errors (extra="forbid"), so a typo names the file and the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- data + ingest
+
+
+class DataConfig(Section):
+    root: str = "./data"  # overridden by SORAFLOW_HOME when that is set
+
+
+class SampleSourceConfig(Section):
+    """The synthetic source: coloured shapes moving in known directions, served on loopback."""
+
+    enabled: bool = False
+    seed: int = 0
+    hdvg_videos: int = 6  # multi-scene videos listed in hdvg_0.json
+    pexels_videos: int = 6  # single-scene videos behind the Pexels-compatible API
+    inter4k_videos: int = 0  # multi-scene, caption-less videos in an Inter4k-style zip
+    scenes_per_video: int = 3
+    scene_seconds: float = 2.0
+    width: int = 96
+    height: int = 64
+    fps: float = 24.0
+
+
+class SourceConfig(Section):
+    """One real data source. `url` is the metadata file, the zip link or the API base."""
+
+    kind: Literal["hdvg", "inter4k", "pexels"]
+    url: str
+    max_videos: int | None = None  # None = all the source lists
+    # hdvg: which video fetcher to use for a video URL ("auto": yt-dlp for YouTube, HTTP otherwise)
+    fetcher: Literal["auto", "http", "yt-dlp"] = "auto"
+    # pexels
+    query: str | None = None  # None = the `popular` listing
+    per_page: int = Field(15, ge=1, le=80)
+    min_width: int = 0
+    max_file_bytes: int = 200_000_000  # choose the best file that is no larger than this
+    quality: Literal["sd", "hd", "uhd"] = "hd"  # preferred quality; falls back to what exists
+
+
+class HttpConfig(Section):
+    timeout_s: float = 30.0
+    max_retries: int = 5
+    backoff_base_s: float = 1.0  # delay = base * 2**attempt, times a jitter in [0.5, 1.5)
+    backoff_max_s: float = 60.0
+    max_bytes: int = 4_000_000_000  # refuse bodies larger than this
+    user_agent: str = "SoraFlow/0.1"
+
+
+class SplitConfig(Section):
+    detector: Literal["content", "adaptive"] = "content"  # Open-Sora v1.0 uses ContentDetector
+    threshold: float | None = None  # None = PySceneDetect's default for the detector
+    min_seconds: float = 1.0
+    max_seconds: float = 5.0  # longer scenes are truncated, as Open-Sora v1.0 does
+    fps: float = 30.0  # clips are re-encoded to this frame rate
+    short_side: int = 512  # and scaled so that their shorter side is this
+
+
+class CaptionConfig(Section):
+    captioners: list[Literal["source", "llava"]] = ["source", "llava"]  # tried in this order
+    llava_path: str | None = None  # local directory of a LLaVA checkpoint (transformers format)
+    batch_size: int = 4
+    max_new_tokens: int = 128
+    prompt: Literal["three_frames", "naive"] = "three_frames"
+
+
+class ScoreConfig(Section):
+    motion: bool = True  # Farneback optical flow magnitude -> `flow`
+    aesthetic_clip_path: str | None = None  # open_clip weights (local file)
+    aesthetic_clip_model: str = "ViT-L-14"
+    aesthetic_head_path: str | None = None  # linear/MLP head weights (safetensors)
+    min_flow: float | None = None  # rows below are rejected with the reason
+    min_aes: float | None = None
+
+
+class IngestConfig(Section):
+    sources: list[SourceConfig] = []
+    sample_source: SampleSourceConfig = SampleSourceConfig()
+    http: HttpConfig = HttpConfig()
+    split: SplitConfig = SplitConfig()
+    caption: CaptionConfig = CaptionConfig()
+    score: ScoreConfig = ScoreConfig()
+    shard_size: int = 32  # rows per Prefect task
+    task_runner: Literal["threads", "ray"] = "threads"
+    max_workers: int = 2
+    ray_address: str | None = None
+
+
+# ---------------------------------------------------------------- models
+
+
+class VideoConfig(Section):
+    num_frames: int = 16
+    frame_interval: int = 3
+    image_size: tuple[int, int] = (256, 256)  # (H, W)
+    fps: float = 8.0  # of generated videos (24 / frame_interval in Open-Sora v1.0)
+
+
+class ModelConfig(Section):
+    preset: str = "STDiT-XL/2"  # a key of models.stdit.STDIT_PRESETS
+    space_scale: float = 1.0
+    time_scale: float = 1.0
+    class_dropout_prob: float = 0.1
+    pred_sigma: bool = True  # IDDPM learns the variance; rectified flow sets this False
+    drop_path: float = 0.0
+    grad_checkpoint: bool = False
+    from_pretrained: str | None = None  # SoraFlow safetensors dir or Open-Sora .pth
+
+
+class TinyT5Config(Section):
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    d_ff: int = 128
+    vocab_size: int = 512
+
+
+class TextEncoderConfig(Section):
+    path: str | None = None  # local T5 directory; None = the tiny T5 built under the data root
+    max_length: int = 120
+    tiny: TinyT5Config = TinyT5Config()
+
+
+class TinyVaeConfig(Section):
+    block_out_channels: list[int] = [32, 64, 64]  # 2**(len-1) = 4x spatial downsampling
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 16
+
+
+class VaeFitConfig(Section):
+    steps: int = 300
+    batch_size: int = 32  # frames
+    lr: float = 2e-3
+    kl_weight: float = 1e-6
+
+
+class VaeConfig(Section):
+    path: str | None = None  # local AutoencoderKL directory (sd-vae-ft-ema); None = fit the tiny one
+    micro_batch_size: int | None = None  # frames per VAE call
+    scaling_factor: float = 0.18215
+    tiny: TinyVaeConfig = TinyVaeConfig()
+    fit: VaeFitConfig = VaeFitConfig()
+
+
+class SchedulerConfig(Section):
+    type: Literal["iddpm", "rflow"] = "iddpm"
+    num_sampling_steps: int = 100
+    cfg_scale: float = 7.0
+    num_train_timesteps: int = 1000
+
+
+# ---------------------------------------------------------------- training + after
+
+
+class TrainConfig(Section):
+    run_name: str = "stdit"
+    steps: int = 1000
+    batch_size: int = 8  # per worker
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0
+    seed: int = 42
+    num_workers: int = 0  # Ray Train workers; 0 = in this process (Ray local mode)
+    use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    bf16: bool = False
+    ckpt_every: int = 250
+    log_every: int = 10
+    max_failures: int = 2  # worker restarts from the last checkpoint
+    use_latent_cache: bool = True
+    val_fraction: float = 0.1
+    ray_address: str | None = None
+    dataloader_workers: int = 0
+
+
+class EvalConfig(Section):
+    num_prompts: int = 8
+    sampling_steps: int | None = None  # None = scheduler.num_sampling_steps
+    metric: str = "val_loss"  # compared against the champion's
+    higher_is_better: bool = False
+    seed: int = 1234
+
+
+class RegistryConfig(Section):
+    tracking_uri: str | None = None  # None = sqlite under <data root>/registry
+    model_name: str = "soraflow-stdit"
+    experiment: str = "soraflow"
+
+
+class GenerateConfig(Section):
+    steps: int | None = None  # None = scheduler.num_sampling_steps
+    cfg_scale: float | None = None
+    seed: int = 42
+    output_dir: str | None = None  # None = <data root>/outputs/samples
+
+
+class SoraFlowConfig(Section):
+    name: str = "soraflow"
+    data: DataConfig = DataConfig()
+    ingest: IngestConfig = IngestConfig()
+    video: VideoConfig = VideoConfig()
+    model: ModelConfig = ModelConfig()
+    text_encoder: TextEncoderConfig = TextEncoderConfig()
+    vae: VaeConfig = VaeConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    registry: RegistryConfig = RegistryConfig()
+    generate: GenerateConfig = GenerateConfig()
+
+    @field_validator("video")
+    @classmethod
+    def _video_positive(cls, v: VideoConfig) -> VideoConfig:
+        if v.num_frames < 1 or v.frame_interval < 1 or min(v.image_size) < 1:
+            raise ValueError("num_frames, frame_interval and image_size must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _sigma_matches_scheduler(self) -> "SoraFlowConfig":
+        if self.scheduler.type == "rflow" and self.model.pred_sigma:
+            raise ValueError("model.pred_sigma must be false with scheduler.type 'rflow' (it predicts a velocity only)")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message names the file and key."""
+
+
+CONFIG_DIR = Path(__file__).resolve().parent
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A path as given, or the name of a preset in configs/ ("local" -> configs/local.yaml)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for candidate in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml"):
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"{path}: no such config file (presets: {', '.join(sorted(q.stem for q in CONFIG_DIR.glob('*.yaml')))})")
+
+
+def _set_dotted(data: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{source}: key '{dotted}': '{k}' is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'train.steps=200' -> ('train.steps', 200); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. train.steps=200")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None) -> SoraFlowConfig:
+    """Load a YAML preset, apply dotted overrides, validate. Errors name the file and the key."""
+    source = "<defaults>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = resolve_config_path(path)
+        source = str(p)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
+    for key, value in items:
+        _set_dotted(data, key, value, f"{source} (override)")
+    try:
+        return SoraFlowConfig.model_validate(data)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            key = ".".join(str(x) for x in err["loc"]) or "<top level>"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"{source}: key '{key}': {msg}")
+        raise ConfigError("\n".join(problems)) from None
+
+
+def config_hash(cfg: SoraFlowConfig) -> str:
+    """A short content hash of the validated config (key order independent)."""
+    import hashlib
+    import json
+
+    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

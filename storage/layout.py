@@ -1,0 +1,124 @@
+"""Where things live under the data root, and the guards for names that come from outside.
+
+    raw/<source>/<video_id>.<ext>            downloaded originals
+    clips/<source>/<video_id>/<clip_id>.mp4  scene clips
+    manifests/<stage>/<hash>.parquet         every stage output, immutable
+    cache/<key>/...                          VAE latents + text embeddings
+    runs/<run-name>/                         Ray Train storage, checkpoints
+    registry/                                MLflow backend (sqlite) + artifacts
+    models/                                  tiny models built or fitted locally
+    outputs/samples/                         generated videos
+
+Ids from downloaded data (video ids, clip ids, archive entries) are never trusted:
+`safe_id` and `safe_join` refuse anything that could leave the root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class UnsafePathError(ValueError):
+    """An id or path from untrusted input that would escape its folder or is not a plain name."""
+
+
+def safe_id(value: object, what: str = "id") -> str:
+    """Return `value` if it is a plain file-name-safe id, else raise UnsafePathError naming it."""
+    s = str(value)
+    if not _SAFE_ID.match(s) or ".." in s:
+        raise UnsafePathError(f"unsafe {what} {s!r}: ids may hold only letters, digits, '.', '_' and '-' (no '..', max 128)")
+    return s
+
+
+def safe_join(base: str | Path, *parts: str) -> Path:
+    """Join `parts` under `base` and make sure the result stays inside `base`."""
+    base_r = Path(base).resolve()
+    target = base_r.joinpath(*parts).resolve()
+    if target != base_r and base_r not in target.parents:
+        raise UnsafePathError(f"path {'/'.join(parts)!r} escapes {base_r}")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path in the same folder; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix or path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+class DataRoot:
+    """The on-disk layout of one SoraFlow data root (default ./data, or $SORAFLOW_HOME)."""
+
+    def __init__(self, root: str | Path | None = None):
+        root = root or os.environ.get("SORAFLOW_HOME") or "./data"
+        self.root = Path(root).resolve()
+
+    def __repr__(self) -> str:
+        return f"DataRoot({str(self.root)!r})"
+
+    def _dir(self, *parts: str) -> Path:
+        return safe_join(self.root, *parts)
+
+    def raw(self, source: str, video_id: str, ext: str = "mp4") -> Path:
+        return self._dir("raw", safe_id(source, "source"), f"{safe_id(video_id, 'video id')}.{safe_id(ext, 'extension')}")
+
+    def raw_dir(self, source: str) -> Path:
+        return self._dir("raw", safe_id(source, "source"))
+
+    def clip(self, source: str, video_id: str, clip_id: str) -> Path:
+        return self._dir("clips", safe_id(source, "source"), safe_id(video_id, "video id"), f"{safe_id(clip_id, 'clip id')}.mp4")
+
+    def manifest_dir(self, stage: str) -> Path:
+        return self._dir("manifests", safe_id(stage, "stage"))
+
+    def cache_dir(self, key: str) -> Path:
+        return self._dir("cache", safe_id(key, "cache key"))
+
+    def run_dir(self, name: str) -> Path:
+        return self._dir("runs", safe_id(name, "run name"))
+
+    @property
+    def runs(self) -> Path:
+        return self._dir("runs")
+
+    @property
+    def registry(self) -> Path:
+        return self._dir("registry")
+
+    @property
+    def models(self) -> Path:
+        return self._dir("models")
+
+    @property
+    def samples(self) -> Path:
+        return self._dir("outputs", "samples")
+
+    @property
+    def tmp(self) -> Path:
+        return self._dir("tmp")

@@ -1,0 +1,162 @@
+"""Reading, writing and probing video files with PyAV (its wheels carry their own FFmpeg).
+
+Frames are numpy uint8 arrays shaped (T, H, W, 3) in RGB throughout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from storage.layout import atomic_output
+
+
+class VideoError(ValueError):
+    """A file that is not a readable video; the message names the file and what is wrong."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    num_frames: int
+    fps: float
+    height: int
+    width: int
+
+    @property
+    def duration_s(self) -> float:
+        return self.num_frames / self.fps if self.fps else 0.0
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def probe_video(path: str | Path, count_frames: bool = True) -> VideoInfo:
+    """Frame count, fps and size. Counts frames by demuxing (exact) unless count_frames=False."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        raise VideoError(f"{path}: missing or empty file")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            height, width = stream.codec_context.height, stream.codec_context.width
+            if count_frames:
+                n = sum(1 for _ in container.decode(stream))
+            else:
+                n = int(stream.frames or 0)
+    except VideoError:
+        raise
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as e:
+        raise VideoError(f"{path}: not a readable video: {e}") from e
+    if n == 0 or not fps or not height or not width:
+        raise VideoError(f"{path}: video has no decodable frames")
+    return VideoInfo(num_frames=n, fps=fps, height=height, width=width)
+
+
+def read_frames(path: str | Path, indices: list[int] | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode frames (all, or the given indices in order) as (T, H, W, 3) uint8 RGB.
+
+    `size` = (H, W) resizes while decoding. Missing indices (past the end) raise VideoError.
+    """
+    path = Path(path)
+    wanted = None if indices is None else sorted(set(int(i) for i in indices))
+    got: dict[int, np.ndarray] = {}
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            last = wanted[-1] if wanted else None
+            for i, frame in enumerate(container.decode(stream)):
+                if wanted is None or i in wanted:
+                    if size is not None:
+                        frame = frame.reformat(width=size[1], height=size[0])
+                    got[i] = frame.to_ndarray(format="rgb24")
+                if last is not None and i >= last:
+                    break
+    except VideoError:
+        raise
+    except (av.error.FFmpegError, ValueError) as e:
+        raise VideoError(f"{path}: not a readable video: {e}") from e
+    if not got:
+        raise VideoError(f"{path}: video has no decodable frames")
+    if indices is None:
+        return np.stack([got[i] for i in sorted(got)])
+    missing = [i for i in indices if int(i) not in got]
+    if missing:
+        raise VideoError(f"{path}: frame(s) {missing[:5]} past the end ({len(got)} decoded)")
+    return np.stack([got[int(i)] for i in indices])
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18) -> Path:
+    """Write (T, H, W, 3) uint8 frames as an H.264 mp4, atomically. H and W are padded to even."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"write_video({path}): expected (T, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
+    t, h, w, _ = frames.shape
+    ph, pw = h % 2, w % 2
+    if ph or pw:  # yuv420p needs even sizes
+        frames = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height = frames.shape[2], frames.shape[1]
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(crf), "preset": "veryfast"}
+            for arr in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    return path
+
+
+def write_gif(path: str | Path, frames: np.ndarray, fps: float, scale: int = 1) -> Path:
+    """A looping GIF preview of (T, H, W, 3) uint8 frames, optionally upscaled by an integer factor."""
+    from PIL import Image
+
+    frames = np.asarray(frames)
+    if scale > 1:
+        frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+    images = [Image.fromarray(f) for f in frames]
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=max(1, int(1000 / fps)), loop=0)
+    return path
+
+
+def tile_grid(videos: list[np.ndarray], cols: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile several (T, H, W, 3) videos of one size into one (T, H', W', 3) grid video."""
+    n = len(videos)
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    t, h, w, _ = videos[0].shape
+    grid = np.full((t, rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for k, v in enumerate(videos):
+        r, c = divmod(k, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[:, y : y + h, x : x + w] = v[:t]
+    return grid
+
+
+def to_uint8_frames(x) -> np.ndarray:
+    """A (3, T, H, W) tensor in [-1, 1] -> (T, H, W, 3) uint8, as Open-Sora's save_sample does."""
+    import torch
+
+    x = x.detach().float().clamp(-1, 1).add(1).div(2)  # (3, T, H, W) in [0, 1]
+    x = (x * 255 + 0.5).clamp(0, 255).to(torch.uint8)
+    return x.permute(1, 2, 3, 0).cpu().numpy()  # (T, H, W, 3)
