@@ -1,0 +1,261 @@
+"""The `soraflow` command line: every flow, single stages, the registry and the deployments."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="SoraFlow: Open-Sora v1.0 text-to-video, from data to model, as Prefect flows.", no_args_is_help=True, add_completion=False)
+run_app = typer.Typer(help="Run an end-to-end flow.", no_args_is_help=True)
+registry_app = typer.Typer(help="The MLflow model registry.", no_args_is_help=True)
+app.add_typer(run_app, name="run")
+app.add_typer(registry_app, name="registry")
+console = Console()
+
+ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="A YAML config, or a preset name in configs/ (local, opensora-v1-16x256x256).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one config key, e.g. --set train.steps=200 (repeatable).")]
+RootOpt = Annotated[Optional[str], typer.Option("--root", help="Data root (default: config data.root, or $SORAFLOW_HOME).")]
+
+
+def _load(config: str, overrides: list[str] | None, root: str | None = None):
+    """Validated config + DataRoot, or a clear error and exit code 2."""
+    from configs.schema import ConfigError, load_config
+    from storage.layout import DataRoot
+
+    try:
+        cfg = load_config(config, overrides or [])
+    except ConfigError as e:
+        console.print(f"[red]config error[/red]\n{e}")
+        raise typer.Exit(2) from None
+    if root:
+        cfg.data.root = root
+    return cfg, DataRoot(os.environ.get("SORAFLOW_HOME") if not root and os.environ.get("SORAFLOW_HOME") else cfg.data.root)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------- generate
+
+
+@app.command()
+def generate(
+    prompts: Annotated[list[str], typer.Argument(help="One or more text prompts.")],
+    config: ConfigOpt = "local",
+    ckpt: Annotated[Optional[str], typer.Option(help="A SoraFlow model folder, a .safetensors file or an Open-Sora .pth.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="A registry reference: champion, another alias, a version number, latest.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: the config's).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (default: the config's).")] = None,
+    num_frames: Annotated[Optional[int], typer.Option("--num-frames", help="Frames per video (default: the config's).")] = None,
+    cfg_scale: Annotated[Optional[float], typer.Option("--cfg-scale", help="Classifier-free guidance scale.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Output folder (default: <data root>/outputs/samples).")] = None,
+    set_: SetOpt = None,
+    root: RootOpt = None,
+) -> None:
+    """Text to video on this machine: writes mp4 files and GIF previews and prints their paths."""
+    cfg, data_root = _load(config, set_, root)
+    from tasks.generate import generate_videos
+
+    try:
+        result = generate_videos(cfg, data_root, prompts, ckpt=ckpt, model_ref=model, steps=steps, seed=seed, cfg_scale=cfg_scale, num_frames=num_frames, out_dir=out)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    console.print(f"weights: {result.weights}")
+    for prompt, mp4, gif in zip(result.prompts, result.videos, result.gifs):
+        console.print(f"[green]{prompt!r}[/green]\n  video:   {mp4}\n  preview: {gif}")
+    console.print(f"done in {result.seconds:.1f} s")
+
+
+# ---------------------------------------------------------------- ingest, stages, train
+
+
+@app.command()
+def ingest(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None) -> None:
+    """Download -> scene split -> caption -> score, as a Prefect flow; prints the final manifest."""
+    cfg, data_root = _load(config, set_, root)
+    from flows.ingest import ingest_flow
+
+    result = ingest_flow(cfg.model_dump(mode="json"), str(data_root.root))
+    _print_manifest_summary(result)
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="download | split | caption | score")],
+    manifest: Annotated[Optional[str], typer.Option(help="Input manifest (not needed for download).")] = None,
+    config: ConfigOpt = "local",
+    set_: SetOpt = None,
+    root: RootOpt = None,
+) -> None:
+    """Run one ingest stage on a manifest and print the manifest it writes."""
+    cfg, data_root = _load(config, set_, root)
+    from flows.ingest import run_single_stage
+
+    try:
+        result = run_single_stage(name, cfg, data_root, manifest)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    _print_manifest_summary(result)
+
+
+@app.command()
+def train(
+    manifest: Annotated[str, typer.Option(help="The training manifest (output of ingest).")],
+    config: ConfigOpt = "local",
+    set_: SetOpt = None,
+    root: RootOpt = None,
+) -> None:
+    """(VAE fit) -> latent cache -> Ray Train STDiT -> evaluate -> register, as a Prefect flow."""
+    cfg, data_root = _load(config, set_, root)
+    from flows.train import train_flow
+
+    result = train_flow(str(manifest), cfg.model_dump(mode="json"), str(data_root.root))
+    _print_dict("training", result)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@run_app.command("local")
+def run_local(
+    budget: Annotated[str, typer.Option(help="Training budget: small (~3 min), default (~8 min) or large (~20 min).")] = "default",
+    config: ConfigOpt = "local",
+    set_: SetOpt = None,
+    root: RootOpt = None,
+) -> None:
+    """The whole life cycle on a synthetic sample served on loopback: ingest, train, evaluate, register, generate."""
+    cfg, data_root = _load(config, set_, root)
+    from flows.local import local_flow
+
+    summary = local_flow(cfg.model_dump(mode="json"), str(data_root.root), budget=budget)
+    _print_dict("SoraFlow local run", summary)
+
+
+@run_app.command("pipeline")
+def run_pipeline(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None) -> None:
+    """Ingest then train (no generation), as one Prefect flow."""
+    cfg, data_root = _load(config, set_, root)
+    from flows.pipeline import PipelineParams, pipeline_flow
+
+    result = pipeline_flow(PipelineParams(config=cfg.model_dump(mode="json"), data_root=str(data_root.root)))
+    _print_dict("pipeline", result)
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = "local",
+    cron: Annotated[str, typer.Option(help="Cron schedule of the pipeline deployment (scheduled retraining).")] = "0 3 * * *",
+    set_: SetOpt = None,
+    root: RootOpt = None,
+) -> None:
+    """Serve the pipeline deployment (cron) and the train deployment (new-dataset trigger) until stopped."""
+    cfg, data_root = _load(config, set_, root)
+    from flows.deploy import serve_deployments
+
+    serve_deployments(cfg.model_dump(mode="json"), str(data_root.root), cron=cron)
+
+
+@app.command("sample-server")
+def sample_server(
+    config: ConfigOpt = "local",
+    seconds: Annotated[float, typer.Option(help="Stop after this many seconds (0 = until Ctrl-C).")] = 0,
+    set_: SetOpt = None,
+    root: RootOpt = None,
+) -> None:
+    """Serve the synthetic sample source on 127.0.0.1 (HD-VG metadata, Inter4k zip, Pexels API)."""
+    import time
+
+    cfg, data_root = _load(config, set_, root)
+    from tasks.sample_source.server import SampleServer
+
+    with SampleServer(data_root.root / "sample_source", cfg.ingest.sample_source) as server:
+        console.print(f"sample source on {server.base_url} (HD-VG: /metafiles/hdvg_0.json, Inter4k: /inter4KUHD, Pexels: /videos/popular)")
+        deadline = time.monotonic() + seconds if seconds > 0 else None
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+
+
+# ---------------------------------------------------------------- registry
+
+
+@registry_app.command("list")
+def registry_list(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None) -> None:
+    """Every registered version with its aliases and metrics."""
+    cfg, data_root = _load(config, set_, root)
+    from storage.registry import ModelRegistry
+
+    versions = ModelRegistry(data_root, cfg.registry).list_versions()
+    table = Table(title=f"registry: {cfg.registry.model_name}")
+    for col in ("version", "aliases", "metrics", "dataset", "created"):
+        table.add_column(col)
+    for v in versions:
+        metrics = ", ".join(f"{k}={float(x):.4g}" for k, x in sorted(v.metrics.items()))
+        table.add_row(str(v.version), ",".join(v.aliases), metrics, v.tags.get("dataset_version", ""), str(getattr(v, "created", "")))
+    console.print(table if versions else "no registered versions yet")
+
+
+@registry_app.command("show")
+def registry_show(ref: Annotated[str, typer.Argument(help="champion, an alias, a version number or latest")] = "champion", config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None) -> None:
+    """One version: tags, metrics, aliases and where its files are."""
+    cfg, data_root = _load(config, set_, root)
+    from storage.registry import ModelRegistry, RegistryError
+
+    try:
+        info = ModelRegistry(data_root, cfg.registry).get(ref)
+    except RegistryError as e:
+        _fail(str(e))
+    _print_dict(f"{cfg.registry.model_name} v{info.version}", {"aliases": info.aliases, "run_id": info.run_id, "source": info.source, **{f"metric {k}": v for k, v in info.metrics.items()}, **{f"tag {k}": v for k, v in info.tags.items()}})
+
+
+@registry_app.command("promote")
+def registry_promote(version: Annotated[str, typer.Argument(help="The version number to promote.")], alias: Annotated[str, typer.Option(help="Alias to move.")] = "champion", config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None) -> None:
+    """Move an alias (default champion) to a version, by hand."""
+    cfg, data_root = _load(config, set_, root)
+    from storage.registry import ModelRegistry, RegistryError
+
+    try:
+        ModelRegistry(data_root, cfg.registry).promote(version, alias=alias)
+    except RegistryError as e:
+        _fail(str(e))
+    console.print(f"{cfg.registry.model_name}@{alias} -> v{version}")
+
+
+# ---------------------------------------------------------------- printing
+
+
+def _print_manifest_summary(result: dict) -> None:
+    _print_dict("manifest", result)
+
+
+def _print_dict(title: str, data: dict) -> None:
+    table = Table(title=title, show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for k, v in data.items():
+        if isinstance(v, float):
+            v = f"{v:.4g}"
+        elif isinstance(v, (list, tuple)):
+            v = "\n".join(str(x) for x in v) if v else "-"
+        elif isinstance(v, dict):
+            v = ", ".join(f"{a}={b}" for a, b in v.items()) or "-"
+        table.add_row(str(k), str(v))
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,89 @@
+"""Text-to-video generation: prompts in, mp4 files plus GIF previews out."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from configs.schema import SoraFlowConfig
+from storage.layout import DataRoot
+from storage.video_io import to_uint8_frames, write_gif, write_video
+from tasks.components import load_pipeline
+
+
+@dataclass
+class GenerateResult:
+    videos: list[Path]
+    gifs: list[Path]
+    prompts: list[str]
+    weights: str  # where the weights came from, in words
+    seconds: float
+    frames: list = field(default_factory=list, repr=False)  # (T, H, W, 3) uint8 per video
+
+
+def slug(text: str, max_len: int = 48) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return (s[:max_len].rstrip("-") or "prompt")
+
+
+def resolve_model_ref(cfg: SoraFlowConfig, root: DataRoot, ref: str) -> Path:
+    """A registry reference ('champion', an alias, a version number, 'latest') -> a local model folder."""
+    from storage.registry import ModelRegistry
+
+    registry = ModelRegistry(root, cfg.registry)
+    info = registry.get(ref)
+    dest = root.tmp / "registry" / f"{cfg.registry.model_name}-v{info.version}"
+    if not (dest / "soraflow.json").exists() and not any(dest.rglob("soraflow.json")):
+        registry.download(str(info.version), dest)
+    found = next(iter(sorted(dest.rglob("soraflow.json"))), None)
+    if found is None:
+        raise FileNotFoundError(f"registry model {cfg.registry.model_name} {ref!r} (v{info.version}) holds no soraflow.json")
+    return found.parent
+
+
+def generate_videos(
+    cfg: SoraFlowConfig,
+    root: DataRoot,
+    prompts: list[str],
+    ckpt: str | Path | None = None,
+    model_ref: str | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    cfg_scale: float | None = None,
+    num_frames: int | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    gif_scale: int = 4,
+) -> GenerateResult:
+    """Generate one video per prompt and write <out>/<k>-<slug>.mp4 and .gif."""
+    if not prompts or any(not p.strip() for p in prompts):
+        raise ValueError("generate: every prompt must be a non-empty string")
+    if ckpt is not None and model_ref is not None:
+        raise ValueError("generate: give --ckpt or --model, not both")
+    started = time.perf_counter()
+    if model_ref is not None:
+        ckpt = resolve_model_ref(cfg, root, model_ref)
+    torch.manual_seed(cfg.generate.seed if seed is None else seed)
+    pipe, source = load_pipeline(cfg, root, ckpt, num_frames=num_frames)
+    videos = pipe(
+        prompts,
+        steps=steps or cfg.generate.steps,
+        cfg_scale=cfg_scale if cfg_scale is not None else cfg.generate.cfg_scale,
+        seed=cfg.generate.seed if seed is None else seed,
+        progress=progress,
+    )  # (B, 3, T, H, W) in [-1, 1]
+    out = Path(out_dir or cfg.generate.output_dir or root.samples)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    mp4s, gifs, frames = [], [], []
+    for k, (prompt, video) in enumerate(zip(prompts, videos)):
+        f = to_uint8_frames(video)  # (T, H, W, 3)
+        name = f"{stamp}-{k}-{slug(prompt)}"
+        mp4s.append(write_video(out / f"{name}.mp4", f, fps=cfg.video.fps))
+        gifs.append(write_gif(out / f"{name}.gif", f, fps=cfg.video.fps, scale=gif_scale))
+        frames.append(f)
+    return GenerateResult(mp4s, gifs, list(prompts), source, time.perf_counter() - started, frames)
