@@ -25,17 +25,21 @@ RootOpt = Annotated[Optional[str], typer.Option("--root", help="Data root (defau
 
 def _load(config: str, overrides: list[str] | None, root: str | None = None):
     """Validated config + DataRoot, or a clear error and exit code 2."""
-    from configs.schema import ConfigError, load_config
-    from storage.layout import DataRoot
+    return _params(config, overrides, root).load()
+
+
+def _params(config: str, overrides: list[str] | None, root: str | None):
+    """The flows' parameter model, or a clear config error and exit code 2."""
+    from pydantic import ValidationError
+
+    from configs.schema import ConfigError
+    from flows.params import RunParams
 
     try:
-        cfg = load_config(config, overrides or [])
-    except ConfigError as e:
+        return RunParams(config=config, overrides=overrides or [], data_root=root)
+    except (ConfigError, ValidationError) as e:
         console.print(f"[red]config error[/red]\n{e}")
         raise typer.Exit(2) from None
-    if root:
-        cfg.data.root = root
-    return cfg, DataRoot(os.environ.get("SORAFLOW_HOME") if not root and os.environ.get("SORAFLOW_HOME") else cfg.data.root)
 
 
 def _fail(message: str) -> None:
@@ -80,11 +84,10 @@ def generate(
 @app.command()
 def ingest(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None) -> None:
     """Download -> scene split -> caption -> score, as a Prefect flow; prints the final manifest."""
-    cfg, data_root = _load(config, set_, root)
-    from flows.ingest import ingest_flow
+    from flows.ingest import run_ingest
 
-    result = ingest_flow(cfg.model_dump(mode="json"), str(data_root.root))
-    _print_manifest_summary(result)
+    result = run_ingest(_params(config, set_, root))
+    _print_dict("ingest", result)
 
 
 @app.command()
@@ -96,14 +99,13 @@ def stage(
     root: RootOpt = None,
 ) -> None:
     """Run one ingest stage on a manifest and print the manifest it writes."""
-    cfg, data_root = _load(config, set_, root)
     from flows.ingest import run_single_stage
 
     try:
-        result = run_single_stage(name, cfg, data_root, manifest)
+        result = run_single_stage(name, _params(config, set_, root), manifest)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
-    _print_manifest_summary(result)
+    _print_dict(f"stage {name}", result)
 
 
 @app.command()
@@ -114,10 +116,11 @@ def train(
     root: RootOpt = None,
 ) -> None:
     """(VAE fit) -> latent cache -> Ray Train STDiT -> evaluate -> register, as a Prefect flow."""
-    cfg, data_root = _load(config, set_, root)
+    if not Path(manifest).exists():
+        _fail(f"--manifest {manifest}: no such file")
     from flows.train import train_flow
 
-    result = train_flow(str(manifest), cfg.model_dump(mode="json"), str(data_root.root))
+    result = train_flow(str(Path(manifest).resolve()), _params(config, set_, root))
     _print_dict("training", result)
 
 
@@ -132,20 +135,20 @@ def run_local(
     root: RootOpt = None,
 ) -> None:
     """The whole life cycle on a synthetic sample served on loopback: ingest, train, evaluate, register, generate."""
-    cfg, data_root = _load(config, set_, root)
-    from flows.local import local_flow
+    from flows.local import BUDGETS, local_flow
 
-    summary = local_flow(cfg.model_dump(mode="json"), str(data_root.root), budget=budget)
+    if budget not in BUDGETS:
+        _fail(f"--budget {budget!r}: expected one of {', '.join(BUDGETS)}")
+    summary = local_flow(_params(config, set_, root), budget=budget)
     _print_dict("SoraFlow local run", summary)
 
 
 @run_app.command("pipeline")
 def run_pipeline(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None) -> None:
     """Ingest then train (no generation), as one Prefect flow."""
-    cfg, data_root = _load(config, set_, root)
-    from flows.pipeline import PipelineParams, pipeline_flow
+    from flows.pipeline import pipeline_flow
 
-    result = pipeline_flow(PipelineParams(config=cfg.model_dump(mode="json"), data_root=str(data_root.root)))
+    result = pipeline_flow(_params(config, set_, root))
     _print_dict("pipeline", result)
 
 
@@ -157,10 +160,9 @@ def serve(
     root: RootOpt = None,
 ) -> None:
     """Serve the pipeline deployment (cron) and the train deployment (new-dataset trigger) until stopped."""
-    cfg, data_root = _load(config, set_, root)
     from flows.deploy import serve_deployments
 
-    serve_deployments(cfg.model_dump(mode="json"), str(data_root.root), cron=cron)
+    serve_deployments(_params(config, set_, root), cron=cron)
 
 
 @app.command("sample-server")
@@ -232,10 +234,6 @@ def registry_promote(version: Annotated[str, typer.Argument(help="The version nu
 
 
 # ---------------------------------------------------------------- printing
-
-
-def _print_manifest_summary(result: dict) -> None:
-    _print_dict("manifest", result)
 
 
 def _print_dict(title: str, data: dict) -> None:

@@ -1,6 +1,7 @@
 """Shared pytest set-up: offline, deterministic, small."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -8,3 +9,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# One fresh Prefect home per test session: the ephemeral API server's SQLite database,
+# cached task results and settings never leak between runs or into ~/.prefect.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="soraflow-prefect-")
+os.environ.pop("PREFECT_API_URL", None)

@@ -1,0 +1,134 @@
+"""The ingest flow: download -> scene split -> caption -> score, each stage mapped over shards."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from configs.schema import SoraFlowConfig, config_hash
+from flows.params import RunParams
+from storage.layout import DataRoot
+from storage.manifest import dataset_version, read_rows, summarize
+from tasks.ingest import SHARD_TASKS, download_shard, list_source, listing_len, merge_shards
+
+SAMPLE_TOKEN = "${SAMPLE_SOURCE}"
+DATASET_EVENT = "soraflow.dataset.updated"
+
+
+@contextlib.contextmanager
+def sample_source(cfg: SoraFlowConfig, root: DataRoot) -> Iterator[SoraFlowConfig]:
+    """Start the loopback sample server when the config asks for it, and point the sources at it."""
+    if not cfg.ingest.sample_source.enabled:
+        yield cfg
+        return
+    from tasks.sample_source.server import SampleServer
+
+    with SampleServer(root.root / "sample_source", cfg.ingest.sample_source) as server:
+        cfg = cfg.model_copy(deep=True)
+        for source in cfg.ingest.sources:
+            source.url = source.url.replace(SAMPLE_TOKEN, server.base_url)
+        yield cfg
+
+
+def _ranges(n: int, size: int) -> list[tuple[int, int]]:
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def download_stage(cfg: SoraFlowConfig, root: DataRoot) -> str:
+    """List every source, download its items shard by shard, merge into one manifest."""
+    http = cfg.ingest.http.model_dump()
+    shard_futures, listings = [], []
+    for source in cfg.ingest.sources:
+        src = source.model_dump()
+        listing = list_source(src, http, str(root.root))
+        listings.append(listing)
+        for start, stop in _ranges(listing_len(listing), cfg.ingest.shard_size):
+            shard_futures.append(download_shard.submit(src, listing, start, stop, http, str(root.root)))
+    shards = [f.result() for f in shard_futures]
+    return merge_shards(shards, "download", listings, config_hash(cfg), str(root.root))
+
+
+def mapped_stage(stage: str, manifest: str, cfg: SoraFlowConfig, root: DataRoot) -> str:
+    """Map one stage's shard task over the rows of `manifest`, then merge the shard outputs."""
+    section = getattr(cfg.ingest, stage).model_dump()
+    n = len(read_rows(manifest))
+    futures = [SHARD_TASKS[stage].submit(manifest, a, b, section, str(root.root)) for a, b in _ranges(n, cfg.ingest.shard_size)]
+    shards = [f.result() for f in futures]
+    return merge_shards(shards, stage, [manifest], config_hash(cfg), str(root.root))
+
+
+def publish(manifest: str, cfg: SoraFlowConfig, stages: dict[str, str]) -> dict:
+    """Statistics as a table artifact and a new-dataset event (which can trigger training)."""
+    from prefect.events import emit_event
+
+    rows = read_rows(manifest)
+    stats = summarize(rows)
+    version = dataset_version(manifest)
+    table = [{"stage": name, "manifest": path, **{k: summarize(read_rows(path))[k] for k in ("rows", "ok", "rejected")}} for name, path in stages.items()]
+    create_table_artifact(table, key="ingest-manifests", description=f"Ingest of {cfg.name}: dataset version {version}")
+    create_table_artifact(
+        [{"statistic": k, "value": str(v)} for k, v in stats.items()],
+        key="manifest-statistics",
+        description=f"Final manifest {manifest}",
+    )
+    emit_event(
+        event=DATASET_EVENT,
+        resource={"prefect.resource.id": f"soraflow.dataset.{cfg.name}", "prefect.resource.name": cfg.name},
+        payload={"manifest": manifest, "dataset_version": version, "ok": stats["ok"]},
+    )
+    return {"manifest": manifest, "dataset_version": version, **stats, "stage_manifests": stages}
+
+
+@flow(name="ingest", log_prints=True)
+def ingest_flow(params: RunParams = RunParams()) -> dict:
+    """download -> split -> caption -> score; returns the final manifest and its statistics."""
+    log = get_run_logger()
+    config, root = params.load()
+    with sample_source(config, root) as cfg:
+        stages = {"download": download_stage(cfg, root)}
+        log.info("download manifest: %s", stages["download"])
+    for stage in ("split", "caption", "score"):
+        previous = list(stages.values())[-1]
+        stages[stage] = mapped_stage(stage, previous, cfg, root)
+        log.info("%s manifest: %s", stage, stages[stage])
+    return publish(stages["score"], cfg, stages)
+
+
+def with_task_runner(flow_obj, cfg: SoraFlowConfig):
+    """The flow with Ray as its task runner when the config asks for it (threads otherwise)."""
+    if cfg.ingest.task_runner == "ray":
+        from prefect_ray.task_runners import RayTaskRunner
+
+        return flow_obj.with_options(task_runner=RayTaskRunner(address=cfg.ingest.ray_address))
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return flow_obj.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.ingest.max_workers))
+
+
+def run_ingest(params: RunParams) -> dict:
+    return with_task_runner(ingest_flow, params.load_config())(params)
+
+
+def run_single_stage(name: str, params: RunParams, manifest: str | None) -> dict:
+    """`soraflow stage NAME`: one stage as its own small flow, on a given manifest."""
+    cfg, root = params.load()
+    if name not in ("download", "split", "caption", "score"):
+        raise ValueError(f"unknown stage {name!r}: expected download, split, caption or score")
+    if name != "download" and not manifest:
+        raise ValueError(f"stage {name} needs --manifest (the output of the stage before it)")
+    if manifest and not Path(manifest).exists():
+        raise FileNotFoundError(f"--manifest {manifest}: no such file")
+
+    @flow(name=f"stage-{name}", log_prints=True)
+    def stage_flow() -> str:
+        if name == "download":
+            with sample_source(cfg, root) as c:
+                return download_stage(c, root)
+        return mapped_stage(name, manifest, cfg, root)
+
+    out = with_task_runner(stage_flow, cfg)()
+    return {"stage": name, "manifest": out, "dataset_version": dataset_version(out), **summarize(read_rows(out))}
