@@ -23,6 +23,9 @@ Differences from Open-Sora, on purpose:
   `interpolate(size=...)`, so float rounding never leaves a side one pixel short.
 * Images (png/jpg/...) go through the same transform as one-frame videos: (3, 1, H, W)
   when num_frames == 1, else that frame repeated num_frames times, as Open-Sora does.
+* A row's clip is the whole file at `path`, `num_frames` its frame count (probed when
+  missing). After the scene split, start_s/end_s say where the clip came from in the
+  source video; they are lineage, not a range to cut again.
 * Randomness is per item: a numpy Generator seeded from (seed, epoch, index), so an item
   is the same whichever worker or process loads it; call `set_epoch` every epoch.
   With train=False the window is the centred one and nothing is random.
@@ -123,41 +126,36 @@ class VideoClipDataset(Dataset):
         ok = ok_rows(all_rows)
         self.num_rejected = len(all_rows) - len(ok)
         self.rows: list[dict[str, Any]] = []
-        self._spans: list[tuple[int, int]] = []  # (first frame inside the file, usable frames)
+        self._totals: list[int] = []  # frames in each served file
         self.skipped: list[dict[str, Any]] = []
         for row in ok:
-            reason, span = self._check(row)
+            reason, total = self._check(row)
             if reason:
                 self.skipped.append({"clip_id": row.get("clip_id") or "", "path": row.get("path") or "", "reason": reason})
             else:
                 self.rows.append(row)
-                self._spans.append(span)
+                self._totals.append(total)
 
-    def _check(self, row: dict[str, Any]) -> tuple[str | None, tuple[int, int]]:
-        """Why this ok row cannot be served (None if it can), and its frame span."""
-        path = Path(row.get("path") or "")
+    def _check(self, row: dict[str, Any]) -> tuple[str | None, int]:
+        """Why this ok row cannot be served (None if it can), and its frame count."""
+        if not row.get("path"):
+            return "no path", 0
+        path = Path(row["path"])
         if not path.is_file():
-            return f"file not found: {path}", (0, 0)
+            return f"file not found: {path}", 0
         if not (row.get("text") or "").strip():
-            return "no caption (text is empty)", (0, 0)
+            return "no caption (text is empty)", 0
         if is_image(path):
-            return None, (0, 1)
-        offset = 0
-        fps = row.get("fps")
-        if row.get("start_s") is not None and fps:  # the row is a time range inside `path`
-            offset = int(round(row["start_s"] * fps))
+            return None, 1
         total = row.get("num_frames")
         if total is None:
-            if row.get("start_s") is not None and row.get("end_s") is not None and fps:
-                total = int((row["end_s"] - row["start_s"]) * fps)
-            else:
-                try:
-                    total = probe_video(path).num_frames
-                except VideoError as e:
-                    return f"unreadable video: {e}", (0, 0)
+            try:
+                total = probe_video(path).num_frames
+            except VideoError as e:
+                return f"unreadable video: {e}", 0
         if total < self.num_frames:
-            return f"too short: {total} frames < num_frames={self.num_frames}", (0, 0)
-        return None, (offset, int(total))
+            return f"too short: {total} frames < num_frames={self.num_frames}", 0
+        return None, int(total)
 
     def set_epoch(self, epoch: int) -> None:
         """Use a new random window per item each epoch (like DistributedSampler.set_epoch)."""
@@ -167,10 +165,9 @@ class VideoClipDataset(Dataset):
         return len(self.rows)
 
     def indices_for(self, index: int) -> list[int]:
-        """The frame numbers (inside the file) that item `index` reads this epoch."""
-        offset, total = self._spans[index]
+        """The frame numbers of the clip file that item `index` reads this epoch."""
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
-        return [offset + i for i in frame_indices(total, self.num_frames, self.frame_interval, rng)]
+        return frame_indices(self._totals[index], self.num_frames, self.frame_interval, rng)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self.rows):

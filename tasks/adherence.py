@@ -244,9 +244,12 @@ def score_videos(
     Returns {"accuracy": {color, shape, direction, all}, "chance": {...}, "counts":
     {attr: {"correct", "scored"}}, "n_videos", "unparsed" (prompts naming none of the
     three), "rows": one dict per video (prompt, expected, predicted, correct, confidence)}.
+    An attribute no prompt names has accuracy NaN; "all" counts prompts that name all three.
     """
     if len(videos) != len(prompts):
         raise ValueError(f"score_videos: {len(videos)} videos but {len(prompts)} prompts")
+    if not videos:
+        raise ValueError("score_videos: no videos")
     palette = default_palette() if palette is None else palette
     vocab = default_vocab() if vocab is None else vocab
     counts = {a: {"correct": 0, "scored": 0} for a in (*ATTRIBUTES, "all")}
@@ -272,9 +275,9 @@ def score_videos(
             unparsed += all(expected[a] is None for a in ATTRIBUTES)
         rows.append({"index": i, "prompt": prompt, "expected": expected, "predicted": predicted, "correct": correct,
                      "confidence": det.confidence, "displacement": det.displacement})
-    if counts["all"]["scored"] == 0 and not any(counts[a]["scored"] for a in ATTRIBUTES):
+    if not any(counts[a]["scored"] for a in ATTRIBUTES):
         raise ValueError(f"score_videos: none of the {len(prompts)} prompts names a colour, shape or direction "
-                         f"from the vocabulary (e.g. {prompts[0]!r})" if prompts else "score_videos: no videos")
+                         f"from the vocabulary (e.g. {prompts[0]!r})")
     sizes = {"color": len(vocab.colors), "shape": len(vocab.shapes), "direction": len(vocab.directions)}
     chance = {a: 1.0 / n for a, n in sizes.items()}
     chance["all"] = chance["color"] * chance["shape"] * chance["direction"]

@@ -50,7 +50,7 @@ def data(tmp_path_factory):
         reject(_row(long, "bad.0", 40), "corrupt: moov atom not found"),
         _row(clips / "gone.mp4", "gone.0", 40),
         _row(long, "nocap.0", 40, text=""),
-        _row(long, "range.0", 20, start_s=0.5, end_s=2.5),  # frames 5..24 of long.mp4
+        _row(long, "range.0", 40, start_s=0.5, end_s=4.5),  # a split clip: start_s/end_s are lineage
         _row(boxed, "box.0", 2, height=64, width=96),
         _row(img, "still.0", 1, height=40, width=60),
     ]
@@ -110,8 +110,8 @@ def test_items_shapes_range_and_centred_indices(data):
     assert ds.indices_for(0) == [14, 17, 21, 25]
     assert _decoded_indices(v) == [14, 17, 21, 25]
     assert _decoded_indices(ds[1]["video"]) == [14, 17, 21, 25]  # probed row: same file
-    # a time range inside the file: 20 frames from frame 5, centred begin 4 -> 9, 12, 16, 20
-    assert _decoded_indices(ds[2]["video"]) == [9, 12, 16, 20]
+    # start_s/end_s (the clip's place in its source video) do not cut the clip file again
+    assert _decoded_indices(ds[2]["video"]) == [14, 17, 21, 25]
 
 
 def test_resize_then_centre_crop(data):
