@@ -207,6 +207,8 @@ class ModelRegistry:
         tags.setdefault("code_version", code_version())
         tags.update({f"{METRIC_TAG}{k}": repr(float(v)) for k, v in metrics.items()})
 
+        if self.client.list_artifacts(run_id, MODEL_ARTIFACT):  # a version's files must never change
+            raise RegistryError(f"{self.name}: run {run_id} already holds a registered '{MODEL_ARTIFACT}' folder; register from a new run")
         self.client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
         if metrics:
             self.log_metrics(run_id, metrics)

@@ -85,6 +85,10 @@ def test_register_promote_download(reg, tmp_path):
     local2 = reg.download("2", tmp_path / "dl2")
     assert json.loads((local2 / "config.json").read_text())["value"] == 2.0
 
+    # one run, one version: a second register would overwrite the files a version points at
+    with pytest.raises(RegistryError, match="already holds"):
+        reg.register(better.run_id, _model_dir(tmp_path / "again", 9.0), {"val_loss": 0.1}, {"dataset_version": "d", "config_hash": "c"})
+
     # look-ups
     assert reg.get("latest").version == better.version
     assert reg.get("v2").version == reg.get(2).version == 2
