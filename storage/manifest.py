@@ -40,7 +40,9 @@ SCHEMA = pa.schema(
         ("video_id", pa.string()),
         ("source", pa.string()),  # hdvg | inter4k | pexels
         ("source_url", pa.string()),
-        ("start_s", pa.float64()),  # time range of this row inside `path` (None = whole file)
+        # Time range in seconds. Download rows: the window of `path` that split must cut (None =
+        # the whole file). Clip rows: where the clip was cut from in its source (lineage).
+        ("start_s", pa.float64()),
         ("end_s", pa.float64()),
         ("caption_source", pa.string()),  # source | llava
         ("sha256", pa.string()),  # of the file at `path`
