@@ -114,3 +114,20 @@ def make_static_video(path: str | Path, num_frames: int = 24, fps: float = 24.0,
     frames, _ = render_scenes([num_frames], height, width, speed=0.0, seed=3)
     write_video(path, frames, fps)
     return Path(path)
+
+
+def make_panning_video(path: str | Path, px_per_frame: float, num_frames: int = 31, height: int = 160, width: int = 288, fps: float = 24.0, seed: int = 0) -> Path:
+    """A smooth random texture sliding left by `px_per_frame` pixels per frame (a camera pan)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    pad = int(abs(px_per_frame) * num_frames) + 8
+    big = cv2.GaussianBlur((rng.random((height, width + 2 * pad)) * 255).astype(np.uint8), (0, 0), 3)
+    big = cv2.normalize(big, None, 0, 255, cv2.NORM_MINMAX)
+    frames = []
+    for t in range(num_frames):
+        shift = np.float32([[1, 0, -px_per_frame * t], [0, 1, 0]])
+        moved = cv2.warpAffine(big, shift, (big.shape[1], height), flags=cv2.INTER_LINEAR)
+        frames.append(np.repeat(moved[:, pad : pad + width, None], 3, axis=2))
+    write_video(path, np.stack(frames), fps)
+    return Path(path)
