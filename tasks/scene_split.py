@@ -71,9 +71,7 @@ def detect_scenes(path: str | Path, cfg: SplitConfig, start_frame: int = 0, end_
     """
     try:
         video = VideoStreamAv(str(path), threading_mode="AUTO", suppress_output=True)
-    except VideoOpenFailure:
-        raise
-    except Exception as e:  # PyAV raises several types for a file it cannot open
+    except (av.error.FFmpegError, OSError, ValueError, IndexError) as e:  # missing, not a video, no video stream
         raise VideoError(f"{path}: not a readable video: {e}") from e
     if start_frame > 0:
         video.seek(start_frame)

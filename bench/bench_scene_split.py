@@ -1,0 +1,109 @@
+"""Scene-split throughput on generated videos: source frames per second, detection alone and detect + cut.
+
+    .venv/bin/python bench/bench_scene_split.py [--seconds 12] [--sizes 64x96 180x320 360x640 720x1280]
+
+Each video has scenes of 1.5-2.5 s with hard cuts (tests/tasks/videos.py). Rows of the table:
+  detect (pyav)    tasks.scene_split.detect_scenes: PySceneDetect ContentDetector on PyAV decoding
+  detect (opencv)  scenedetect.detect(..., backend="opencv"), for reference (not used: see scene_split)
+  detect+cut       tasks.scene_split.split_rows: detection, then cutting, resampling to 30 fps,
+                   scaling to short side 256 (or the source's, if smaller) and H.264 encoding every clip
+"exact" says whether the detected cuts equal the generated ones. Results go to bench/results/scene_split.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "tasks")]
+
+import scenedetect  # noqa: E402
+from videos import make_scene_video  # noqa: E402
+
+from configs.schema import SplitConfig  # noqa: E402
+from storage.layout import DataRoot  # noqa: E402
+from storage.manifest import new_row  # noqa: E402
+from tasks.scene_split import detect_scenes, split_rows  # noqa: E402
+
+
+def best_of(fn, repeat: int) -> float:
+    """Fastest wall time of `repeat` runs (seconds)."""
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=12.0, help="length of each generated video")
+    ap.add_argument("--fps", type=float, default=30.0)
+    ap.add_argument("--sizes", nargs="+", default=["64x96", "180x320", "360x640", "720x1280"], help="HxW")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scene_split.json"))
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-scene-split-"))
+    results = []
+    try:
+        rng = np.random.default_rng(0)
+        for size in args.sizes:
+            h, w = (int(x) for x in size.split("x"))
+            seconds, total = [], 0.0
+            while total < args.seconds:
+                seconds.append(float(rng.uniform(1.5, 2.5)))
+                total += seconds[-1]
+            video = make_scene_video(work / f"{size}.mp4", seconds, fps=args.fps, height=h, width=w, speed=w / 60)
+            n = video.num_frames
+            cfg = SplitConfig(fps=30.0, short_side=min(256, h, w), min_seconds=1.0, max_seconds=5.0)
+
+            scenes = detect_scenes(video.path, cfg)
+            exact = [a for a, _ in scenes] == video.starts
+            t_detect = best_of(lambda: detect_scenes(video.path, cfg), args.repeat)
+            t_opencv = best_of(lambda: scenedetect.detect(str(video.path), scenedetect.ContentDetector(), start_in_scene=True, backend="opencv"), args.repeat)
+
+            def split_fresh():
+                root = work / "root"
+                shutil.rmtree(root, ignore_errors=True)  # cut every clip again, no resume
+                rows = split_rows([new_row(path=str(video.path), video_id="v", source="bench")], DataRoot(root), cfg)
+                assert all(r["status"] == "ok" for r in rows), rows
+
+            t_split = best_of(split_fresh, args.repeat)
+            for stage, t in (("detect (pyav)", t_detect), ("detect (opencv)", t_opencv), ("detect+cut", t_split)):
+                results.append(
+                    {"size": f"{h}x{w}", "stage": stage, "frames": n, "scenes": len(video.scene_frames), "seconds": round(t, 4), "frames_per_s": round(n / t, 1), "exact": exact}
+                )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"{'size (HxW)':>11} {'stage':<16} {'frames':>6} {'scenes':>6} {'time s':>7} {'frames/s':>9} exact")
+    for r in results:
+        print(f"{r['size']:>11} {r['stage']:<16} {r['frames']:>6} {r['scenes']:>6} {r['seconds']:>7.3f} {r['frames_per_s']:>9.1f} {r['exact']}")
+    meta = {
+        "machine": f"{platform.machine()} {os.cpu_count()} CPU(s), {platform.platform()}",
+        "python": platform.python_version(),
+        "scenedetect": scenedetect.__version__,
+        "fps": args.fps,
+        "clip": "30 fps, short side min(256, source), H.264 crf 18 veryfast",
+        "repeat": f"best of {args.repeat}",
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
