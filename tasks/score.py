@@ -2,12 +2,13 @@
 
     rows (clips) -> rows with flow (and aes), or rejected "motion 0.12 < min_flow 0.3" keeping their scores
 
-* Motion, Open-Sora's `flow` (v1.1+: UniMatch, frames [0, 10, 20, 30] at 320x576, mean |flow|).
-  Here: OpenCV Farneback dense flow on frames 10 apart (pairs (0,10), (10,20), (20,30) for a
-  31-frame clip; three pairs spread over longer clips; for clips shorter than 11 frames the
-  gap is the whole clip and the magnitude is scaled to 10 frames), computed at 160x288 and
-  reported in pixels of a 320x576 frame, so thresholds read on Open-Sora's scale
-  (its "motion < 0.3" filter). Farneback is not UniMatch: the scale matches, the values do not.
+* Motion, Open-Sora's `flow` (v1.1+: UniMatch on frames [0, 10, 20, 30] of ~30 fps clips, at
+  320x576, mean |flow|). Here: OpenCV Farneback dense flow on pairs of frames 1/3 s apart
+  (10 frames at 30 fps, so pairs (0,10), (10,20), (20,30) of a 31-frame 30 fps clip; three
+  pairs spread over longer clips; the whole clip when it is shorter), computed at 160x288 and
+  reported in pixels of a 320x576 frame per 1/3 s, so thresholds read on Open-Sora's scale
+  (its "motion < 0.3" filter). Farneback is not UniMatch: the scale matches, the values do not;
+  and it sees luminance only, so an object as bright as its background does not count as motion.
 * Aesthetics, the LAION improved aesthetic predictor as Open-Sora (v1.1 tools/scoring): CLIP
   image features, L2-normalised, through a head of linear layers (LAION's MLP has no
   activations), mean over frames at 10/50/90 %. Both the open_clip weights file
@@ -33,7 +34,7 @@ from storage.video_io import VideoError, probe_video, read_frames
 
 FLOW_SIZE = (160, 288)  # (H, W) where flow is computed: half of Open-Sora's 320x576
 FLOW_SCALE = 320 / FLOW_SIZE[0]  # pixels at FLOW_SIZE -> pixels at 320x576
-FLOW_GAP = 10  # frames between the two frames of a pair, as Open-Sora's [0, 10, 20, 30]
+FLOW_GAP_S = 1 / 3  # time between the two frames of a pair: Open-Sora's 10 frames at 30 fps
 FLOW_PAIRS = 3
 AES_POINTS = (0.1, 0.5, 0.9)
 AES_BATCH_ROWS = 32  # clips per CLIP forward pass (3 frames each)
@@ -44,27 +45,29 @@ MOTION_OFF = "motion scoring disabled (score.motion = false)"
 # ---------------------------------------------------------------- motion
 
 
-def flow_pairs(num_frames: int) -> list[tuple[int, int]]:
-    """The (a, b) frame pairs compared: FLOW_GAP apart, up to FLOW_PAIRS of them, spread over the clip."""
+def flow_pairs(num_frames: int, fps: float) -> list[tuple[int, int]]:
+    """The (a, b) frame pairs compared: FLOW_GAP_S apart (or the whole clip), up to FLOW_PAIRS, spread over the clip."""
     if num_frames < 2:
         raise VideoError(f"{num_frames} frame(s): motion needs at least 2")
-    gap = min(FLOW_GAP, num_frames - 1)
+    gap = min(max(1, round(fps * FLOW_GAP_S)), num_frames - 1)
     starts = sorted({int(round(s)) for s in np.linspace(0, num_frames - 1 - gap, FLOW_PAIRS)})
     return [(s, s + gap) for s in starts]
 
 
-def motion_score(path: str | Path, num_frames: int | None = None) -> float:
-    """Mean dense optical-flow magnitude, in pixels of a 320x576 frame per FLOW_GAP frames."""
-    n = num_frames or probe_video(path).num_frames
-    pairs = flow_pairs(n)
+def motion_score(path: str | Path, num_frames: int | None = None, fps: float | None = None) -> float:
+    """Mean dense optical-flow magnitude, in pixels of a 320x576 frame per FLOW_GAP_S."""
+    if not num_frames or not fps:
+        info = probe_video(path)
+        num_frames, fps = num_frames or info.num_frames, fps or info.fps
+    pairs = flow_pairs(num_frames, fps)
     idx = sorted({i for p in pairs for i in p})
     frames = read_frames(path, idx, size=FLOW_SIZE)  # (K, 160, 288, 3) uint8
     gray = {i: cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for i, f in zip(idx, frames)}
     mags = []
     for a, b in pairs:
-        # (160, 288, 2) per-pixel displacement; OpenCV's usual Farneback settings
-        flow = cv2.calcOpticalFlowFarneback(gray[a], gray[b], None, 0.5, 3, 15, 3, 5, 1.2, 0)
-        mags.append(float(np.linalg.norm(flow, axis=-1).mean()) * FLOW_GAP / (b - a))
+        # (160, 288, 2) per-pixel displacement; 5 pyramid levels follow motions of tens of pixels
+        flow = cv2.calcOpticalFlowFarneback(gray[a], gray[b], None, 0.5, 5, 15, 3, 5, 1.2, 0)
+        mags.append(float(np.linalg.norm(flow, axis=-1).mean()) * (fps * FLOW_GAP_S) / (b - a))  # per FLOW_GAP_S
     return float(np.mean(mags)) * FLOW_SCALE
 
 
@@ -185,7 +188,7 @@ def score_rows(rows: list[dict[str, Any]], cfg: ScoreConfig) -> tuple[list[dict[
         if row["status"] != "ok" or not cfg.motion or row.get("flow") is not None:
             continue
         try:
-            row["flow"] = motion_score(row["path"], row.get("num_frames"))
+            row["flow"] = motion_score(row["path"], row.get("num_frames"), row.get("fps"))
         except VideoError as e:
             errors[i] = f"{row['path']}: motion score: {e}" if row["path"] not in str(e) else str(e)
     if scorer is not None:

@@ -60,17 +60,18 @@ def _head(path, layers: dict[str, torch.Tensor]):
 
 
 def test_flow_pairs_follow_open_sora_frames():
-    assert flow_pairs(31) == [(0, 10), (10, 20), (20, 30)]  # Open-Sora's [0, 10, 20, 30]
-    assert flow_pairs(61) == [(0, 10), (25, 35), (50, 60)]
-    assert flow_pairs(5) == [(0, 4)]
+    assert flow_pairs(31, 30.0) == [(0, 10), (10, 20), (20, 30)]  # Open-Sora's [0, 10, 20, 30]
+    assert flow_pairs(61, 30.0) == [(0, 10), (25, 35), (50, 60)]
+    assert flow_pairs(16, 8.0) == [(0, 3), (6, 9), (12, 15)]  # 1/3 s at 8 fps ~ 3 frames
+    assert flow_pairs(5, 30.0) == [(0, 4)]
     with pytest.raises(ValueError):
-        flow_pairs(1)
+        flow_pairs(1, 30.0)
 
 
 @pytest.mark.parametrize("name, px_per_frame", [("slow", 0.1), ("fast", 0.4), ("short", 0.4)])
 def test_motion_score_measures_a_pan(videos, name, px_per_frame):
-    # A pan of p px/frame at 160x288 is 2p px/frame at 320x576: 20p per 10 frames.
-    assert motion_score(videos[name]) == pytest.approx(20 * px_per_frame, rel=0.1)
+    # A pan of p px/frame at 160x288 and 24 fps is 2p px/frame at 320x576: 16p per 1/3 s (8 frames).
+    assert motion_score(videos[name]) == pytest.approx(16 * px_per_frame, rel=0.1)
 
 
 def test_motion_filter_rejects_still_clips_and_keeps_scores(videos, tmp_path):
@@ -85,7 +86,7 @@ def test_motion_filter_rejects_still_clips_and_keeps_scores(videos, tmp_path):
     still, pan, passed, bad, done = out
     assert still["status"] == "rejected" and still["flow"] < 0.05
     assert still["error"] == f"motion {still['flow']:.2f} < min_flow 0.3"
-    assert pan["status"] == "ok" and pan["flow"] == pytest.approx(8.0, rel=0.1) and pan["aes"] is None
+    assert pan["status"] == "ok" and pan["flow"] == pytest.approx(6.4, rel=0.1) and pan["aes"] is None
     assert passed == gone
     assert bad["status"] == "rejected" and str(garbage) in bad["error"]
     assert done["flow"] == 9.5 and done["status"] == "ok"  # already scored: kept, not recomputed
@@ -151,4 +152,4 @@ def test_score_manifest_records_the_skipped_note(videos, tmp_path):
     assert out.parent == root.manifest_dir("score")
     assert lineage(out)["notes"] == [AES_SKIPPED] and lineage(out)["inputs"] == [str(src)]
     (row,) = read_rows(out)
-    assert row["flow"] == pytest.approx(8.0, rel=0.1) and row["aes"] is None
+    assert row["flow"] == pytest.approx(6.4, rel=0.1) and row["aes"] is None
