@@ -67,6 +67,8 @@ def render_scenes(
         level = brightness[k % len(brightness)]
         levels.append(level)
         colour = np.array(_COLOURS[(k + seed) % len(_COLOURS)], dtype=np.uint8)
+        if abs(float(colour @ (0.299, 0.587, 0.114)) - level) < 60:
+            colour = 255 - colour  # keep the shape visible in luminance (optical flow uses grey frames)
         r = max(3, min(height, width) // 6)
         y0, x0 = rng.uniform(r, height - r), rng.uniform(r, width - r)
         angle = rng.uniform(0, 2 * np.pi)
