@@ -69,7 +69,7 @@ def main() -> None:
             n = video.num_frames
             cfg = SplitConfig(fps=30.0, short_side=min(256, h, w), min_seconds=1.0, max_seconds=5.0)
 
-            scenes = detect_scenes(video.path, cfg)
+            scenes, _ = detect_scenes(video.path, cfg)
             exact = [a for a, _ in scenes] == video.starts
             t_detect = best_of(lambda: detect_scenes(video.path, cfg), args.repeat)
             t_opencv = best_of(lambda: scenedetect.detect(str(video.path), scenedetect.ContentDetector(), start_in_scene=True, backend="opencv"), args.repeat)

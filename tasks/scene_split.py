@@ -63,22 +63,29 @@ def make_detector(cfg: SplitConfig):
     return ContentDetector() if cfg.threshold is None else ContentDetector(threshold=cfg.threshold)
 
 
-def detect_scenes(path: str | Path, cfg: SplitConfig, start_frame: int = 0, end_frame: int | None = None) -> list[tuple[int, int]]:
-    """Scenes of frames [start_frame, end_frame) as [(first, end), ...] source frame indices (end exclusive).
+def detect_scenes(path: str | Path, cfg: SplitConfig, start_s: float | None = None, end_s: float | None = None) -> tuple[list[tuple[int, int]], float]:
+    """Scenes of the window [start_s, end_s) (None = file start / end) -> ([(first, end), ...], fps).
 
-    Decoded with PyAV (PySceneDetect's "pyav" backend, never its silent OpenCV fallback), so
-    the frame indices are those the cutter sees. With no cut, the window is one scene.
+    (first, end) are absolute source frame indices, end exclusive, at `fps`, the frame rate
+    PySceneDetect counts frames with (the stream's guessed rate); the cutter uses the same.
+    Decoded with PyAV (PySceneDetect's "pyav" backend, never its silent OpenCV fallback).
+    With no cut, the window is one scene; an empty window gives [].
     """
     try:
         video = VideoStreamAv(str(path), threading_mode="AUTO", suppress_output=True)
     except (av.error.FFmpegError, OSError, ValueError, IndexError) as e:  # missing, not a video, no video stream
         raise VideoError(f"{path}: not a readable video: {e}") from e
-    if start_frame > 0:
-        video.seek(start_frame)
+    fps = float(video.frame_rate)
+    start = first_frame_at(start_s, fps) if start_s is not None else 0
+    end = first_frame_at(end_s, fps) if end_s is not None else None
+    if end is not None and end <= start:
+        return [], fps
+    if start > 0:
+        video.seek(start)
     manager = SceneManager()
     manager.add_detector(make_detector(cfg))
-    manager.detect_scenes(video=video, end_time=end_frame)
-    return [(a.frame_num, b.frame_num) for a, b in manager.get_scene_list(start_in_scene=True)]
+    manager.detect_scenes(video=video, end_time=end)
+    return [(a.frame_num, b.frame_num) for a, b in manager.get_scene_list(start_in_scene=True)], fps
 
 
 def first_frame_at(t: float, fps: float) -> int:
@@ -129,23 +136,25 @@ def valid_clip(path: Path, num_frames: int, size: tuple[int, int]) -> VideoInfo 
 def _indexed_frames(container, stream, start_frame: int, fps: float):
     """Yield (source frame index, frame) from start_frame on, seeking to the keyframe before it.
 
-    The index comes from the timestamp, (pts - stream start) * time_base * fps, the same
-    definition PySceneDetect's PyAV backend uses, so a seek does not shift the count.
+    The index comes from the timestamp, round((pts - stream start) * time_base * fps), as
+    PySceneDetect's PyAV backend counts frames, so a seek does not shift the count.
     """
-    tb = stream.time_base
     t0 = stream.start_time or 0
     if start_frame > 0:
-        container.seek(t0 + int(start_frame / fps / tb), stream=stream, backward=True)
+        container.seek(t0 + int(start_frame / fps / stream.time_base), stream=stream, backward=True)
     for frame in container.decode(stream):
         if frame.pts is None:
             raise VideoError(f"{container.name}: frame without a timestamp; cannot cut frame-accurately")
-        yield int(round(float((frame.pts - t0) * tb) * fps)), frame
+        tb = frame.time_base or stream.time_base
+        start = int(t0 * stream.time_base / tb) if t0 and tb != stream.time_base else t0
+        yield int(round(float((frame.pts - start) * tb) * fps)), frame
 
 
 def cut_clips(src: Path, plans: list[ScenePlan], src_fps: float, out_fps: float, size: tuple[int, int]) -> dict[int, VideoInfo | str]:
     """Write each planned clip in one decoding pass; returns {scene index: probe of the clip, or the error}.
 
     Per clip: (keep,) source frames -> (num_out, H, W, 3) uint8 RGB at out_fps -> H.264 mp4.
+    Only the clips being filled are held in memory (each at most max_seconds long).
     """
     results: dict[int, VideoInfo | str] = {}
     if not plans:
@@ -156,8 +165,8 @@ def cut_clips(src: Path, plans: list[ScenePlan], src_fps: float, out_fps: float,
     for p in plans:
         for j in range(p.num_out):
             wanted.setdefault(p.source_index(j, src_fps, out_fps), []).append((p, j))
-    buffers = {p.index: np.zeros((p.num_out, size[0], size[1], 3), np.uint8) for p in plans}
-    filled = {p.index: 0 for p in plans}
+    buffers: dict[int, np.ndarray] = {}  # scene index -> (num_out, H, W, 3), allocated at its first frame
+    filled: dict[int, np.ndarray] = {p.index: np.zeros(p.num_out, bool) for p in plans}
     last_needed = max(wanted)
     pending = list(plans)
     h, w = size
@@ -167,14 +176,16 @@ def cut_clips(src: Path, plans: list[ScenePlan], src_fps: float, out_fps: float,
             stream.thread_type = "AUTO"
             for idx, frame in _indexed_frames(container, stream, plans[0].first, src_fps):
                 if idx in wanted:
-                    rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
+                    rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()  # (H, W, 3)
                     for p, j in wanted[idx]:
+                        if p.index not in buffers:
+                            buffers[p.index] = np.zeros((p.num_out, h, w, 3), np.uint8)
                         buffers[p.index][j] = rgb
-                        filled[p.index] += 1
+                        filled[p.index][j] = True
                 # Write every clip whose last frame has gone by; free its buffer.
                 while pending and idx >= pending[0].source_index(pending[0].num_out - 1, src_fps, out_fps):
                     p = pending.pop(0)
-                    results[p.index] = _finish_clip(p, buffers.pop(p.index), filled[p.index], out_fps, size)
+                    results[p.index] = _finish_clip(p, buffers.pop(p.index, None), int(filled[p.index].sum()), out_fps, size)
                 if idx >= last_needed:
                     break
     except _BAD_VIDEO as e:
@@ -182,13 +193,13 @@ def cut_clips(src: Path, plans: list[ScenePlan], src_fps: float, out_fps: float,
             results[p.index] = f"{src}: decoding failed before scene {p.index} was cut: {e}"
         return results
     for p in pending:  # the decoder ran out before these scenes' last frames
-        results[p.index] = f"{src}: video ended before frame {p.first + p.keep - 1} (scene {p.index}); got {filled[p.index]}/{p.num_out} clip frames"
+        results[p.index] = f"{src}: video ended before frame {p.first + p.keep - 1} (scene {p.index}); got {int(filled[p.index].sum())}/{p.num_out} clip frames"
     return results
 
 
-def _finish_clip(p: ScenePlan, frames: np.ndarray, filled: int, out_fps: float, size: tuple[int, int]) -> VideoInfo | str:
+def _finish_clip(p: ScenePlan, frames: np.ndarray | None, filled: int, out_fps: float, size: tuple[int, int]) -> VideoInfo | str:
     """Encode one clip and check it: the probe, or why it failed (the source or the encoder)."""
-    if filled != p.num_out:
+    if frames is None or filled != p.num_out:
         return f"{p.path}: only {filled}/{p.num_out} frames decoded for scene {p.index} (timestamps not contiguous)"
     try:
         write_video(p.path, frames, out_fps)
@@ -210,12 +221,7 @@ def split_row(row: dict[str, Any], root: DataRoot, cfg: SplitConfig) -> list[dic
     src = Path(row["path"])
     try:
         info = probe_video(src, count_frames=False)
-        fps = info.fps
-        start = first_frame_at(row["start_s"], fps) if row.get("start_s") is not None else 0
-        end = first_frame_at(row["end_s"], fps) if row.get("end_s") is not None else None
-        if end is not None and end <= start:
-            return [reject(row, f"{src}: empty window start_s={row['start_s']} end_s={row['end_s']}")]
-        scenes = detect_scenes(src, cfg, start, end)
+        scenes, fps = detect_scenes(src, cfg, row.get("start_s"), row.get("end_s"))
     except _BAD_VIDEO as e:
         return [reject(row, f"{src}: {e}" if str(src) not in str(e) else str(e))]
     if not scenes:

@@ -40,7 +40,8 @@ def test_detected_cuts_equal_generated_cuts(tmp_path, fps, seed, detector):
     rng = np.random.default_rng(100 + seed)
     seconds = list(rng.uniform(1.5, 2.5, size=3 + seed % 2))
     video = make_scene_video(tmp_path / "v.mp4", seconds, fps=fps, seed=seed)
-    scenes = detect_scenes(video.path, SplitConfig(detector=detector))
+    scenes, detected_fps = detect_scenes(video.path, SplitConfig(detector=detector))
+    assert detected_fps == pytest.approx(fps)
     assert [a for a, _ in scenes] == video.starts
     assert [b for _, b in scenes] == [*video.cuts, video.num_frames]
 
@@ -169,5 +170,8 @@ def test_split_manifest_writes_a_new_manifest(root, tmp_path):
 
 def test_threshold_override_changes_what_is_a_cut(tmp_path):
     video = make_scene_video(tmp_path / "v.mp4", [1.5, 1.5, 1.5], fps=24.0, seed=10)
-    assert len(detect_scenes(video.path, SplitConfig(threshold=27.0))) == 3
-    assert detect_scenes(video.path, SplitConfig(threshold=255.0)) == [(0, video.num_frames)]
+    assert len(detect_scenes(video.path, SplitConfig(threshold=27.0))[0]) == 3
+    assert detect_scenes(video.path, SplitConfig(threshold=255.0))[0] == [(0, video.num_frames)]
+    # A window is detected alone: frames [12, 60) hold the cut at 36 only.
+    assert detect_scenes(video.path, SplitConfig(), start_s=0.5, end_s=2.5)[0] == [(12, 36), (36, 60)]
+    assert detect_scenes(video.path, SplitConfig(), start_s=2.0, end_s=2.0)[0] == []
