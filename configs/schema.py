@@ -74,11 +74,17 @@ class SplitConfig(Section):
 
 
 class CaptionConfig(Section):
-    captioners: list[Literal["source", "llava"]] = ["source", "llava"]  # tried in this order
+    captioners: list[Literal["source", "llava"]] = ["source"]  # tried in this order; add "llava" with llava_path
     llava_path: str | None = None  # local directory of a LLaVA checkpoint (transformers format)
     batch_size: int = 4
     max_new_tokens: int = 128
     prompt: Literal["three_frames", "naive"] = "three_frames"
+
+    @model_validator(mode="after")
+    def _llava_needs_path(self) -> "CaptionConfig":
+        if "llava" in self.captioners and not self.llava_path:
+            raise ValueError("captioner 'llava' needs caption.llava_path (a local LLaVA directory in transformers format)")
+        return self
 
 
 class ScoreConfig(Section):

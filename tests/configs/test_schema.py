@@ -74,3 +74,8 @@ def test_config_hash_is_stable_and_sensitive():
     a, b = load_config("local"), load_config("local")
     assert config_hash(a) == config_hash(b)
     assert config_hash(a) != config_hash(load_config("local", ["train.steps=3"]))
+
+
+def test_llava_captioner_needs_a_path():
+    with pytest.raises(ConfigError, match="llava_path"):
+        load_config("local", ["ingest.caption.captioners=[source, llava]"])
