@@ -1,0 +1,78 @@
+"""The train flow: (VAE fit) -> latent cache -> Ray Train STDiT -> evaluate -> register."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.concurrency.sync import concurrency
+
+from flows.params import RunParams
+from tasks.training import evaluate_task, fit_vae_task, latent_cache_task, register_task, run_name_for, train_task
+
+# One slot shared by every training run (created by `soraflow serve`; without it this is a no-op).
+TRAINING_LIMIT = "soraflow-training"
+
+
+@flow(name="train", log_prints=True)
+def train_flow(manifest: str, params: RunParams = RunParams()) -> dict:
+    """Train on `manifest` (an ingest output), evaluate, register; `champion` only if better."""
+    log = get_run_logger()
+    cfg, root = params.load()
+    config, data_root = cfg.model_dump(mode="json"), str(root.root)
+    run_name = run_name_for(cfg, manifest)
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    vae = fit_vae_task(manifest, config, data_root)
+    timings["vae fit"] = time.perf_counter() - t
+    if cfg.train.use_latent_cache:
+        t = time.perf_counter()
+        cache = latent_cache_task(manifest, vae["path"], config, data_root)
+        timings["latent cache"] = time.perf_counter() - t
+        log.info("latent cache: %s (%d clips)", cache["path"], cache["clips"])
+
+    t = time.perf_counter()
+    with concurrency(TRAINING_LIMIT, occupy=1):
+        trained = train_task(manifest, vae["path"], config, data_root, run_name)
+    timings["train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    evaluated = evaluate_task(manifest, trained["model_dir"], config, data_root)
+    timings["evaluate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    registered = register_task(manifest, trained, evaluated, vae, config, data_root, run_name)
+    timings["register"] = time.perf_counter() - t
+
+    metrics = evaluated["metrics"]
+    create_table_artifact(
+        [{"metric": k, "value": f"{v:.4f}" if isinstance(v, float) else str(v)} for k, v in {**trained["metrics"], **metrics}.items()],
+        key="eval-metrics",
+        description=f"{cfg.registry.model_name} v{registered['version']} on dataset {manifest}",
+    )
+    create_markdown_artifact(
+        f"## {registered['name']} v{registered['version']}\n\n"
+        f"* champion: {'yes' if registered['promoted'] else 'no'} ({registered['reason']})\n"
+        f"* model folder: `{trained['model_dir']}`\n* loss curve: `{trained['loss_curve']}`\n"
+        f"* samples (GIF grid): `{evaluated['grid']}`\n* run: `{trained['run_dir']}`\n",
+        key="model-card",
+        description="The registered model version",
+    )
+    return {
+        "run_dir": trained["run_dir"],
+        "model_dir": trained["model_dir"],
+        "steps": trained["metrics"].get("steps"),
+        "final_loss": trained["metrics"].get("final_loss"),
+        "resumed_from_step": trained["resumed_from_step"],
+        "loss_curve": trained["loss_curve"],
+        "vae": vae["metrics"],
+        "metrics": metrics,
+        "eval_prompts": [row["prompt"] for row in evaluated["per_prompt"]],
+        "eval_grid": evaluated["grid"],
+        "registered_version": registered["version"],
+        "promoted": registered["promoted"],
+        "promotion_reason": registered["reason"],
+        "timings": timings,
+    }
