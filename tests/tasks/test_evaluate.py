@@ -1,0 +1,79 @@
+"""Evaluation: held-out split shared with training, deterministic validation loss, samples, adherence next to chance."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_latent_cache import make_clip_manifest
+from test_train import train_cfg
+
+from storage.layout import DataRoot
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from tasks.train import train
+
+    base = tmp_path_factory.mktemp("eval")
+    root = DataRoot(base / "data")
+    manifest = make_clip_manifest(base / "videos", root, n=10, frames=12)
+    cfg = train_cfg(root, **{"train.steps": 10, "eval.num_prompts": 3})
+    result = train(cfg, manifest, root, run_name="eval")
+    return cfg, root, manifest, result
+
+
+def test_evaluate_reports_metrics_samples_and_adherence(trained, tmp_path):
+    from storage.latent_cache import rows_for, split_rows
+    from storage.video_io import probe_video
+    from tasks.evaluate import evaluate, held_out_prompts
+
+    cfg, root, manifest, result = trained
+    out = evaluate(cfg, manifest, result.model_dir, root, tmp_path / "eval")
+    m = out.metrics
+    for a in ("color", "shape", "direction", "all"):
+        assert 0.0 <= m[f"adherence_{a}"] <= 1.0
+        assert 0.0 <= m[f"recon_adherence_{a}"] <= 1.0
+    assert m["chance_shape"] == pytest.approx(1 / 3) and m["chance_direction"] == pytest.approx(1 / 4)
+    assert m["chance_all"] == pytest.approx(m["chance_color"] * m["chance_shape"] * m["chance_direction"])
+    assert np.isfinite(m["val_loss"]) and m["val_loss"] > 0
+    # prompts are held-out captions only
+    train_rows, val_rows = split_rows(rows_for(manifest), cfg.train.val_fraction)
+    prompts = held_out_prompts(val_rows, cfg.eval.num_prompts)
+    assert [r["prompt"] for r in out.per_prompt] == prompts and m["num_prompts"] == len(prompts) >= 1
+    assert len(out.samples_mp4) == len(prompts)
+    info = probe_video(out.samples_mp4[0])
+    assert (info.num_frames, info.height, info.width) == (8, 32, 32)
+    assert out.samples_gif.exists() and out.samples_gif.read_bytes()[:3] == b"GIF"
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]["val_loss"] == m["val_loss"]
+    # the same model gives the same validation loss
+    again = evaluate(cfg, manifest, result.model_dir, root, tmp_path / "eval2")
+    assert again.metrics["val_loss"] == m["val_loss"]
+    assert [r["predicted"] for r in again.per_prompt] == [r["predicted"] for r in out.per_prompt]
+
+
+def test_validation_loss_separates_models(trained, tmp_path):
+    """A trained model's held-out loss beats the same architecture with random (zero-output) weights."""
+    from storage.dataset import VideoClipDataset
+    from storage.latent_cache import rows_for, split_rows
+    from tasks.components import load_pipeline
+    from tasks.evaluate import validation_loss
+
+    cfg, root, manifest, result = trained
+    _, val_rows = split_rows(rows_for(manifest), cfg.train.val_fraction)
+    clips = VideoClipDataset(val_rows, 8, 1, (32, 32), train=False)
+    pipe, _ = load_pipeline(cfg, root, ckpt=result.model_dir)
+    trained_loss = validation_loss(pipe, clips, seed=1)
+    assert validation_loss(pipe, clips, seed=1) == trained_loss
+    for p in pipe.stdit.parameters():
+        p.data.normal_(0, 0.2)
+    assert validation_loss(pipe, clips, seed=1) > trained_loss
+
+
+def test_evaluate_needs_a_model_folder(trained, tmp_path):
+    from tasks.evaluate import evaluate
+
+    cfg, root, manifest, _ = trained
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        evaluate(cfg, manifest, tmp_path, root, tmp_path / "out")

@@ -1,0 +1,137 @@
+"""STDiT training through Ray Train: in process (local mode), resume, and a killed Ray worker.
+
+The first two run the TorchTrainer with num_workers=0 (Ray's local mode: no cluster); the
+last starts a local Ray instance with two DDP workers (gloo) and kills one mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_latent_cache import make_clip_manifest
+from test_vae_fit import small_cfg
+
+from storage.layout import DataRoot
+
+TRAIN = {
+    "model.preset": "STDiT-Tiny",
+    "text_encoder.max_length": 12,
+    "text_encoder.tiny.d_model": 32,
+    "text_encoder.tiny.num_layers": 1,
+    "text_encoder.tiny.d_ff": 64,
+    "vae.fit.steps": 40,
+    "train.batch_size": 4,
+    "train.lr": 0.001,
+    "train.ema_decay": 0.9,
+    "train.num_workers": 0,
+    "train.log_every": 5,
+    "train.ckpt_every": 10,
+    "train.val_fraction": 0.2,
+    "scheduler.num_sampling_steps": 10,
+    "eval.num_prompts": 2,
+}
+
+
+def train_cfg(root: DataRoot, **extra):
+    return small_cfg(root, **{**TRAIN, **extra})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    root = DataRoot(base / "data")
+    manifest = make_clip_manifest(base / "videos", root, n=10, frames=12)
+    from tasks.vae_fit import fit_vae
+
+    vae = fit_vae(train_cfg(root), manifest, root, progress=False)
+    return root, manifest, vae.path
+
+
+def _history(checkpoint_dir):
+    return json.loads((checkpoint_dir / "state.json").read_text())["meta"]["loss_history"]
+
+
+def test_local_training_learns_and_checkpoints_without_pickles(data):
+    from storage.checkpoints import refuse_pickles
+    from storage.latent_cache import rows_for, split_rows
+    from tasks.components import load_pipeline
+    from tasks.train import train
+
+    root, manifest, vae_dir = data
+    cfg = train_cfg(root, **{"train.steps": 60})
+    result = train(cfg, manifest, root, run_name="local-a", vae_dir=vae_dir)
+    assert result.resumed_from_step == 0 and result.metrics["steps"] == 60
+    assert result.checkpoint_dir.name == "checkpoint_step_0000060"
+    assert (result.checkpoint_dir / "state.safetensors").exists() and (result.checkpoint_dir / "state.json").exists()
+    refuse_pickles(result.run_dir)
+    losses = [v for _, v in _history(result.checkpoint_dir)]
+    assert len(losses) == 60
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+    assert result.metrics["samples_per_s"] > 0
+    assert result.loss_curve_png.exists() and result.loss_curve_png.read_bytes()[:4] == b"\x89PNG"
+    # the held-out clips never trained
+    train_rows, val_rows = split_rows(rows_for(manifest), cfg.train.val_fraction)
+    assert result.metrics["train_clips"] == len(train_rows) and result.metrics["val_clips"] == len(val_rows) >= 1
+    # the exported folder is self-contained and loads as a pipeline
+    assert (result.model_dir / "vae").is_dir() and (result.model_dir / "text_encoder").is_dir()
+    pipe, source = load_pipeline(cfg, root, ckpt=result.model_dir)
+    assert "model folder" in source
+    assert pipe(["a red circle moving left"], steps=3).shape == (1, 3, 8, 32, 32)
+
+
+def test_resume_continues_step_and_loss_history(data):
+    from tasks.train import train
+
+    root, manifest, vae_dir = data
+    first = train(train_cfg(root, **{"train.steps": 20}), manifest, root, run_name="resume", vae_dir=vae_dir)
+    assert first.resumed_from_step == 0
+    hist_a = _history(first.checkpoint_dir)
+    second = train(train_cfg(root, **{"train.steps": 30}), manifest, root, run_name="resume", vae_dir=vae_dir)
+    assert second.resumed_from_step == 20 and second.metrics["steps"] == 30
+    hist_b = _history(second.checkpoint_dir)
+    assert [s for s, _ in hist_b] == list(range(1, 31))
+    assert hist_b[:20] == hist_a  # the first run's history is kept as it was
+    meta = json.loads((second.checkpoint_dir / "state.json").read_text())["meta"]
+    assert [seg["start_step"] for seg in meta["segments"]] == [0, 20]
+    # asking for no more steps than done trains nothing and exports the same checkpoint
+    third = train(train_cfg(root, **{"train.steps": 30}), manifest, root, run_name="resume", vae_dir=vae_dir)
+    assert third.resumed_from_step == 30 and third.checkpoint_dir == second.checkpoint_dir
+
+
+def test_online_path_trains_too(data):
+    from tasks.train import train
+
+    root, manifest, vae_dir = data
+    result = train(train_cfg(root, **{"train.steps": 4, "train.use_latent_cache": False, "train.log_every": 2}), manifest, root,
+                   run_name="online", vae_dir=vae_dir)
+    assert result.metrics["steps"] == 4 and len(_history(result.checkpoint_dir)) == 4
+
+
+def test_batch_larger_than_data_is_a_clear_error(data):
+    from tasks.train import train
+
+    root, manifest, vae_dir = data
+    with pytest.raises(Exception, match="train.batch_size=64"):
+        train(train_cfg(root, **{"train.steps": 2, "train.batch_size": 64}), manifest, root, run_name="toobig", vae_dir=vae_dir)
+
+
+@pytest.mark.slow
+def test_ray_two_workers_survive_a_killed_worker(data, tmp_path, monkeypatch):
+    """DDP over gloo with 2 Ray workers; the last rank dies after step 7; FailureConfig restarts from step 5."""
+    from tasks.train import KILL_ENV, KILL_MARKER_ENV, train
+
+    root, manifest, vae_dir = data
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_ENV, "7")
+    monkeypatch.setenv(KILL_MARKER_ENV, str(marker))
+    cfg = train_cfg(root, **{"train.steps": 12, "train.num_workers": 2, "train.batch_size": 2, "train.ckpt_every": 5,
+                             "train.max_failures": 1})
+    result = train(cfg, manifest, root, run_name="ray-kill", vae_dir=vae_dir)
+    assert marker.exists()  # the worker really died
+    assert result.metrics["steps"] == 12 and result.metrics["world_size"] == 2
+    meta = json.loads((result.checkpoint_dir / "state.json").read_text())["meta"]
+    assert [seg["start_step"] for seg in meta["segments"]] == [0, 5]  # restarted from the step-5 checkpoint
+    assert [s for s, _ in meta["loss_history"]] == list(range(1, 13))
+    assert (result.run_dir / "checkpoint_manager_snapshot.json").exists()  # Ray Train's own bookkeeping
