@@ -326,3 +326,16 @@ def test_eval_determinism_and_timestep_types():
         assert torch.equal(a, b)
         torch.testing.assert_close(m1(x, t.float(), y, mask), a, rtol=0, atol=0)  # int or float timesteps
         assert torch.isfinite(m1(x, torch.tensor([0.25, 999.5]), y, mask)).all()  # continuous times
+
+
+def test_low_precision_model_returns_float32():
+    m = randomize_zero_inits(tiny()).eval()
+    x, t, y, mask = inputs()
+    with torch.no_grad():
+        ref = m(x, t, y, mask)
+        m16 = m.to(torch.bfloat16)
+        out = m16(x, t, y, mask)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        torch.testing.assert_close(out, ref, rtol=0.1, atol=0.1)
+        # timesteps are cast to the model dtype before the sinusoid (Open-Sora v1.0, bf16: 999 -> 1000)
+        torch.testing.assert_close(m16(x, torch.tensor([999, 999]), y, mask), m16(x, torch.tensor([1000, 1000]), y, mask), rtol=0, atol=0)
