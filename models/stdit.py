@@ -213,8 +213,8 @@ class MultiHeadCrossAttention(nn.Module):
             empty = ~mask.any(dim=1)  # (B,)
             attn_mask = (mask | empty[:, None])[:, None, None, :]  # (B, 1, 1, L)
         out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=attn_mask)  # (B, heads, N, Dh)
-        if empty is not None and bool(empty.any()):
-            out = out.masked_fill(empty[:, None, None, None], 0.0)
+        if empty is not None:
+            out = out.masked_fill(empty[:, None, None, None], 0.0)  # no `if empty.any()`: no host sync
         return self.proj(out.transpose(1, 2).reshape(b, n, d))  # (B, N, D)
 
 

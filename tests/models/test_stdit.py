@@ -52,7 +52,7 @@ def _attn(x, qkv, proj, heads):
 
 
 def reference_forward(m: STDiT, x, timestep, y, mask, temporal=True):
-    """Open-Sora v1.0 STDiT forward written out plainly: packed per-sample text, einsum-free loops."""
+    """Open-Sora v1.0 STDiT forward written out plainly: explicit softmax, per-sample packed text tokens."""
     b, c, T, H, W = x.shape
     d, heads = m.hidden_size, m.num_heads
     pt, ph, pw = m.patch_size
