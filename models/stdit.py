@@ -16,6 +16,7 @@ S = ceil(H/ph)*ceil(W/pw) tokens per frame, N = T'*S tokens, D hidden size, L te
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -35,11 +36,25 @@ STDIT_PRESETS: dict[str, dict] = {
 }
 
 
+# Saved in every state dict, but recomputed from the config on load (reference Q8).
+POSITIONAL_BUFFERS = ("pos_embed", "pos_embed_temporal")
+
+
 def build_stdit(preset: str, **kwargs) -> STDiT:
     """An STDiT of a named size; `kwargs` override the preset and the constructor defaults."""
     if preset not in STDIT_PRESETS:
         raise ValueError(f"unknown STDiT preset {preset!r}; known presets: {', '.join(STDIT_PRESETS)}")
     return STDiT(**{**STDIT_PRESETS[preset], **kwargs})
+
+
+def stdit_config(model: STDiT) -> dict:
+    """The constructor kwargs of `model` (JSON-serialisable): `STDiT(**stdit_config(m))` rebuilds it."""
+    return json.loads(json.dumps(model.config))  # a deep copy with lists, not tuples
+
+
+def drop_positional_buffers(state_dict: dict) -> dict:
+    """A shallow copy of `state_dict` without pos_embed / pos_embed_temporal (as Open-Sora's loader does)."""
+    return {k: v for k, v in state_dict.items() if k not in POSITIONAL_BUFFERS}
 
 
 # ---------------------------------------------------------------- sin-cos embeddings and helpers
@@ -378,6 +393,23 @@ class STDiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.attn_temp.proj.weight)
             nn.init.zeros_(block.attn_temp.proj.bias)
+
+    def load_opensora_state_dict(self, state_dict: dict, strict: bool = True):
+        """Load an Open-Sora v1.0 / SoraFlow state dict (548 keys, or 550 with the positional buffers).
+
+        An `{"ema": ...}` wrapper is unwrapped. The positional buffers are dropped and keep the values
+        computed from this model's config, so the same weights serve any video size. With strict=True
+        every other key must be present with its shape; the result's missing_keys then is exactly
+        ["pos_embed", "pos_embed_temporal"] and unexpected_keys is empty.
+        """
+        if "ema" in state_dict and isinstance(state_dict["ema"], dict):
+            state_dict = state_dict["ema"]
+        result = self.load_state_dict(drop_positional_buffers(state_dict), strict=False)
+        if strict:
+            missing = sorted(set(result.missing_keys) - set(POSITIONAL_BUFFERS))
+            if missing or result.unexpected_keys:
+                raise RuntimeError(f"STDiT state dict does not fit: missing {missing}, unexpected {sorted(result.unexpected_keys)}")
+        return result
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, T, H, W), timestep (B,), y (B, 1, L, C_text) or (B, L, C_text), mask (B, L) -> (B, C_out, T, H, W) float32."""

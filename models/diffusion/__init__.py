@@ -1,0 +1,29 @@
+"""Diffusion maths behind one interface: IDDPM (Open-Sora v1.0) and rectified flow (v1.2-style).
+
+Both schedulers offer:
+
+    sample_timesteps(batch_size, device, generator=None) -> t (B,)   the model's time scale (0..999 or 0..1000)
+    training_loss(model, x0, model_kwargs, t=None, noise=None, generator=None) -> {"loss": (B,), ...}
+    fixed_loss(model, x0, model_kwargs, t, noise)                     the same at given t and noise
+    sample(model, z, model_kwargs, y_null, cfg_scale=None, num_steps=None, progress=False, generator=None) -> x0
+
+with x0, z (B, C, T, H, W), model_kwargs {"y": (B, 1, L, C_text), "mask": (B, L)} and y_null the
+model's null caption (B, 1, L, C_text) for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+from .iddpm import IDDPM, GaussianDiffusion, space_timesteps
+from .rflow import RFlow
+
+SCHEDULERS = {"iddpm": IDDPM, "rflow": RFlow}
+
+
+def build_scheduler(type: str, num_sampling_steps: int = 100, cfg_scale: float = 7.0, num_train_timesteps: int = 1000) -> IDDPM | RFlow:
+    """A scheduler by name: "iddpm" (v1.0, 1000 training steps, respaced sampling) or "rflow"."""
+    if type not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {type!r}; known: {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[type](num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale, num_train_timesteps=num_train_timesteps)
+
+
+__all__ = ["IDDPM", "RFlow", "GaussianDiffusion", "SCHEDULERS", "build_scheduler", "space_timesteps"]
