@@ -134,14 +134,16 @@ def train_unigram_vocab(texts: list[str], vocab_size: int) -> list[tuple[str, fl
     ])
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
-    scores = {piece: float(score) for piece, score in json.loads(tok.to_str())["model"]["vocab"] if piece not in specials}
+    # the trainer's EM sums floats in hash-map order, so scores vary in the last bits from run to run:
+    # rounding makes the saved tokenizer byte-identical for the same corpus
+    scores = {piece: round(float(score), 6) for piece, score in json.loads(tok.to_str())["model"]["vocab"] if piece not in specials}
 
     words = Counter(w for t in texts for w in re.findall(r"[^\W_]+", t))  # letters/digits runs, punctuation apart
     total = sum(words.values())
     for w, n in words.items():
-        scores["▁" + w] = max(scores.get("▁" + w, -math.inf), math.log(n / total))
+        scores["▁" + w] = max(scores.get("▁" + w, -math.inf), round(math.log(n / total), 6))
 
-    floor = min(scores.values()) - 1.0
+    floor = round(min(scores.values()) - 1.0, 6)
     for ch in string.ascii_lowercase + string.digits + string.punctuation:  # spell any plain-ASCII word
         scores.setdefault(ch, floor)
         scores.setdefault("▁" + ch, floor)

@@ -9,7 +9,16 @@ import torch
 import torch.nn.functional as F
 
 import models.stdit as stdit_mod
-from models.stdit import STDIT_PRESETS, PatchEmbed3D, STDiT, STDiTBlock, TimestepEmbedder, build_stdit
+from models.stdit import (
+    STDIT_PRESETS,
+    PatchEmbed3D,
+    STDiT,
+    STDiTBlock,
+    TimestepEmbedder,
+    build_stdit,
+    drop_positional_buffers,
+    stdit_config,
+)
 
 LATENT = (4, 8, 8, 8)  # (C, T, H, W), the Tiny preset's training size
 L, C_TEXT = 16, 64
@@ -139,10 +148,13 @@ def test_xl2_layout_and_param_count_on_meta():
         assert tuple(sd[k].shape) == shape, k
     assert not any("norm" in k for k in sd)  # LayerNorms carry no affine params
 
-    ckpt = {k: v for k, v in sd.items() if k not in ("pos_embed", "pos_embed_temporal")}
+    ckpt = drop_positional_buffers(sd)
+    assert len(ckpt) == 548 and set(sd) - set(ckpt) == {"pos_embed", "pos_embed_temporal"}
     with torch.device("meta"):
         fresh = build_stdit("STDiT-XL/2", input_size=(16, 32, 32))
     result = fresh.load_state_dict(ckpt, strict=False)
+    assert set(result.missing_keys) == {"pos_embed", "pos_embed_temporal"} and result.unexpected_keys == []
+    result = fresh.load_opensora_state_dict(ckpt)  # strict: the 548 keys are all there
     assert set(result.missing_keys) == {"pos_embed", "pos_embed_temporal"} and result.unexpected_keys == []
 
 
@@ -339,3 +351,41 @@ def test_low_precision_model_returns_float32():
         torch.testing.assert_close(out, ref, rtol=0.1, atol=0.1)
         # timesteps are cast to the model dtype before the sinusoid (Open-Sora v1.0, bf16: 999 -> 1000)
         torch.testing.assert_close(m16(x, torch.tensor([999, 999]), y, mask), m16(x, torch.tensor([1000, 1000]), y, mask), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- config and checkpoints
+
+
+def test_stdit_config_rebuilds_the_model():
+    m = randomize_zero_inits(tiny(input_size=[4, 8, 8], space_scale=0.5, pred_sigma=False)).eval()
+    cfg = stdit_config(m)
+    assert json.loads(json.dumps(cfg)) == cfg and cfg["space_scale"] == 0.5 and cfg["input_size"] == [4, 8, 8]
+    cfg["depth"] = 99
+    assert m.config["depth"] == 4  # a copy: editing it leaves the model alone
+    cfg["depth"] = 4
+    rebuilt = STDiT(**cfg).eval()
+    rebuilt.load_opensora_state_dict(m.state_dict())
+    x, t, y, mask = inputs(latent=(4, 4, 8, 8))
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x, t, y, mask), m(x, t, y, mask))
+
+
+def test_load_opensora_state_dict_recomputes_buffers_and_is_strict():
+    src = randomize_zero_inits(tiny())
+    sd = src.state_dict()
+    sd["pos_embed"] = torch.zeros_like(sd["pos_embed"])  # stale values in a 550-key file are ignored
+    dst = tiny(input_size=[4, 8, 8])  # another frame count: the temporal buffer differs in shape
+    expect_pe, expect_tpe = dst.pos_embed.clone(), dst.pos_embed_temporal.clone()
+    result = dst.load_opensora_state_dict({"ema": sd})  # an {"ema": ...} checkpoint is unwrapped
+    assert set(result.missing_keys) == {"pos_embed", "pos_embed_temporal"} and not result.unexpected_keys
+    assert torch.equal(dst.pos_embed, expect_pe) and torch.equal(dst.pos_embed_temporal, expect_tpe)
+    assert torch.equal(dst.blocks[1].attn_temp.proj.weight, src.blocks[1].attn_temp.proj.weight)
+    assert torch.equal(dst.y_embedder.y_embedding, src.y_embedder.y_embedding)  # the null caption is a saved buffer
+    partial = drop_positional_buffers(sd)
+    del partial["blocks.0.mlp.fc1.bias"]
+    with pytest.raises(RuntimeError, match="blocks.0.mlp.fc1.bias"):
+        dst.load_opensora_state_dict(partial)
+    assert set(dst.load_opensora_state_dict(partial, strict=False).missing_keys) == {
+        "pos_embed", "pos_embed_temporal", "blocks.0.mlp.fc1.bias"}
+    with pytest.raises(RuntimeError, match="unexpected"):
+        dst.load_opensora_state_dict({**sd, "extra.weight": torch.zeros(1)})
