@@ -12,7 +12,8 @@ a mask that keeps half the tokens of every other sample, loss = mean(out^2), bac
   base RSS MiB  ru_maxrss right after `import torch`, before the model is built (the fixed cost)
 Text width and length are each preset's constructor values unless --caption-channels / --text-len
 (Tiny: 64 x 16; the others Open-Sora's T5-XXL 4096 x 120). STDiT-XL/2 (760 M params) needs about
-7.5 GiB and ~50 s at the default size on 2 cores; --timeout bounds every preset (a preset that runs
+7.5 GiB and ~50 s at the default size on 2 cores; a preset whose weights + grads (+ a third) would not
+fit in MemAvailable is skipped before it is built, and --timeout bounds every preset (a preset that runs
 past it, or is killed for memory, is reported, not fatal). Results go to bench/results/stdit.json.
 """
 
@@ -37,6 +38,17 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def mem_available_mib() -> float | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where there is none."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def worker(args) -> dict:
     """One preset, in this (fresh) process; prints one JSON line."""
     base = rss_mib()
@@ -54,6 +66,14 @@ def worker(args) -> dict:
     if args.text_len:
         kw["model_max_length"] = args.text_len
     c, t, h, w = args.latent
+    # memory pre-check on the meta device (no allocation): weights + grads in float32, plus a third for
+    # activations and the allocator, against what the OS says is available now
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in build_stdit(args.worker, input_size=[t, h, w], in_channels=c, **kw).parameters())
+    need_mib, avail_mib = n_params * 4 * 3 / 2**20, mem_available_mib()
+    if avail_mib is not None and need_mib > avail_mib:
+        return {"preset": args.worker, "params_M": n_params / 1e6,
+                "error": f"skipped: needs ~{need_mib:.0f} MiB, {avail_mib:.0f} MiB available"}
     t0 = time.perf_counter()
     model = build_stdit(args.worker, input_size=[t, h, w], in_channels=c, **kw).train()
     build_s = time.perf_counter() - t0

@@ -247,7 +247,8 @@ class IDDPM:
         mse = mean_flat((noise.float() - eps) ** 2)  # (B,)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
 
-    def fixed_loss(self, model: Callable, x0: torch.Tensor, model_kwargs: dict, t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fixed_loss(self, model: Callable, x0: torch.Tensor, model_kwargs: dict, t: torch.Tensor,
+                   noise: torch.Tensor) -> dict[str, torch.Tensor]:
         """training_loss at given timesteps and noise (deterministic validation)."""
         return self.training_loss(model, x0, model_kwargs, t=t, noise=noise)
 

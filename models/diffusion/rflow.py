@@ -72,7 +72,8 @@ class RFlow:
         v = model(x_t, t, **model_kwargs).float()[:, : x0.shape[1]]  # (B, C, T, H, W); drop sigma channels if any
         return {"loss": mean_flat((v - velocity_target(x0, noise).float()) ** 2)}
 
-    def fixed_loss(self, model: Callable, x0: torch.Tensor, model_kwargs: dict, t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fixed_loss(self, model: Callable, x0: torch.Tensor, model_kwargs: dict, t: torch.Tensor,
+                   noise: torch.Tensor) -> dict[str, torch.Tensor]:
         """training_loss at given times and noise (deterministic validation)."""
         return self.training_loss(model, x0, model_kwargs, t=t, noise=noise)
 
