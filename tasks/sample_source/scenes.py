@@ -133,8 +133,10 @@ def centre_track(spec: SceneSpec, width: int, height: int) -> np.ndarray:
     t = np.arange(spec.n_frames, dtype=np.float64)
     x = spec.start_xy[0] + ux * spec.speed_px * t
     y = spec.start_xy[1] + uy * spec.speed_px * t
-    lo_x, hi_x = e - 0.5, width - 0.5 - e
-    lo_y, hi_y = e - 0.5, height - 0.5 - e
+    # the shape's edge lies within e of the centre, and stays half a pixel off the frame's edge
+    # (so the outermost pixel ring stays pure background)
+    lo_x, hi_x = e + 0.5, width - 1.5 - e
+    lo_y, hi_y = e + 0.5, height - 1.5 - e
     x = np.clip(x, lo_x, max(lo_x, hi_x))
     y = np.clip(y, lo_y, max(lo_y, hi_y))
     return np.stack([x, y], axis=1)
@@ -149,8 +151,15 @@ def _sdf(shape: str, dx: np.ndarray, dy: np.ndarray, size: float) -> np.ndarray:
         return np.hypot(np.maximum(qx, 0), np.maximum(qy, 0)) + np.minimum(np.maximum(qx, qy), 0)
     if shape == "triangle":  # equilateral, apex up, circumradius `size` (inradius size / 2)
         c, s = math.cos(math.pi / 6), 0.5
-        d = np.maximum(np.maximum(dy, c * dx - s * dy), -c * dx - s * dy)
-        return d - size / 2
+        planes = np.maximum(np.maximum(dy, c * dx - s * dy), -c * dx - s * dy) - size / 2  # exact inside
+        corners = [(0.0, -size), (c * size, s * size), (-c * size, s * size)]
+        outside = None
+        for (ax, ay), (bx, by) in zip(corners, corners[1:] + corners[:1]):  # distance to the edges
+            ex, ey = bx - ax, by - ay
+            t = np.clip(((dx - ax) * ex + (dy - ay) * ey) / (ex * ex + ey * ey), 0.0, 1.0)
+            d = np.hypot(dx - ax - t * ex, dy - ay - t * ey)
+            outside = d if outside is None else np.minimum(outside, d)
+        return np.where(planes <= 0, planes, outside)
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
@@ -164,13 +173,17 @@ def render_scene(spec: SceneSpec, width: int, height: int) -> np.ndarray:
         raise ValueError(f"a scene needs at least one frame, got n_frames={spec.n_frames}")
     size = shape_extent(spec.shape, width, height)
     track = centre_track(spec, width, height)  # (T, 2)
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)  # (H, W) pixel centres
     bg = np.asarray(spec.background, np.float32)
     fg = np.asarray(COLORS[spec.color], np.float32)
     out = np.empty((spec.n_frames, height, width, 3), np.uint8)
+    out[:] = np.asarray(spec.background, np.uint8)
+    reach = size + 2.0  # the shape and its anti-aliased edge lie within this box around the centre
     for t, (cx, cy) in enumerate(track):
-        alpha = np.clip(0.5 - _sdf(spec.shape, xs - cx, ys - cy, size), 0.0, 1.0)[..., None]  # (H, W, 1) coverage
-        out[t] = np.rint(bg + (fg - bg) * alpha)
+        x0, x1 = max(0, int(math.floor(cx - reach))), min(width, int(math.ceil(cx + reach)) + 1)
+        y0, y1 = max(0, int(math.floor(cy - reach))), min(height, int(math.ceil(cy + reach)) + 1)
+        ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float32)  # pixel centres of the box
+        alpha = np.clip(0.5 - _sdf(spec.shape, xs - cx, ys - cy, size), 0.0, 1.0)[..., None]  # (h, w, 1) coverage
+        out[t, y0:y1, x0:x1] = np.rint(bg + (fg - bg) * alpha)
     return out
 
 
@@ -257,13 +270,13 @@ def _scene(cfg, combo: tuple[str, str, str], background, rng: np.random.Generato
     e = _max_extent(w, h)  # plan for the largest shape, so any shape fits the same track
     ux, uy = _UNIT[direction]
     along, across = (w, h) if ux else (h, w)
-    free = along - 2 * e  # the centre may lie in [e - 0.5, along - 0.5 - e]; keep 0.5 px inside that
-    travel = max(0.0, min(TRAVEL_FRACTION * along, free - 1.0))
-    jitter = rng.uniform(0, max(0.0, free - 1.0 - travel))
-    p_along = e + jitter  # starting at the trailing side
+    free = along - 2 - 2 * e  # the centre may lie in [e + 0.5, along - 1.5 - e] (centre_track)
+    travel = max(0.0, min(TRAVEL_FRACTION * along, free - 0.5))
+    jitter = rng.uniform(0, max(0.0, free - 0.5 - travel))
+    p_along = e + 0.75 + jitter  # starting at the trailing side
     if ux < 0 or uy < 0:
         p_along = along - 1 - p_along
-    p_across = rng.uniform(e, max(e, across - 1 - e))
+    p_across = rng.uniform(e + 0.75, max(e + 0.75, across - 1.75 - e))
     start = (p_along, p_across) if ux else (p_across, p_along)
     return SceneSpec(color, shape, direction, tuple(int(c) for c in background), n, (float(start[0]), float(start[1])), travel / max(1, n - 1))
 

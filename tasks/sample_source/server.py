@@ -567,10 +567,10 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
         end = int(b) if b else size - 1
     except ValueError:
         return None
-    if start < 0 or end < start:
-        return None
     if start >= size:
         return "unsatisfiable"
+    if start < 0 or end < start:
+        return None
     return start, min(end, size - 1)
 
 
