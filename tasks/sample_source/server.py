@@ -7,7 +7,8 @@ Routes (GET and HEAD):
 
   HD-VG     /metafiles/hdvg_0.json       {video_id: {"url", "clip": {"<vid>.0.mp4": {"span", "fps", "scene_split"}}}}
             /videos/<vid>.mp4            the full video: 0.5 s plain padding, the scenes, 0.5 s padding
-  Inter4k   /inter4KUHD                  302 -> /Inter4K.zip (Inter4K/60fps/UHD/<n>.mp4, no captions)
+  Inter4k   /inter4KUHD                  302 -> /Inter4K.zip (Inter4K/60fps/UHD/<n>.mp4: the scenes back to
+                                         back, no padding, no captions; at the config's fps, not 60)
             /evil/<kind>.zip             hostile archives for extractor tests (EVIL_ZIPS)
   Pexels    /videos/search?query=..      (also /v1/videos/...) paged listings, `Authorization: <api_key>`
             /videos/popular              page (default 1), per_page (default 15, max 80)
@@ -59,7 +60,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from storage.layout import atomic_write_bytes, safe_id
 from tasks.sample_source.scenes import plan_videos, render_video, scale_spec
 
-PAD_SECONDS = 0.5  # plain frames before and after the scenes of an HD-VG or Inter4k video
+PAD_SECONDS = 0.5  # plain frames before and after the scenes of an HD-VG video
+GENERATOR_VERSION = 2  # part of the cache folder's name: bump when the generated files change
 PEXELS_QUALITIES = (("sd", 1), ("hd", 2), ("uhd", 4))  # quality -> scale of the config's size
 PEXELS_MAX_PER_PAGE = 80
 PEXELS_DEFAULT_PER_PAGE = 15
@@ -155,7 +157,8 @@ class SampleServer:
         self.rate_limit = rate_limit if rate_limit is not None else (request_budget if request_budget is not None else DEFAULT_RATE_LIMIT)
         key = json.dumps(cfg.model_dump() if hasattr(cfg, "model_dump") else vars(cfg), sort_keys=True, default=str)
         fields = {k: v for k, v in json.loads(key).items() if k != "enabled"}
-        self.dir = Path(root_dir) / ("v1-" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12])
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+        self.dir = Path(root_dir) / f"v{GENERATOR_VERSION}-{digest}"
         self.requests_log: list[LogEntry] = []
         self.api_requests = 0  # authorised Pexels API requests answered (the budget counts these)
         self._lock = threading.Lock()
@@ -237,10 +240,10 @@ class SampleServer:
             path = self.hdvg_path(plan.video_id)
             if not path.exists():
                 self._write(path, render_video(plan.scenes, w, h, (self.pad, self.pad)))
-        for plan in self.inter4k:
+        for plan in self.inter4k:  # no padding: these go through scene detection whole
             path = self.inter4k_path(plan.video_id)
             if not path.exists():
-                self._write(path, render_video(plan.scenes, w, h, (self.pad, self.pad)))
+                self._write(path, render_video(plan.scenes, w, h))
         for plan in self.pexels:
             for quality, k in PEXELS_QUALITIES:
                 path = self.pexels_path(plan.video_id, quality)

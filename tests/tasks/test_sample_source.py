@@ -334,6 +334,8 @@ def test_pexels_pagination(srv):
     assert "prev_page" not in pages[0] and "next_page" not in pages[-1]
     assert "page=2" in pages[2]["prev_page"] and "query=shapes" in pages[0]["next_page"]
     # per_page is capped, defaults to 15, and the /v1/ prefix is accepted
+    body = api(srv, "/videos/popular?per_page=5").json()  # exactly one full page
+    assert len(body["videos"]) == 5 and "next_page" not in body and "prev_page" not in body
     body = api(srv, "/videos/popular?per_page=500").json()
     assert body["per_page"] == PEXELS_MAX_PER_PAGE and "next_page" not in body
     assert api(srv, "/v1/videos/popular").json()["per_page"] == 15
@@ -397,6 +399,7 @@ def test_pexels_rate_limit_headers_and_budget(server_root):
     with SampleServer(server_root, small_cfg(), api_key=KEY, request_budget=0) as s:
         r = api(s, "/videos/popular")
         assert r.status_code == 429 and "Retry-After" not in r.headers
+        assert not any(h.lower().startswith("x-ratelimit") for h in r.headers)
 
 
 def test_range_requests(srv):
@@ -436,7 +439,12 @@ def test_inter4k_redirect_and_zip(srv, tmp_path):
     plan = S.plan_videos(srv.cfg, "inter4k")[0]
     (tmp_path / "1.mp4").write_bytes(zf.read(mp4s[0]))
     info = probe_video(tmp_path / "1.mp4")
-    assert info.num_frames == plan.n_frames + 2 * round(0.5 * srv.cfg.fps)
+    assert info.num_frames == plan.n_frames  # the scenes only, no padding
+    frames = read_frames(tmp_path / "1.mp4")
+    start = 0
+    for spec in plan.scenes:
+        assert seen_colour(frames[start : start + spec.n_frames]) == spec.color
+        start += spec.n_frames
 
 
 def test_evil_zips(srv):
@@ -487,7 +495,7 @@ def test_odd_listings(srv):
 def test_fault_reset(srv):
     n = len(get(srv, "/videos/hdvg0001.mp4").content)
     srv.inject("/videos/hdvg0001", "reset")
-    with pytest.raises(requests.exceptions.RequestException, match="reset|Connection broken|aborted"):
+    with pytest.raises(requests.exceptions.RequestException, match="reset by peer"):  # an RST, not a FIN
         get(srv, "/videos/hdvg0001.mp4")
     srv.inject("/videos/hdvg0001", "reset", times=2)
     for _ in range(2):  # headers promise the whole body, then the connection dies
@@ -582,7 +590,7 @@ def test_cached_files_and_clean_shutdown(server_root):
         session = requests.Session()  # an idle keep-alive connection must not block shutdown
         assert session.get(base + "/metafiles/hdvg_0.json", timeout=TIMEOUT).status_code == 200
         t = time.monotonic()
-    assert time.monotonic() - t < 2
+    assert time.monotonic() - t < 5
     assert len(first) == 2 + 2 + 5 * 3
     with SampleServer(server_root, cfg) as again:  # the same config reuses the files
         assert {p: p.stat().st_mtime_ns for p in again.dir.rglob("*.mp4")} == first
