@@ -18,6 +18,12 @@ app.add_typer(run_app, name="run")
 app.add_typer(registry_app, name="registry")
 console = Console()
 
+# Without a Prefect server configured, flows run on an ephemeral one started on first use; its first
+# start (database migrations) takes longer than Prefect's 20 s default on a 2-core laptop.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+if os.environ.get("PREFECT_HOME"):  # Prefect creates its home but not the folders above it
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="A YAML config, or a preset name in configs/ (local, opensora-v1-16x256x256).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one config key, e.g. --set train.steps=200 (repeatable).")]
 RootOpt = Annotated[Optional[str], typer.Option("--root", help="Data root (default: config data.root, or $SORAFLOW_HOME).")]

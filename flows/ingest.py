@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -25,13 +26,23 @@ def sample_source(cfg: SoraFlowConfig, root: DataRoot) -> Iterator[SoraFlowConfi
     if not cfg.ingest.sample_source.enabled:
         yield cfg
         return
+    from tasks.download.pexels import ENV_KEY
     from tasks.sample_source.server import SampleServer
 
-    with SampleServer(root.root / "sample_source", cfg.ingest.sample_source) as server:
-        cfg = cfg.model_copy(deep=True)
-        for source in cfg.ingest.sources:
-            source.url = source.url.replace(SAMPLE_TOKEN, server.base_url)
-        yield cfg
+    # The loopback Pexels API accepts whatever key the downloader will send (a real key, if one
+    # is set, never leaves this machine: the server is on 127.0.0.1 and logs no headers).
+    key = os.environ.get(ENV_KEY) or "sample-source-key"
+    previous = os.environ.get(ENV_KEY)
+    os.environ[ENV_KEY] = key
+    try:
+        with SampleServer(root.root / "sample_source", cfg.ingest.sample_source, api_key=key) as server:
+            cfg = cfg.model_copy(deep=True)
+            for source in cfg.ingest.sources:
+                source.url = source.url.replace(SAMPLE_TOKEN, server.base_url)
+            yield cfg
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_KEY, None)
 
 
 def _ranges(n: int, size: int) -> list[tuple[int, int]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.context import get_run_context
 
@@ -22,6 +22,16 @@ BUDGETS: dict[str, list[str]] = {
     "default": [],
     "large": ["train.steps=4000", "vae.fit.steps=600", "ingest.sample_source.hdvg_videos=24", "ingest.sample_source.pexels_videos=48"],
 }
+
+
+@task(name="generate", retries=1)
+def generate_videos_task(prompts: list[str], version: str, params: RunParams) -> dict:
+    """Generate from the just-registered version through the registry (as a user would)."""
+    from tasks.generate import generate_videos
+
+    cfg, root = params.load()
+    result = generate_videos(cfg, root, prompts, model_ref=version, progress=False)
+    return {"videos": [str(p) for p in result.videos], "gifs": [str(p) for p in result.gifs], "weights": result.weights}
 
 
 @flow(name="local", log_prints=True)
@@ -69,18 +79,3 @@ def local_flow(params: RunParams = RunParams(), budget: str = "default", prompts
     create_table_artifact([{"item": k, "value": str(v)} for k, v in summary.items()], key="local-run-summary", description="SoraFlow local run")
     log.info("generated videos: %s", ", ".join(generated["videos"]))
     return summary
-
-
-def generate_videos_task(prompts: list[str], version: str, params: RunParams) -> dict:
-    """Generate from the just-registered version through the registry (as a user would)."""
-    from prefect import task
-
-    from tasks.generate import generate_videos
-
-    @task(name="generate", retries=1)
-    def _generate() -> dict:
-        cfg, root = params.load()
-        result = generate_videos(cfg, root, prompts, model_ref=version, progress=False)
-        return {"videos": [str(p) for p in result.videos], "gifs": [str(p) for p in result.gifs], "weights": result.weights}
-
-    return _generate()

@@ -156,6 +156,62 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def wrap_for_strategy(model: torch.nn.Module, ema: torch.nn.Module, strategy: str, world: int):
+    """(model, ema, optimizer-state format) for one worker: unwrapped when alone, else DDP or FSDP.
+
+    FSDP (GPUs only, Ray's prepare_model refuses it on CPU) shards the EMA copy exactly like
+    the model (same module tree, same flat parameters), so each rank updates the EMA of its own shard.
+    """
+    if world <= 1:
+        return model, ema, "plain"
+    import ray.train.torch
+
+    if strategy == "fsdp":
+        kw = {"use_orig_params": False}  # flat shards; the FSDP1 optimizer round trip with use_orig_params=True loses exp_avg (torch 2.14)
+        model = ray.train.torch.prepare_model(model, parallel_strategy="fsdp", parallel_strategy_kwargs=kw)
+        ema = ray.train.torch.prepare_model(ema, parallel_strategy="fsdp", parallel_strategy_kwargs=kw)
+        return model, ema, "fsdp"
+    return ray.train.torch.prepare_model(model, parallel_strategy="ddp"), ema, "plain"
+
+
+def ema_pairs(model: torch.nn.Module, ema: torch.nn.Module, fmt: str) -> tuple[list, list]:
+    """(EMA tensors, model tensors) paired by name over trainable parameters (v1.0 skips pos_embed)."""
+    src = model if fmt == "fsdp" else _unwrap(model)
+    ema_named = dict(ema.named_parameters())
+    pairs = [(ema_named[n], p) for n, p in src.named_parameters() if p.requires_grad and "pos_embed" not in n]
+    return [e for e, _ in pairs], [p for _, p in pairs]
+
+
+def full_states(model, ema, optimizer, fmt: str) -> tuple[dict, dict, dict]:
+    """Full (model, EMA, optimizer) state dicts; under FSDP a collective call, full on rank 0 only."""
+    if fmt != "fsdp":
+        return _unwrap(model).state_dict(), ema.state_dict(), optimizer.state_dict()
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    sd_cfg, osd_cfg = FullStateDictConfig(offload_to_cpu=True, rank0_only=True), FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, sd_cfg, osd_cfg):
+        model_sd, optim_sd = model.state_dict(), FSDP.optim_state_dict(model, optimizer)
+    with FSDP.state_dict_type(ema, StateDictType.FULL_STATE_DICT, sd_cfg):
+        ema_sd = ema.state_dict()
+    return model_sd, ema_sd, optim_sd
+
+
+def load_optimizer(model, optimizer, saved: dict, fmt: str) -> None:
+    if fmt == "fsdp":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        saved = FSDP.optim_state_dict_to_load(model, optimizer, saved)
+    optimizer.load_state_dict(saved)
+
+
+def clip_grads(model, max_norm: float, fmt: str) -> torch.Tensor:
+    """Global-norm clipping; FSDP needs its own (the norm spans every rank's shard)."""
+    if fmt == "fsdp":
+        return model.clip_grad_norm_(max_norm)
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
 def _resume_state(run_dir: Path) -> tuple[dict | None, Path | None]:
     """The newest training state: Ray's checkpoint (worker restart / resumed run) or a run folder's."""
     import ray.train
@@ -203,10 +259,7 @@ def train_loop_per_worker(config: dict) -> dict:
     state, state_dir = _resume_state(run_dir)
     meta = state["meta"] if state else {}
     start_step = int(meta.get("step", 0))
-    # Seeds depend on the start step, so a resumed run is reproducible from its checkpoint.
-    torch.manual_seed(tc.seed + 1009 * rank + 7919 * start_step)
-    gen = torch.Generator(device=device).manual_seed(tc.seed + 31 * rank + 7919 * start_step + 1)
-
+    torch.manual_seed(tc.seed)  # the same initial weights (and null caption) on every rank
     model = build_stdit(config["preset"], **config["model_kwargs"])
     if state:
         model.load_state_dict(state["model"])
@@ -217,17 +270,19 @@ def train_loop_per_worker(config: dict) -> dict:
         ema.load_state_dict(state["ema"])
     model.to(device).train()
     ema.to(device)
-    if world > 1:
-        import ray.train.torch
-
-        model = ray.train.torch.prepare_model(model, parallel_strategy=tc.strategy)
-    trainable = [(n, p) for n, p in _unwrap(model).named_parameters() if p.requires_grad]
-    ema_params = dict(ema.named_parameters())
-    ema_list = [ema_params[n] for n, _ in trainable if "pos_embed" not in n]
-    model_list = [p for n, p in trainable if "pos_embed" not in n]
-    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=tc.lr, weight_decay=tc.weight_decay)
+    # Per-rank streams (caption dropout, timesteps, noise) that depend on the start step, so a
+    # resumed run is reproducible from its checkpoint.
+    torch.manual_seed(tc.seed + 1009 * rank + 7919 * start_step)
+    gen = torch.Generator(device=device).manual_seed(tc.seed + 31 * rank + 7919 * start_step + 1)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model, ema, fmt = wrap_for_strategy(model, ema, tc.strategy, world)
+    ema_list, model_list = ema_pairs(model, ema, fmt)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay)
     if state and state.get("optimizer"):
-        optimizer.load_state_dict(state["optimizer"])
+        if meta.get("optimizer_format", "plain") == fmt:
+            load_optimizer(model, optimizer, state["optimizer"], fmt)
+        elif is_main:
+            print(f"train: optimizer state saved as {meta.get('optimizer_format')!r}, running as {fmt!r}: AdamW restarts its moments", flush=True)
     scheduler = scheduler_for(cfg)
 
     dataset, encoder = _build_dataset(config, cfg, device)
@@ -245,12 +300,13 @@ def train_loop_per_worker(config: dict) -> dict:
     segments = list(meta.get("segments", [])) + [{"start_step": start_step, "world_size": world, "from": str(state_dir) if state_dir else None}]
     samples_seen = int(meta.get("samples_seen", 0))
     if is_main:
-        n_params = sum(p.numel() for _, p in trainable)
         where = f"resuming from step {start_step} ({state_dir})" if state else "from scratch"
         print(f"train: {config['preset']} ({n_params / 1e6:.2f} M trainable params) on {len(dataset)} clips, "
               f"{world} worker(s) x batch {tc.batch_size}, steps {start_step}->{total_steps}, {where}", flush=True)
 
     kill_at, kill_marker = config.get("test_kill", (0, None))
+    if device.type == "cpu":  # subnormal floats are 10-100x slower on CPUs; flush them to zero
+        torch.set_flush_denormal(True)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=tc.bf16)
     step = start_step
     t_start, window = time.perf_counter(), []
@@ -269,14 +325,15 @@ def train_loop_per_worker(config: dict) -> dict:
             "sample_start_index": batch_in_epoch * tc.batch_size, "world_size": world,
             "samples_seen": samples_seen, "loss_history": loss_history, "segments": segments,
             "samples_per_s": metrics["samples_per_s"], "config_hash": config_hash(cfg),
-            "preset": config["preset"], "model_kwargs": config["model_kwargs"],
+            "preset": config["preset"], "model_kwargs": config["model_kwargs"], "optimizer_format": fmt,
         }
+        model_sd, ema_sd, optim_sd = full_states(model, ema, optimizer, fmt)  # every rank (FSDP gathers)
         if not is_main:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return
         if local_mode:  # nothing copies the folder for us: write it in place
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=run_dir))
-            save_training_state(tmp, _unwrap(model).state_dict(), ema.state_dict(), optimizer.state_dict(), state_meta)
+            save_training_state(tmp, model_sd, ema_sd, optim_sd, state_meta)
             if (run_dir / name).exists():  # a leftover from an attempt that died after saving
                 shutil.rmtree(run_dir / name)
             os.replace(tmp, run_dir / name)
@@ -284,7 +341,7 @@ def train_loop_per_worker(config: dict) -> dict:
             _prune_checkpoints(run_dir)
         else:  # Ray persists it as <storage_path>/<name>/<checkpoint_dir_name>
             with tempfile.TemporaryDirectory(prefix="soraflow-ckpt-") as tmp:
-                save_training_state(tmp, _unwrap(model).state_dict(), ema.state_dict(), optimizer.state_dict(), state_meta)
+                save_training_state(tmp, model_sd, ema_sd, optim_sd, state_meta)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
 
     while step < total_steps:
@@ -303,7 +360,7 @@ def train_loop_per_worker(config: dict) -> dict:
             loss = out["loss"].float().mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            grad_norm = clip_grads(model, tc.grad_clip, fmt)
             optimizer.step()
             with torch.no_grad():
                 torch._foreach_lerp_(ema_list, [p.detach().float() for p in model_list], 1.0 - tc.ema_decay)
@@ -341,6 +398,8 @@ def train_loop_per_worker(config: dict) -> dict:
         if finished_epoch:
             epoch += 1
             batch_in_epoch = 0
+    if device.type == "cpu":
+        torch.set_flush_denormal(False)  # the default, for the caller in local mode
     return last_metrics
 
 

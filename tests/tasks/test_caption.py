@@ -199,8 +199,11 @@ def test_llava_without_a_checkpoint_is_a_config_error(tmp_path, clips):
     missing = tmp_path / "no-such-llava"
     with pytest.raises(ConfigError, match=str(missing)):
         caption_rows([_row(p0)], CaptionConfig(captioners=["source", "llava"], llava_path=str(missing)), captioner_cache={})
+    # The schema refuses llava without a path; the stage still checks a config built around it.
+    with pytest.raises(ValueError, match="needs caption.llava_path"):
+        CaptionConfig(captioners=["llava"])
     with pytest.raises(ConfigError, match="caption.llava_path is not set"):
-        caption_rows([_row(p0)], CaptionConfig(captioners=["llava"]), captioner_cache={})
+        caption_rows([_row(p0)], CaptionConfig.model_construct(captioners=["llava"], llava_path=None), captioner_cache={})
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="cannot load a LLaVA checkpoint"):

@@ -59,7 +59,7 @@ def make_clip_manifest(folder: Path, root: DataRoot, n: int = 8, frames: int = 1
     rows = []
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        c, s, d = colors[i % len(colors)], shapes[(i // 2) % 3], dirs[(i + i // 3) % 4]
+        c, s, d = colors[rng.integers(len(colors))], shapes[rng.integers(3)], dirs[rng.integers(4)]
         path = folder / f"clip{i:03d}.mp4"
         write_video(path, render_clip(s, palette[c], d, frames, size, seed=int(rng.integers(1 << 30))), fps=8.0)
         rows.append(new_row(path=str(path), text=f"a {c} {s} moving {d}", num_frames=frames, height=size, width=size,

@@ -1,0 +1,88 @@
+"""Training throughput with and without the latent cache, same data, same tiny model, in process.
+
+    .venv/bin/python bench/bench_train.py [--clips 24] [--steps 40] [--batch 8]
+
+Both runs use Ray Train's local mode (train.num_workers=0) on one set of synthetic clips
+(coloured shapes, 16 frames at 32x32) and the local preset's tiny models; the VAE is fitted
+once and shared. "cache" encodes every clip and caption once before training (time shown
+separately); "online" decodes the mp4 and runs the VAE and T5 in every step, as Open-Sora
+v1.0 does. Prints a table and writes bench/results/train.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "tasks"))  # the synthetic clip writer the tests use
+
+from test_latent_cache import make_clip_manifest  # noqa: E402
+
+from configs.schema import load_config  # noqa: E402
+from storage.layout import DataRoot  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clips", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from tasks.train import train
+    from tasks.vae_fit import fit_vae
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        root = DataRoot(Path(tmp) / "data")
+        manifest = make_clip_manifest(Path(tmp) / "videos", root, n=args.clips, frames=16)
+        base = {"data.root": str(root.root), "train.steps": args.steps, "train.batch_size": args.batch,
+                "train.num_workers": 0, "train.log_every": 10, "train.ckpt_every": args.steps, "vae.fit.steps": 50}
+        cfg = load_config("local", base)
+        vae = fit_vae(cfg, manifest, root, progress=False)
+        rows = []
+        for mode, use_cache in (("cache", True), ("online", False)):
+            cfg = load_config("local", {**base, "train.use_latent_cache": use_cache})
+            t = time.perf_counter()
+            result = train(cfg, manifest, root, run_name=f"bench-{mode}", vae_dir=vae.path)
+            m = result.metrics
+            rows.append({
+                "mode": mode,
+                "samples_per_s": round(m["samples_per_s"], 2),
+                "fit_s": round(m["fit_s"], 1),
+                "latent_cache_s": round(m.get("latent_cache_s", 0.0), 1),
+                "total_s": round(time.perf_counter() - t, 1),
+                "steps": m["steps"],
+                "final_loss": round(m["final_loss"], 4),
+            })
+    speedup = rows[0]["samples_per_s"] / rows[1]["samples_per_s"]
+    print(f"\ntraining throughput, {cfg.model.preset}, {args.clips} clips of 16 frames at 32x32, batch {args.batch}, "
+          f"{args.steps} steps, {os.cpu_count()} CPU cores, torch {torch.__version__}")
+    print(f"{'mode':<8}{'samples/s':>11}{'train s':>9}{'cache s':>9}{'total s':>9}{'final loss':>12}")
+    for r in rows:
+        print(f"{r['mode']:<8}{r['samples_per_s']:>11.1f}{r['fit_s']:>9.1f}{r['latent_cache_s']:>9.1f}{r['total_s']:>9.1f}{r['final_loss']:>12.4f}")
+    print(f"latent cache speed-up: {speedup:.2f}x")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": "train throughput with and without the latent cache",
+        "preset": cfg.model.preset, "clips": args.clips, "frames": 16, "image_size": [32, 32], "batch_size": args.batch,
+        "steps": args.steps, "cpu_count": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine(),
+        "results": rows, "speedup": round(speedup, 2),
+        "command": "python bench/bench_train.py " + " ".join(sys.argv[1:]),
+    }, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
