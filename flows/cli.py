@@ -16,7 +16,7 @@ run_app = typer.Typer(help="Run an end-to-end flow.", no_args_is_help=True)
 registry_app = typer.Typer(help="The MLflow model registry.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
 app.add_typer(registry_app, name="registry")
-console = Console()
+console = Console(soft_wrap=True)  # paths stay whole, so they can be copied
 
 # Without a Prefect server configured, flows run on an ephemeral one started on first use; its first
 # start (database migrations) takes longer than Prefect's 20 s default on a 2-core laptop.

@@ -449,11 +449,24 @@ def _start_ray(cfg: SoraFlowConfig) -> bool:
 
     if ray.is_initialized():
         return False
+    runtime_env = {
+        # Train V2 would also route every print through its logger: each progress line twice.
+        "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
+        "worker_process_setup_hook": "tasks.train.quiet_ray_logs",
+    }
     if cfg.train.ray_address:
-        ray.init(address=cfg.train.ray_address)
+        ray.init(address=cfg.train.ray_address, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
     return True
+
+
+def quiet_ray_logs() -> None:
+    """Worker set-up hook: without the dashboard (local runs) the state API is absent, and Train's
+    placement-group cleaner would warn about it every second of the run."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def prepare_latent_cache(cfg: SoraFlowConfig, manifest_path: str | Path, root, vae_dir: str | Path, vae=None, text_encoder=None):
@@ -491,7 +504,7 @@ def train(
     vae_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train (or resume) STDiT on the manifest's training split; see the module docstring."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tasks.components import export_model_dir, load_text_encoder, load_vae, stdit_kwargs, text_encoder_path
@@ -558,6 +571,7 @@ def train(
                     storage_path=str(root.runs),
                     failure_config=FailureConfig(max_failures=tc.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+                    logging_config=LoggingConfig(log_level="WARNING"),  # not one INFO line per report
                 ),
                 torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
             )
