@@ -1,0 +1,283 @@
+"""The deployments end to end, as a user runs them: a real `prefect server start` on 127.0.0.1,
+`soraflow serve` in a subprocess, `prefect deployment run 'pipeline/scheduled-pipeline' --watch`,
+then the run's state, artifacts and the dataset event's triggered retrain through the Prefect API.
+
+All loopback (the sample source is served on 127.0.0.1 by the ingest flow), with a tiny config
+so the whole pipeline runs in about a minute or two on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+from prefect_server import ChildProcess, PrefectServer, tail, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # each test bounds its own waits well below this
+
+REPO = Path(__file__).resolve().parents[2]
+CRON = "17 3 * * *"  # not the default, so the test sees that --cron reaches the deployment
+DATASET_EVENT = "soraflow.dataset.updated"
+
+# Small enough for a couple of minutes on 2 busy cores; every key is checked by configs/schema.py.
+TINY = [
+    "ingest.sample_source.hdvg_videos=2",
+    "ingest.sample_source.pexels_videos=2",
+    "text_encoder.tiny.d_model=32",
+    "text_encoder.tiny.num_layers=1",
+    "text_encoder.tiny.d_ff=64",
+    "vae.fit.steps=3",
+    "vae.fit.batch_size=4",
+    "train.steps=4",
+    "train.num_workers=0",
+    "train.batch_size=2",
+    "train.log_every=2",
+    "train.ckpt_every=4",
+    "train.val_fraction=0.2",
+    "scheduler.num_sampling_steps=5",
+    "eval.num_prompts=2",
+]
+
+
+class Stack:
+    """The server, the `soraflow serve` child and the data root; `diagnostics()` for failure messages."""
+
+    def __init__(self, server: PrefectServer, serve: ChildProcess, root: Path):
+        self.server, self.serve, self.root = server, serve, root
+        self.deployments: dict[str, object] = {}
+
+    def diagnostics(self) -> str:
+        return f"{self.serve.tail()}\n--- prefect server log (tail):\n{tail(self.server.log, 2000)}"
+
+    @contextlib.contextmanager
+    def explained(self):
+        """Print the serve and server log tails when the block fails (pytest shows them with the failure)."""
+        try:
+            yield
+        except BaseException:
+            print(self.diagnostics())
+            raise
+
+
+def _soraflow() -> list[str]:
+    script = Path(sys.executable).with_name("soraflow")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "flows.cli"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    base = tmp_path_factory.mktemp("deploy")
+    root = base / "data"
+    with PrefectServer(base / "prefect") as server:
+        env = server.env()
+        env.pop("SORAFLOW_HOME", None)
+        # one torch thread per flow-run process: the pipeline's training and the retrain it triggers
+        # run side by side, and on 2 busy cores oversubscribed threads make both crawl
+        env.update(PYTHONUNBUFFERED="1", PREFECT_RUNNER_POLL_FREQUENCY="2", OMP_NUM_THREADS="1")
+        argv = [*_soraflow(), "serve", "--config", "local", "--root", str(root), "--cron", CRON]
+        for item in TINY:
+            argv += ["--set", item]
+        with ChildProcess(argv, env, base / "serve.log", cwd=REPO) as serve:
+            s = Stack(server, serve, root)
+            with s.explained(), server.client() as client:
+
+                def both_deployments():
+                    if not serve.alive():
+                        raise AssertionError("soraflow serve exited")
+                    return {name: client.read_deployment_by_name(name) for name in ("pipeline/scheduled-pipeline", "train/retrain-on-new-data")}
+
+                try:
+                    s.deployments = wait_for("soraflow serve to create both deployments", both_deployments, timeout=180, interval=2)
+                except TimeoutError:
+                    if not serve.alive():
+                        raise AssertionError(f"soraflow serve exited with {serve.proc.returncode}") from None
+                    raise
+            yield s
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(stack):
+    """Run the pipeline deployment once with the CLI, as the README shows; returns (flow run id, CLI output)."""
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    t0 = time.monotonic()
+    with stack.explained():
+        proc = subprocess.run(
+            [prefect, "deployment", "run", "pipeline/scheduled-pipeline", "--watch", "--watch-timeout", "360"],
+            env=stack.server.env(),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        out = proc.stdout + proc.stderr
+        found = re.search(r"UUID: ([0-9a-f-]{36})", out)
+        assert found, f"no flow run id in the CLI output:\n{out[-3000:]}"
+        assert proc.returncode == 0, f"`prefect deployment run --watch` exited {proc.returncode}:\n{out[-4000:]}"
+    print(f"pipeline deployment run took {time.monotonic() - t0:.0f} s")
+    return UUID(found.group(1)), out
+
+
+def _table(artifact) -> list[dict]:
+    data = artifact.data
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def _artifacts_by_key(client, flow_run_ids: list[UUID]) -> dict[str, object]:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=flow_run_ids)))
+    return {a.key: a for a in arts if a.key}
+
+
+def _subflow_ids(client, parent: UUID) -> dict[str, UUID]:
+    """Subflow runs of `parent`, by flow name."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))
+    names = {f.id: f.name for f in (client.read_flow(r.flow_id) for r in {r.flow_id: r for r in runs}.values())}
+    return {names[r.flow_id]: r.id for r in runs}
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_serve_creates_deployments_with_schedule_trigger_and_limits(stack):
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+
+    with stack.explained(), stack.server.client() as client:
+        pipeline = stack.deployments["pipeline/scheduled-pipeline"]
+        retrain = stack.deployments["train/retrain-on-new-data"]
+
+        # the cron schedule from --cron, active
+        crons = [s.schedule.cron for s in pipeline.schedules if getattr(s.schedule, "cron", None)]
+        assert crons == [CRON], pipeline.schedules
+        assert all(s.active for s in pipeline.schedules)
+        assert not retrain.schedules, "the retrain deployment runs on the dataset event, not on a schedule"
+
+        # one run at a time per deployment
+        for dep in (pipeline, retrain):
+            assert dep.global_concurrency_limit is not None, f"{dep.name}: no concurrency limit"
+            assert dep.global_concurrency_limit.limit == 1, dep.global_concurrency_limit
+            strategy = dep.concurrency_options.collision_strategy if dep.concurrency_options else ConcurrencyLimitStrategy.ENQUEUE
+            assert strategy == ConcurrencyLimitStrategy.ENQUEUE
+
+        # parameters carry the config reference, the overrides and the data root
+        for dep in (pipeline, retrain):
+            params = dep.parameters["params"]
+            assert params["config"] == "local" and params["overrides"] == TINY
+            assert Path(params["data_root"]).resolve() == stack.root.resolve()
+
+        # the dataset trigger is an automation on the retrain deployment
+        automations = client.read_resource_related_automations(f"prefect.deployment.{retrain.id}")
+        triggers = [a.trigger for a in automations if a.enabled]
+        assert len(triggers) == 1, automations
+        trigger = triggers[0]
+        assert trigger.expect == {DATASET_EVENT}
+        assert trigger.match.model_dump().get("prefect.resource.id") == "soraflow.dataset.local"
+        actions = [a for a in automations if a.enabled][0].actions
+        assert len(actions) == 1 and actions[0].type == "run-deployment" and actions[0].deployment_id == retrain.id
+        assert actions[0].parameters["manifest"] == "{{ event.payload.manifest }}"
+        assert not client.read_resource_related_automations(f"prefect.deployment.{pipeline.id}"), "the pipeline has no trigger"
+
+        # the global slot every training run takes
+        gcl = client.read_global_concurrency_limit_by_name("soraflow-training")
+        assert gcl.limit == 1 and gcl.active
+
+
+def test_pipeline_deployment_run_completes_with_artifacts(stack, pipeline_run):
+    flow_run_id, cli_out = pipeline_run
+    assert "Completed" in cli_out
+    with stack.explained(), stack.server.client() as client:
+        run = client.read_flow_run(flow_run_id)
+        assert run.state.is_completed(), run.state
+        assert run.deployment_id == stack.deployments["pipeline/scheduled-pipeline"].id
+        assert run.parameters["params"]["overrides"] == TINY
+
+        subflows = _subflow_ids(client, flow_run_id)
+        assert set(subflows) == {"ingest", "train"}, subflows
+        for sub in subflows.values():
+            assert client.read_flow_run(sub).state.is_completed()
+        arts = _artifacts_by_key(client, [flow_run_id, *subflows.values()])
+        assert {"ingest-manifests", "manifest-statistics", "eval-metrics", "model-card"} <= set(arts), sorted(arts)
+
+        # ingest: one row per stage, each an existing manifest under the data root
+        stages = _table(arts["ingest-manifests"])
+        assert [row["stage"] for row in stages] == ["download", "split", "caption", "score"]
+        for row in stages:
+            path = Path(row["manifest"])
+            assert path.is_file() and stack.root.resolve() in path.resolve().parents, row
+        # HD-VG lists one row per scene (2 videos x 3 scenes) + 2 single-scene Pexels videos;
+        # every scene becomes one clip with its source caption, and none is rejected
+        print("ingest-manifests:", stages)
+        assert [(row["rows"], row["ok"]) for row in stages] == [(8, 8)] * 4, stages
+        assert arts["ingest-manifests"].flow_run_id == subflows["ingest"]
+
+        stats = {row["statistic"]: row["value"] for row in _table(arts["manifest-statistics"])}
+        assert int(stats["ok"]) == stages[-1]["ok"], stats
+        assert stages[-1]["manifest"] in arts["manifest-statistics"].description
+
+        # train: the metrics table and the model card of the registered version
+        metrics = {row["metric"]: row["value"] for row in _table(arts["eval-metrics"])}
+        assert int(float(metrics["steps"])) == 4, metrics
+        assert "adherence_all" in metrics and 0.0 <= float(metrics["adherence_all"]) <= 1.0, metrics
+        assert arts["eval-metrics"].flow_run_id == subflows["train"]
+        card = arts["model-card"].data
+        assert re.search(r"## soraflow-local v\d+", card), card
+        model_dir = re.search(r"model folder: `([^`]+)`", card).group(1)
+        assert Path(model_dir).is_dir() and stack.root.resolve() in Path(model_dir).resolve().parents, card
+
+
+def test_dataset_event_triggers_retrain_on_the_new_manifest(stack, pipeline_run):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    from storage.manifest import dataset_version
+
+    flow_run_id, _ = pipeline_run
+    retrain = stack.deployments["train/retrain-on-new-data"]
+    with stack.explained(), stack.server.client() as client:
+        ingest_id = _subflow_ids(client, flow_run_id)["ingest"]
+        final_manifest = _table(_artifacts_by_key(client, [ingest_id])["ingest-manifests"])[-1]["manifest"]
+
+        # the event ingest's publish() emitted, as the server stored it
+        def dataset_events():
+            page = stack.server.post("/events/filter", {"filter": {"event": {"name": [DATASET_EVENT]}}, "limit": 10})
+            return page["events"]
+
+        events = wait_for("the dataset event to be stored", dataset_events, timeout=60, interval=2)
+        assert len(events) == 1, events
+        event = events[0]
+        assert event["resource"]["prefect.resource.id"] == "soraflow.dataset.local"
+        assert event["payload"]["manifest"] == final_manifest
+        assert event["payload"]["dataset_version"] == dataset_version(final_manifest)
+        assert any(r.get("prefect.resource.id") == f"prefect.flow-run.{ingest_id}" for r in event["related"]), event["related"]
+
+        # ... started exactly one run of the retrain deployment, on that manifest
+        def retrain_runs():
+            return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[retrain.id])))
+
+        runs = wait_for("a run of train/retrain-on-new-data", retrain_runs, timeout=60, interval=2)
+        assert len(runs) == 1, [(r.name, r.state_name) for r in runs]
+        run = runs[0]
+        assert run.parameters["manifest"] == final_manifest
+        assert run.parameters["params"] == stack.deployments["pipeline/scheduled-pipeline"].parameters["params"]
+        assert run.created >= client.read_flow_run(ingest_id).start_time
+
+        # ... which completes: same dataset and config, so it resumes the pipeline's training run
+        def finished():
+            r = client.read_flow_run(run.id)
+            return r if r.state.is_final() else None
+
+        done = wait_for(f"retrain run {run.name} to finish", finished, timeout=300, interval=3)
+        assert done.state.is_completed(), done.state
+        metrics = {row["metric"]: row["value"] for row in _table(_artifacts_by_key(client, [run.id])["eval-metrics"])}
+        assert int(float(metrics["steps"])) == 4, metrics
+        card = _artifacts_by_key(client, [run.id])["model-card"].data
+        assert final_manifest in _artifacts_by_key(client, [run.id])["eval-metrics"].description
+        assert re.search(r"## soraflow-local v\d+", card), card
