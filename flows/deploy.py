@@ -9,7 +9,7 @@ from __future__ import annotations
 from prefect import serve
 from prefect.events import DeploymentEventTrigger
 
-from flows.ingest import DATASET_EVENT
+from flows.ingest import DATASET_EVENT, RETRAIN_LABEL
 from flows.params import RunParams
 from flows.pipeline import pipeline_flow
 from flows.train import TRAINING_LIMIT, train_flow
@@ -19,11 +19,12 @@ RETRAIN_DEPLOYMENT = "retrain-on-new-data"
 
 
 def dataset_trigger(params: RunParams, dataset_name: str) -> DeploymentEventTrigger:
-    """Start a train run whenever ingest announces a new version of this dataset."""
+    """Start a train run whenever ingest announces a version of this dataset not seen before
+    (and not already being trained by the pipeline that ingested it)."""
     return DeploymentEventTrigger(
         name=f"new {dataset_name} dataset",
         expect={DATASET_EVENT},
-        match={"prefect.resource.id": f"soraflow.dataset.{dataset_name}"},
+        match={"prefect.resource.id": f"soraflow.dataset.{dataset_name}", RETRAIN_LABEL: "true"},
         parameters={"manifest": "{{ event.payload.manifest }}", "params": params.model_dump()},
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 from typing import Iterator
@@ -18,6 +19,14 @@ from tasks.ingest import SHARD_TASKS, download_shard, list_source, listing_len, 
 
 SAMPLE_TOKEN = "${SAMPLE_SOURCE}"
 DATASET_EVENT = "soraflow.dataset.updated"
+RETRAIN_LABEL = "soraflow.retrain"  # event resource label the retrain trigger matches
+
+
+def stable_port(root: DataRoot) -> int:
+    """A loopback port fixed per data root: the source URLs that land in the manifests (and so
+    the dataset version and the task cache keys) stay the same from one run to the next."""
+    digest = hashlib.sha256(str(root.root.resolve()).encode()).digest()
+    return 20000 + int.from_bytes(digest[:4], "big") % 20000
 
 
 @contextlib.contextmanager
@@ -35,7 +44,7 @@ def sample_source(cfg: SoraFlowConfig, root: DataRoot) -> Iterator[SoraFlowConfi
     previous = os.environ.get(ENV_KEY)
     os.environ[ENV_KEY] = key
     try:
-        with SampleServer(root.root / "sample_source", cfg.ingest.sample_source, api_key=key) as server:
+        with SampleServer(root.root / "sample_source", cfg.ingest.sample_source, api_key=key, port=stable_port(root)) as server:
             cfg = cfg.model_copy(deep=True)
             for source in cfg.ingest.sources:
                 source.url = source.url.replace(SAMPLE_TOKEN, server.base_url)
@@ -72,13 +81,30 @@ def mapped_stage(stage: str, manifest: str, cfg: SoraFlowConfig, root: DataRoot)
     return merge_shards(shards, stage, [manifest], config_hash(cfg), str(root.root))
 
 
-def publish(manifest: str, cfg: SoraFlowConfig, stages: dict[str, str]) -> dict:
-    """Statistics as a table artifact and a new-dataset event (which can trigger training)."""
+def is_new_version(root: DataRoot, version: str) -> bool:
+    """True the first time a dataset version is published under this data root (then recorded)."""
+    marker = root.manifest_dir("published") / version
+    if marker.exists():
+        return False
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    return True
+
+
+def publish(manifest: str, cfg: SoraFlowConfig, root: DataRoot, stages: dict[str, str], retrain: bool = True) -> dict:
+    """Statistics as table artifacts, and the dataset event.
+
+    The event always goes out (lineage: which run produced which dataset version); it carries
+    the resource label `soraflow.retrain` = "true" only for a version this data root has not
+    seen before and when the caller does not train on it itself: that is what the retrain
+    deployment's trigger matches (flows/deploy.py).
+    """
     from prefect.events import emit_event
 
     rows = read_rows(manifest)
     stats = summarize(rows)
     version = dataset_version(manifest)
+    new = is_new_version(root, version)
     table = [{"stage": name, "manifest": path, **{k: summarize(read_rows(path))[k] for k in ("rows", "ok", "rejected")}} for name, path in stages.items()]
     create_table_artifact(table, key="ingest-manifests", description=f"Ingest of {cfg.name}: dataset version {version}")
     create_table_artifact(
@@ -88,15 +114,19 @@ def publish(manifest: str, cfg: SoraFlowConfig, stages: dict[str, str]) -> dict:
     )
     emit_event(
         event=DATASET_EVENT,
-        resource={"prefect.resource.id": f"soraflow.dataset.{cfg.name}", "prefect.resource.name": cfg.name},
-        payload={"manifest": manifest, "dataset_version": version, "ok": stats["ok"]},
+        resource={"prefect.resource.id": f"soraflow.dataset.{cfg.name}", "prefect.resource.name": cfg.name,
+                  RETRAIN_LABEL: "true" if (new and retrain) else "false"},
+        payload={"manifest": manifest, "dataset_version": version, "ok": stats["ok"], "new_version": new},
     )
-    return {"manifest": manifest, "dataset_version": version, **stats, "stage_manifests": stages}
+    return {"manifest": manifest, "dataset_version": version, "new_version": new, **stats, "stage_manifests": stages}
 
 
 @flow(name="ingest", log_prints=True)
-def ingest_flow(params: RunParams = RunParams()) -> dict:
-    """download -> split -> caption -> score; returns the final manifest and its statistics."""
+def ingest_flow(params: RunParams = RunParams(), trigger_training: bool = True) -> dict:
+    """download -> split -> caption -> score; returns the final manifest and its statistics.
+
+    trigger_training=False (the pipeline, which trains right after) announces the dataset
+    without asking the retrain deployment to train on it too."""
     log = get_run_logger()
     config, root = params.load()
     with sample_source(config, root) as cfg:
@@ -106,7 +136,7 @@ def ingest_flow(params: RunParams = RunParams()) -> dict:
         previous = list(stages.values())[-1]
         stages[stage] = mapped_stage(stage, previous, cfg, root)
         log.info("%s manifest: %s", stage, stages[stage])
-    return publish(stages["score"], cfg, stages)
+    return publish(stages["score"], cfg, root, stages, retrain=trigger_training)
 
 
 def with_task_runner(flow_obj, cfg: SoraFlowConfig):

@@ -45,7 +45,7 @@ def local_flow(params: RunParams = RunParams(), budget: str = "default", prompts
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    ingested = with_task_runner(ingest_flow, cfg)(params)
+    ingested = with_task_runner(ingest_flow, cfg)(params, trigger_training=False)  # trains below itself
     timings["ingest"] = time.perf_counter() - t
 
     t = time.perf_counter()

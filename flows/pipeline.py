@@ -13,6 +13,6 @@ from flows.train import train_flow
 def pipeline_flow(params: RunParams = RunParams()) -> dict:
     """ingest -> (VAE fit) -> cache -> train -> evaluate -> register."""
     cfg = params.load_config()
-    ingested = with_task_runner(ingest_flow, cfg)(params)
+    ingested = with_task_runner(ingest_flow, cfg)(params, trigger_training=False)  # trains below itself
     trained = train_flow(ingested["manifest"], params)
     return {"manifest": ingested["manifest"], "dataset_version": ingested["dataset_version"], "clips": ingested["ok"], "rejected": ingested["rejected"], **trained}

@@ -83,7 +83,9 @@ def load_text_encoder(cfg: SoraFlowConfig, root: DataRoot, path: Path | None = N
 
 def tiny_vae_dir(cfg: SoraFlowConfig, root: DataRoot, dataset_version: str | None = None) -> Path:
     """Where the tiny VAE fitted on one dataset version lives (or the latest fit when None)."""
-    key = _short_hash(cfg.vae.tiny.model_dump())
+    # Everything the fit depends on: a changed architecture, fit recipe, seed or frame size is a new VAE.
+    key = _short_hash({"tiny": cfg.vae.tiny.model_dump(), "fit": cfg.vae.fit.model_dump(), "seed": cfg.train.seed,
+                       "image_size": list(cfg.video.image_size)})
     return root.models / f"vae-tiny-{key}" / (dataset_version or "latest")
 
 

@@ -36,9 +36,12 @@ def listing_path(root: DataRoot, items: list[dict]) -> Path:
     return root.manifest_dir("listing") / f"{hashlib.sha256(blob).hexdigest()[:16]}.json"
 
 
-@task(name="list-source", **_task_options)
+@task(name="list-source", retries=3, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=RETRY_JITTER,
+      retry_condition_fn=retry_unless_bad_input)
 def list_source(source: dict, http: dict, data_root: str) -> str:
-    """Ask one source what it has (metadata file, zip, or API pages) and store the listing."""
+    """Ask one source what it has (metadata file, zip, or API pages) and store the listing.
+
+    Never cached across runs: a scheduled re-ingest must see what the source holds today."""
     from tasks.download import list_items
 
     items = list_items(SourceConfig.model_validate(source), HttpConfig.model_validate(http), DataRoot(data_root))

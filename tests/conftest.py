@@ -14,3 +14,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # cached task results and settings never leak between runs or into ~/.prefect.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="soraflow-prefect-")
 os.environ.pop("PREFECT_API_URL", None)
+
+
+def pytest_unconfigure(config):
+    # Prefect stops its ephemeral server at interpreter exit and logs it to a console pytest has
+    # already closed; without this, every run ends with a "Logging error" traceback.
+    import logging
+
+    logging.raiseExceptions = False

@@ -149,8 +149,10 @@ class SampleServer:
         request_budget: int | None = None,
         retry_after: float | None = None,
         rate_limit: int | None = None,
+        port: int = 0,
     ):
         self.cfg = cfg
+        self.port = port  # preferred port (0 = any free one); a busy one falls back to any
         self.api_key = api_key
         self.request_budget = request_budget
         self.retry_after = retry_after
@@ -193,7 +195,10 @@ class SampleServer:
         class Handler(_Handler):
             server_owner = owner
 
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        try:
+            httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        except OSError:  # the preferred port is taken
+            httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         httpd.daemon_threads = True
         self._httpd = httpd
         self._base_url = f"http://127.0.0.1:{httpd.server_address[1]}"

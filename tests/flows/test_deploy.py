@@ -181,6 +181,7 @@ def test_serve_creates_deployments_with_schedule_trigger_and_limits(stack):
         trigger = triggers[0]
         assert trigger.expect == {DATASET_EVENT}
         assert trigger.match.model_dump().get("prefect.resource.id") == "soraflow.dataset.local"
+        assert trigger.match.model_dump().get("soraflow.retrain") == "true", "only new versions nobody trains yet"
         actions = [a for a in automations if a.enabled][0].actions
         assert len(actions) == 1 and actions[0].type == "run-deployment" and actions[0].deployment_id == retrain.id
         assert actions[0].parameters["manifest"] == "{{ event.payload.manifest }}"
@@ -234,7 +235,12 @@ def test_pipeline_deployment_run_completes_with_artifacts(stack, pipeline_run):
         assert Path(model_dir).is_dir() and stack.root.resolve() in Path(model_dir).resolve().parents, card
 
 
-def test_dataset_event_triggers_retrain_on_the_new_manifest(stack, pipeline_run):
+def _dataset_events(stack) -> list[dict]:
+    page = stack.server.post("/events/filter", {"filter": {"event": {"name": [DATASET_EVENT]}, "order": "ASC"}, "limit": 20})
+    return sorted(page["events"], key=lambda e: e["occurred"])
+
+
+def test_dataset_event_triggers_retrain_on_a_new_manifest(stack, pipeline_run):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     from storage.manifest import dataset_version
@@ -245,39 +251,58 @@ def test_dataset_event_triggers_retrain_on_the_new_manifest(stack, pipeline_run)
         ingest_id = _subflow_ids(client, flow_run_id)["ingest"]
         final_manifest = _table(_artifacts_by_key(client, [ingest_id])["ingest-manifests"])[-1]["manifest"]
 
-        # the event ingest's publish() emitted, as the server stored it
-        def dataset_events():
-            page = stack.server.post("/events/filter", {"filter": {"event": {"name": [DATASET_EVENT]}}, "limit": 10})
-            return page["events"]
+        def retrain_runs():
+            return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[retrain.id])))
 
-        events = wait_for("the dataset event to be stored", dataset_events, timeout=60, interval=2)
+        # 1. The pipeline's own ingest announces its dataset but trains on it itself: no retrain.
+        events = wait_for("the pipeline's dataset event to be stored", lambda: _dataset_events(stack), timeout=60, interval=2)
         assert len(events) == 1, events
         event = events[0]
         assert event["resource"]["prefect.resource.id"] == "soraflow.dataset.local"
+        assert event["resource"]["soraflow.retrain"] == "false", event["resource"]
         assert event["payload"]["manifest"] == final_manifest
         assert event["payload"]["dataset_version"] == dataset_version(final_manifest)
         assert any(r.get("prefect.resource.id") == f"prefect.flow-run.{ingest_id}" for r in event["related"]), event["related"]
+        time.sleep(10)  # automations act within a second or two on loopback
+        assert retrain_runs() == [], "the pipeline's own dataset must not start a second training run"
 
-        # ... started exactly one run of the retrain deployment, on that manifest
-        def retrain_runs():
-            return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[retrain.id])))
+        # 2. A standalone ingest that finds more data publishes a new version: one retrain run on it.
+        argv = [*_soraflow(), "ingest", "--config", "local", "--root", str(stack.root)]
+        for item in [*TINY, "ingest.sample_source.pexels_videos=3"]:
+            argv += ["--set", item]
+        proc = subprocess.run(argv, env=stack.server.env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        events = wait_for("the standalone ingest's event", lambda: (e := _dataset_events(stack))[1:] and e, timeout=60, interval=2)
+        assert len(events) == 2, events
+        new = events[1]
+        new_manifest = new["payload"]["manifest"]
+        assert new["resource"]["soraflow.retrain"] == "true" and new["payload"]["new_version"] is True, new
+        assert new_manifest != final_manifest and Path(new_manifest).exists()
+        assert new_manifest in proc.stdout
 
         runs = wait_for("a run of train/retrain-on-new-data", retrain_runs, timeout=60, interval=2)
         assert len(runs) == 1, [(r.name, r.state_name) for r in runs]
         run = runs[0]
-        assert run.parameters["manifest"] == final_manifest
+        assert run.parameters["manifest"] == new_manifest
         assert run.parameters["params"] == stack.deployments["pipeline/scheduled-pipeline"].parameters["params"]
-        assert run.created >= client.read_flow_run(ingest_id).start_time
 
-        # ... which completes: same dataset and config, so it resumes the pipeline's training run
         def finished():
             r = client.read_flow_run(run.id)
             return r if r.state.is_final() else None
 
         done = wait_for(f"retrain run {run.name} to finish", finished, timeout=300, interval=3)
         assert done.state.is_completed(), done.state
-        metrics = {row["metric"]: row["value"] for row in _table(_artifacts_by_key(client, [run.id])["eval-metrics"])}
+        artifacts = _artifacts_by_key(client, [run.id])
+        metrics = {row["metric"]: row["value"] for row in _table(artifacts["eval-metrics"])}
         assert int(float(metrics["steps"])) == 4, metrics
-        card = _artifacts_by_key(client, [run.id])["model-card"].data
-        assert final_manifest in _artifacts_by_key(client, [run.id])["eval-metrics"].description
-        assert re.search(r"## soraflow-local v\d+", card), card
+        assert new_manifest in artifacts["eval-metrics"].description
+        assert re.search(r"## soraflow-local v\d+", artifacts["model-card"].data), artifacts["model-card"].data
+
+        # 3. Publishing a version already seen starts nothing.
+        proc = subprocess.run(argv, env=stack.server.env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        events = wait_for("the repeated ingest's event", lambda: (e := _dataset_events(stack))[2:] and e, timeout=60, interval=2)
+        assert events[2]["payload"]["manifest"] == new_manifest, "same data, same dataset version"
+        assert events[2]["resource"]["soraflow.retrain"] == "false"
+        time.sleep(10)
+        assert len(retrain_runs()) == 1
