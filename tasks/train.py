@@ -451,7 +451,9 @@ def _start_ray(cfg: SoraFlowConfig) -> bool:
         return False
     runtime_env = {
         # Train V2 would also route every print through its logger: each progress line twice.
-        "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
+        # A job-level runtime_env drops Ray's default of one OpenMP thread per worker (CPU: 1
+        # each): set it, or every worker spawns a thread per core and they fight (4x slower here).
+        "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "OMP_NUM_THREADS": "1"},
         "worker_process_setup_hook": "tasks.train.quiet_ray_logs",
     }
     if cfg.train.ray_address:
