@@ -200,6 +200,7 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     num_prompts: int = 8
+    samples_per_prompt: int = Field(1, ge=1)  # seeds per prompt; adherence is averaged over all samples
     sampling_steps: int | None = None  # None = scheduler.num_sampling_steps
     metric: str = "val_loss"  # compared against the champion's
     higher_is_better: bool = False

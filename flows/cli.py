@@ -21,6 +21,7 @@ console = Console(soft_wrap=True)  # paths stay whole, so they can be copied
 # Without a Prefect server configured, flows run on an ephemeral one started on first use; its first
 # start (database migrations) takes longer than Prefect's 20 s default on a 2-core laptop.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from an offline machine
 if os.environ.get("PREFECT_HOME"):  # Prefect creates its home but not the folders above it
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
 

@@ -78,7 +78,7 @@ def train_flow(manifest: str, params: RunParams = RunParams()) -> dict:
         "loss_curve": trained["loss_curve"],
         "vae": vae["metrics"],
         "metrics": metrics,
-        "eval_prompts": [row["prompt"] for row in evaluated["per_prompt"]],
+        "eval_prompts": list(dict.fromkeys(row["prompt"] for row in evaluated["per_prompt"])),
         "eval_grid": evaluated["grid"],
         "registered_version": registered["version"],
         "promoted": registered["promoted"],

@@ -118,7 +118,9 @@ def evaluate(
         raise ValueError(f"{manifest_path}: none of the {len(val_rows)} held-out clips is usable: {clips.skipped[:3]}")
     val_loss = validation_loss(pipe, clips, cfg.eval.seed)
 
-    prompts = held_out_prompts(clips.rows, cfg.eval.num_prompts)
+    distinct = held_out_prompts(clips.rows, cfg.eval.num_prompts)
+    reps = cfg.eval.samples_per_prompt
+    prompts = [p for p in distinct for _ in range(reps)]  # each prompt `reps` times, different noise
     steps = cfg.eval.sampling_steps or cfg.scheduler.num_sampling_steps
     t = time.perf_counter()
     videos = pipe(prompts, steps=steps, cfg_scale=cfg.scheduler.cfg_scale, seed=cfg.eval.seed)  # (B, 3, T, H, W)
@@ -127,8 +129,8 @@ def evaluate(
     mp4s = []
     for k, (prompt, f) in enumerate(zip(prompts, frames)):
         slug = "".join(c if c.isalnum() else "-" for c in prompt.lower()).strip("-")[:48]
-        mp4s.append(write_video(out_dir / f"{k:02d}-{slug}.mp4", f, fps=v.fps))
-    gif = write_gif(out_dir / "samples_grid.gif", tile_grid(frames), fps=v.fps, scale=3)
+        mp4s.append(write_video(out_dir / f"{k // reps:02d}-{k % reps}-{slug}.mp4", f, fps=v.fps))
+    gif = write_gif(out_dir / "samples_grid.gif", tile_grid(frames, cols=reps if reps > 1 else None), fps=v.fps, scale=3)  # a row per prompt
     accuracy, chance, rows = _adherence(frames, prompts)
 
     # The ceiling: the same detector on the held-out clips after a VAE round trip.
@@ -145,7 +147,8 @@ def evaluate(
         **{f"adherence_{a}": float(accuracy[a]) for a in ATTRS},
         **{f"chance_{a}": float(chance[a]) for a in ATTRS},
         **{f"recon_adherence_{a}": float(recon_accuracy[a]) for a in ATTRS},
-        "num_prompts": len(prompts),
+        "num_prompts": len(distinct),
+        "num_samples": len(prompts),
         "val_clips": len(clips),
         "sampling_steps": steps,
         "cfg_scale": cfg.scheduler.cfg_scale,
@@ -157,7 +160,7 @@ def evaluate(
                                                            indent=1, default=str))
     if progress:
         line = ", ".join(f"{a} {metrics[f'adherence_{a}']:.2f} (chance {metrics[f'chance_{a}']:.2f})" for a in ATTRS)
-        print(f"evaluate: val loss {val_loss:.4f}; adherence on {len(prompts)} held-out prompts: {line}", flush=True)
+        print(f"evaluate: val loss {val_loss:.4f}; adherence on {len(prompts)} samples of {len(distinct)} held-out prompts: {line}", flush=True)
     for key in ("val_loss",):
         if not math.isfinite(metrics[key]):
             raise FloatingPointError(f"evaluate: {key} is {metrics[key]} for {model_dir}")

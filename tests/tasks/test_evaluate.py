@@ -41,8 +41,10 @@ def test_evaluate_reports_metrics_samples_and_adherence(trained, tmp_path):
     # prompts are held-out captions only
     train_rows, val_rows = split_rows(rows_for(manifest), cfg.train.val_fraction)
     prompts = held_out_prompts(val_rows, cfg.eval.num_prompts)
-    assert [r["prompt"] for r in out.per_prompt] == prompts and m["num_prompts"] == len(prompts) >= 1
-    assert len(out.samples_mp4) == len(prompts)
+    k = cfg.eval.samples_per_prompt
+    assert [r["prompt"] for r in out.per_prompt] == [p for p in prompts for _ in range(k)]
+    assert m["num_prompts"] == len(prompts) >= 1 and m["num_samples"] == k * len(prompts)
+    assert len(out.samples_mp4) == k * len(prompts)
     info = probe_video(out.samples_mp4[0])
     assert (info.num_frames, info.height, info.width) == (8, 32, 32)
     assert out.samples_gif.exists() and out.samples_gif.read_bytes()[:3] == b"GIF"
