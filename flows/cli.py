@@ -246,7 +246,7 @@ def registry_promote(version: Annotated[str, typer.Argument(help="The version nu
 def _print_dict(title: str, data: dict) -> None:
     table = Table(title=title, show_header=False)
     table.add_column("key", style="bold")
-    table.add_column("value")
+    table.add_column("value", overflow="fold")  # long paths wrap, never cut
     for k, v in data.items():
         if isinstance(v, float):
             v = f"{v:.4g}"
