@@ -12,7 +12,7 @@ from prefect.events import DeploymentEventTrigger
 from flows.ingest import DATASET_EVENT, RETRAIN_LABEL
 from flows.params import RunParams
 from flows.pipeline import pipeline_flow
-from flows.train import ensure_training_limit, train_flow
+from flows.train import TRAINING_LIMIT, train_flow
 
 PIPELINE_DEPLOYMENT = "scheduled-pipeline"
 RETRAIN_DEPLOYMENT = "retrain-on-new-data"
@@ -49,6 +49,14 @@ def build_deployments(params: RunParams, cron: str | None = "0 3 * * *"):
         description="Train on a new dataset version as soon as ingest publishes it.",
     )
     return [pipeline, retrain]
+
+
+def ensure_training_limit() -> None:
+    """One global slot shared by every training run, so scheduled and triggered runs never overlap."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(TRAINING_LIMIT, 1)
 
 
 def serve_deployments(params: RunParams, cron: str | None = "0 3 * * *") -> None:

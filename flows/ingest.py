@@ -40,8 +40,8 @@ def sample_source(cfg: SoraFlowConfig, root: DataRoot) -> Iterator[SoraFlowConfi
 
     # The loopback Pexels API accepts whatever key the downloader will send (a real key, if one
     # is set, never leaves this machine: the server is on 127.0.0.1 and logs no headers).
-    key = os.environ.get(ENV_KEY) or "sample-source-key"
     previous = os.environ.get(ENV_KEY)
+    key = previous or "sample-source-key"
     os.environ[ENV_KEY] = key
     try:
         with SampleServer(root.root / "sample_source", cfg.ingest.sample_source, api_key=key, port=stable_port(root)) as server:
@@ -81,14 +81,9 @@ def mapped_stage(stage: str, manifest: str, cfg: SoraFlowConfig, root: DataRoot)
     return merge_shards(shards, stage, [manifest], config_hash(cfg), str(root.root))
 
 
-def is_new_version(root: DataRoot, version: str) -> bool:
-    """True the first time a dataset version is published under this data root (then recorded)."""
-    marker = root.manifest_dir("published") / version
-    if marker.exists():
-        return False
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    return True
+def _published_marker(root: DataRoot, version: str) -> Path:
+    """Exists once a dataset version has been announced under this data root."""
+    return root.manifest_dir("published") / version
 
 
 def publish(manifest: str, cfg: SoraFlowConfig, root: DataRoot, stages: dict[str, str], retrain: bool = True) -> dict:
@@ -104,7 +99,8 @@ def publish(manifest: str, cfg: SoraFlowConfig, root: DataRoot, stages: dict[str
     rows = read_rows(manifest)
     stats = summarize(rows)
     version = dataset_version(manifest)
-    new = is_new_version(root, version)
+    marker = _published_marker(root, version)
+    new = not marker.exists()
     table = [{"stage": name, "manifest": path, **{k: summarize(read_rows(path))[k] for k in ("rows", "ok", "rejected")}} for name, path in stages.items()]
     create_table_artifact(table, key="ingest-manifests", description=f"Ingest of {cfg.name}: dataset version {version}")
     create_table_artifact(
@@ -118,6 +114,9 @@ def publish(manifest: str, cfg: SoraFlowConfig, root: DataRoot, stages: dict[str
                   RETRAIN_LABEL: "true" if (new and retrain) else "false"},
         payload={"manifest": manifest, "dataset_version": version, "ok": stats["ok"], "new_version": new},
     )
+    if new:  # recorded only once announced: a run that fails before this announces it again
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
     return {"manifest": manifest, "dataset_version": version, "new_version": new, **stats, "stage_manifests": stages}
 
 

@@ -11,16 +11,8 @@ from prefect.concurrency.sync import concurrency
 from flows.params import RunParams
 from tasks.training import evaluate_task, fit_vae_task, latent_cache_task, register_task, run_name_for, train_task
 
-# One slot shared by every training run, so scheduled and triggered runs never overlap.
+# One slot shared by every training run (created by `soraflow serve`; without it this is a no-op).
 TRAINING_LIMIT = "soraflow-training"
-
-
-def ensure_training_limit() -> None:
-    """Create the global limit (one slot) if the Prefect server does not have it yet."""
-    from prefect import get_client
-
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(TRAINING_LIMIT, 1)
 
 
 @flow(name="train", log_prints=True)

@@ -32,6 +32,7 @@ from storage.dataset import VideoClipDataset
 from storage.latent_cache import clip_fraction, rows_for, split_rows
 from storage.layout import DataRoot, atomic_write_text
 from storage.video_io import tile_grid, to_uint8_frames, write_gif, write_video
+from tasks.generate import slug
 
 ATTRS = ("color", "shape", "direction", "all")
 VAL_REPEATS = 4  # (timestep, noise) draws per held-out clip
@@ -128,8 +129,7 @@ def evaluate(
     frames = [to_uint8_frames(x) for x in videos]  # (T, H, W, 3) each
     mp4s = []
     for k, (prompt, f) in enumerate(zip(prompts, frames)):
-        slug = "".join(c if c.isalnum() else "-" for c in prompt.lower()).strip("-")[:48]
-        mp4s.append(write_video(out_dir / f"{k // reps:02d}-{k % reps}-{slug}.mp4", f, fps=v.fps))
+        mp4s.append(write_video(out_dir / f"{k // reps:02d}-{k % reps}-{slug(prompt)}.mp4", f, fps=v.fps))
     gif = write_gif(out_dir / "samples_grid.gif", tile_grid(frames, cols=reps if reps > 1 else None), fps=v.fps, scale=3)  # a row per prompt
     accuracy, chance, rows = _adherence(frames, prompts)
 

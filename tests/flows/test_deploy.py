@@ -175,7 +175,9 @@ def test_serve_creates_deployments_with_schedule_trigger_and_limits(stack):
             assert Path(params["data_root"]).resolve() == stack.root.resolve()
 
         # the dataset trigger is an automation on the retrain deployment
-        automations = client.read_resource_related_automations(f"prefect.deployment.{retrain.id}")
+        # (serve creates it just after the deployment itself: wait for it rather than race it)
+        automations = wait_for("the retrain trigger's automation",
+                               lambda: client.read_resource_related_automations(f"prefect.deployment.{retrain.id}"), timeout=60, interval=1)
         triggers = [a.trigger for a in automations if a.enabled]
         assert len(triggers) == 1, automations
         trigger = triggers[0]
