@@ -464,11 +464,17 @@ def _start_ray(cfg: SoraFlowConfig) -> bool:
 
 
 def quiet_ray_logs() -> None:
-    """Worker set-up hook: without the dashboard (local runs) the state API is absent, and Train's
-    placement-group cleaner would warn about it every second of the run."""
+    """Worker set-up hook: keep training output to our own progress lines. Without the dashboard
+    (local runs) the state API is absent, and Train's placement-group cleaner would warn about it
+    every second of the run."""
     import logging
 
+    import ray.train.v2._internal.execution.context as train_context
+
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    # Train logs every ray.train.report at INFO through a logger named after its file (outside
+    # the ray.train hierarchy that LoggingConfig sets): one long line per report and rank.
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def prepare_latent_cache(cfg: SoraFlowConfig, manifest_path: str | Path, root, vae_dir: str | Path, vae=None, text_encoder=None):
