@@ -475,6 +475,8 @@ def quiet_ray_logs() -> None:
     # Train logs every ray.train.report at INFO through a logger named after its file (outside
     # the ray.train hierarchy that LoggingConfig sets): one long line per report and rank.
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    # ... and, in local mode (num_workers 0), through the module logger of train_fn_utils
+    logging.getLogger("ray.train.v2._internal.execution.train_fn_utils").setLevel(logging.WARNING)
 
 
 def prepare_latent_cache(cfg: SoraFlowConfig, manifest_path: str | Path, root, vae_dir: str | Path, vae=None, text_encoder=None):
@@ -569,6 +571,8 @@ def train(
         print(f"train: run {name!r} already has step {resumed_from} >= train.steps={tc.steps}; nothing to train", flush=True)
     else:
         started = False if local_mode else _start_ray(cfg)
+        if local_mode:
+            quiet_ray_logs()  # the loop runs here, not in a worker that runs the set-up hook
         try:
             trainer = TorchTrainer(
                 train_loop_per_worker,
