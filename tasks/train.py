@@ -464,7 +464,8 @@ def _start_ray(cfg: SoraFlowConfig) -> bool:
 
 
 def quiet_ray_logs() -> None:
-    """Worker set-up hook: keep training output to our own progress lines. Without the dashboard
+    """Worker set-up hook (and called by `train` itself in local mode, where the loop runs in this
+    process): keep training output to our own progress lines. Without the dashboard
     (local runs) the state API is absent, and Train's placement-group cleaner would warn about it
     every second of the run."""
     import logging
@@ -570,9 +571,11 @@ def train(
     if resumed_from >= tc.steps:
         print(f"train: run {name!r} already has step {resumed_from} >= train.steps={tc.steps}; nothing to train", flush=True)
     else:
-        started = False if local_mode else _start_ray(cfg)
-        if local_mode:
-            quiet_ray_logs()  # the loop runs here, not in a worker that runs the set-up hook
+        if local_mode:  # the loop runs here, not in a worker that runs the set-up hook
+            started = False
+            quiet_ray_logs()
+        else:
+            started = _start_ray(cfg)
         try:
             trainer = TorchTrainer(
                 train_loop_per_worker,
