@@ -171,6 +171,7 @@ class SchedulerConfig(Section):
     num_sampling_steps: int = 100
     cfg_scale: float = 7.0
     num_train_timesteps: int = 1000
+    shift: float = Field(1.0, gt=0)  # rflow only: tau' = s tau / (1 + (s - 1) tau), s > 1 trains and samples nearer noise
 
 
 # ---------------------------------------------------------------- training + after

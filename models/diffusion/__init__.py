@@ -19,11 +19,18 @@ from .rflow import RFlow
 SCHEDULERS = {"iddpm": IDDPM, "rflow": RFlow}
 
 
-def build_scheduler(type: str, num_sampling_steps: int = 100, cfg_scale: float = 7.0, num_train_timesteps: int = 1000) -> IDDPM | RFlow:
-    """A scheduler by name: "iddpm" (v1.0, 1000 training steps, respaced sampling) or "rflow"."""
+def build_scheduler(type: str, num_sampling_steps: int = 100, cfg_scale: float = 7.0, num_train_timesteps: int = 1000,
+                    shift: float = 1.0) -> IDDPM | RFlow:
+    """A scheduler by name: "iddpm" (v1.0, 1000 training steps, respaced sampling) or "rflow"
+    (`shift` > 1 moves training and sampling times towards noise; IDDPM has no shift)."""
     if type not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {type!r}; known: {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[type](num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale, num_train_timesteps=num_train_timesteps)
+    kwargs = dict(num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale, num_train_timesteps=num_train_timesteps)
+    if type == "rflow":
+        return RFlow(**kwargs, shift=shift)
+    if shift != 1.0:
+        raise ValueError(f"scheduler {type!r}: shift={shift} applies to rflow only; leave it at 1.0")
+    return SCHEDULERS[type](**kwargs)
 
 
 __all__ = ["IDDPM", "RFlow", "GaussianDiffusion", "SCHEDULERS", "build_scheduler", "space_timesteps"]

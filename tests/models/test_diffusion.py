@@ -386,9 +386,20 @@ def test_build_scheduler():
     s = build_scheduler("iddpm", num_sampling_steps=50, cfg_scale=4.0)
     assert isinstance(s, IDDPM) and s.num_sampling_steps == 50 and s.cfg_scale == 4.0 and s.num_timesteps == 1000
     r = build_scheduler("rflow", num_sampling_steps=30)
-    assert isinstance(r, RFlow) and r.num_sampling_steps == 30 and r.cfg_scale == 7.0
+    assert isinstance(r, RFlow) and r.num_sampling_steps == 30 and r.cfg_scale == 7.0 and r.shift == 1.0
     with pytest.raises(ValueError, match="iddpm.*rflow"):
         build_scheduler("ddim")
+    assert build_scheduler("rflow", shift=3.0).shift == 3.0
+    with pytest.raises(ValueError, match="shift=3.0 applies to rflow only"):
+        build_scheduler("iddpm", shift=3.0)
+
+
+def test_rflow_shift_moves_training_times_towards_noise():
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    plain = RFlow().sample_timesteps(4096, "cpu", g()) / 1000
+    shifted = RFlow(shift=3.0).sample_timesteps(4096, "cpu", g()) / 1000
+    assert torch.allclose(shifted, 3 * plain / (1 + 2 * plain), atol=1e-5)
+    assert (shifted > 0.9).float().mean() > 5 * (plain > 0.9).float().mean()
 
 
 @pytest.mark.parametrize("kind,steps,ratio", [("iddpm", 100, 0.5), ("rflow", 150, 0.8)])
