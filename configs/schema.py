@@ -246,6 +246,9 @@ class SoraFlowConfig(Section):
     def _sigma_matches_scheduler(self) -> "SoraFlowConfig":
         if self.scheduler.type == "rflow" and self.model.pred_sigma:
             raise ValueError("model.pred_sigma must be false with scheduler.type 'rflow' (it predicts a velocity only)")
+        if self.scheduler.type != "rflow" and self.scheduler.shift != 1.0:
+            raise ValueError(f"scheduler.shift={self.scheduler.shift} applies to scheduler.type 'rflow' only; "
+                             f"set it to 1.0 for {self.scheduler.type!r}")
         return self
 
 

@@ -63,6 +63,8 @@ def test_rflow_requires_no_sigma():
     with pytest.raises(ConfigError, match="pred_sigma"):
         load_config("local", ["scheduler.type=rflow", "model.pred_sigma=true"])
     assert load_config("local", ["scheduler.type=rflow", "model.pred_sigma=false"]).scheduler.type == "rflow"
+    with pytest.raises(ConfigError, match="shift"):
+        load_config("local", ["scheduler.type=iddpm", "model.pred_sigma=true", "scheduler.shift=3"])
 
 
 def test_missing_file_lists_presets():
