@@ -136,7 +136,7 @@ def train(
 
 @run_app.command("local")
 def run_local(
-    budget: Annotated[str, typer.Option(help="Training budget: small (~4 min), default (~9-18 min, by CPU speed) or large (~40 min).")] = "default",
+    budget: Annotated[str, typer.Option(help="Training budget: small (about a quarter of default), default (9-18 min on 2 cores, by CPU speed) or large (about 2.5x default).")] = "default",
     config: ConfigOpt = "local",
     set_: SetOpt = None,
     root: RootOpt = None,
