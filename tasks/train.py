@@ -459,8 +459,31 @@ def _start_ray(cfg: SoraFlowConfig) -> bool:
     if cfg.train.ray_address:
         ray.init(address=cfg.train.ray_address, runtime_env=runtime_env)
     else:
+        runtime_env["worker_process_setup_hook"] = "tasks.train.quiet_local_ray_logs"
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
     return True
+
+
+class _BelowLevel:
+    """A logging filter that drops records under `level`."""
+
+    def __init__(self, level: int):
+        self.level = level
+
+    def filter(self, record) -> bool:
+        return record.levelno >= self.level
+
+
+def _quiet(name: str, level: int) -> None:
+    """Raise a logger's threshold to `level`. Also as a filter: Train's controller configures the
+    `ray.train` logger with logging.config.dictConfig after the set-up hook has run, and that resets
+    the level of every existing child logger (filters survive it)."""
+    import logging
+
+    logger = logging.getLogger(name)
+    logger.setLevel(level)
+    if not any(isinstance(f, _BelowLevel) for f in logger.filters):
+        logger.addFilter(_BelowLevel(level))
 
 
 def quiet_ray_logs() -> None:
@@ -472,12 +495,23 @@ def quiet_ray_logs() -> None:
 
     import ray.train.v2._internal.execution.context as train_context
 
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    _quiet("ray.train.v2._internal.execution.controller.placement_group_cleaner", logging.ERROR)
     # Train logs every ray.train.report at INFO through a logger named after its file (outside
     # the ray.train hierarchy that LoggingConfig sets): one long line per report and rank.
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    _quiet(train_context.__file__, logging.WARNING)
     # ... and, in local mode (num_workers 0), through the module logger of train_fn_utils
-    logging.getLogger("ray.train.v2._internal.execution.train_fn_utils").setLevel(logging.WARNING)
+    _quiet("ray.train.v2._internal.execution.train_fn_utils", logging.WARNING)
+
+
+def quiet_local_ray_logs() -> None:
+    """quiet_ray_logs, plus: on the local instance we start ourselves (no autoscaler), Train's
+    controller still asks the autoscaling coordinator for its workers' resources, within 5 s; on
+    2 busy cores the coordinator actor is often not up by then and a harmless timeout prints a
+    full traceback. On a real cluster (train.ray_address) that warning stays visible."""
+    import logging
+
+    quiet_ray_logs()
+    _quiet("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client", logging.ERROR)
 
 
 def prepare_latent_cache(cfg: SoraFlowConfig, manifest_path: str | Path, root, vae_dir: str | Path, vae=None, text_encoder=None):

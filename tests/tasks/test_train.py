@@ -205,3 +205,39 @@ def test_fsdp_checkpoint_helpers_round_trip(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_fsdp_worker, args=(2, random.randint(20000, 40000), str(tmp_path / "ckpt")), nprocs=2)
+
+
+def test_quieted_ray_loggers_stay_quiet_after_trains_logging_config():
+    """Train's controller runs logging.config.dictConfig on `ray.train` after our set-up hook;
+    that resets the levels of existing child loggers, so the hook must still hold afterwards."""
+    import logging
+    import logging.config
+
+    from tasks.train import quiet_local_ray_logs
+
+    name = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+    parent = logging.getLogger("ray.train")
+    saved = (parent.level, list(parent.handlers), parent.propagate)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    try:
+        quiet_local_ray_logs()
+        logging.config.dictConfig({  # the shape of Train's controller config
+            "version": 1,
+            "disable_existing_loggers": False,
+            "handlers": {"keep": {"()": Keep}},
+            "loggers": {"ray.train": {"level": "DEBUG", "handlers": ["keep"], "propagate": False}},
+        })
+        assert logging.getLogger(name).level == logging.NOTSET  # what dictConfig does to a child
+        logging.getLogger(name).warning("harmless timeout")
+        logging.getLogger(name).error("real failure")
+        logging.getLogger("ray.train.v2._internal.execution.controller.controller").warning("other warning")
+        assert seen == ["real failure", "other warning"]
+    finally:
+        parent.setLevel(saved[0])
+        parent.handlers[:] = saved[1]
+        parent.propagate = saved[2]
