@@ -10,10 +10,14 @@
       adherence: tasks.adherence.score_videos on the generated videos (colour, shape,
                  direction, all three) next to each attribute's chance level; the same score
                  on the VAE reconstructions of the held-out clips tells the ceiling the
-                 VAE and the detector leave at this resolution.
+                 VAE and the detector leave at this resolution. The detector's circle
+                 threshold is first calibrated on the VAE reconstructions of (up to
+                 CALIBRATION_CLIPS) training clips with their true shapes: a VAE draws
+                 circles with a 4-fold part that a fixed threshold would call squares.
 
 Metric keys: val_loss, adherence_{color,shape,direction,all}, chance_{...},
-recon_adherence_{...}, num_prompts, val_clips.
+recon_adherence_{...}, shape_round_below (the calibrated threshold), adherence_{shape,all}_fixed
+(scored at the fixed default threshold instead), num_prompts, val_clips.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from tasks.generate import slug
 
 ATTRS = ("color", "shape", "direction", "all")
 VAL_REPEATS = 4  # (timestep, noise) draws per held-out clip
+CALIBRATION_CLIPS = 96  # training clips whose VAE reconstructions calibrate the shape detector
 
 
 @dataclass
@@ -82,11 +87,32 @@ def validation_loss(pipe, clips: VideoClipDataset, seed: int, repeats: int = VAL
     return total / max(n, 1)
 
 
-def _adherence(videos: list[np.ndarray], prompts: list[str]) -> tuple[dict, dict, list[dict]]:
+def _adherence(videos: list[np.ndarray], prompts: list[str], round_below: float) -> tuple[dict, dict, list[dict]]:
     from tasks.adherence import score_videos
 
-    result = score_videos(videos, prompts)
+    result = score_videos(videos, prompts, round_below=round_below)
     return result["accuracy"], result["chance"], result["rows"]
+
+
+@torch.no_grad()
+def reconstruct(pipe, clips: VideoClipDataset, limit: int | None = None) -> list[np.ndarray]:
+    """The first `limit` clips after a VAE round trip (posterior mean): (T, H, W, 3) uint8 each."""
+    out = []
+    for i in range(len(clips) if limit is None else min(limit, len(clips))):
+        mean, _ = pipe.vae.encode_moments(clips[i]["video"][None])  # (1, C, T, h, w)
+        out.append(to_uint8_frames(pipe.vae.decode(mean)[0].clamp(-1, 1)))
+    return out
+
+
+def calibrated_round_below(pipe, clips: VideoClipDataset) -> float:
+    """The shape detector's circle threshold, fitted on VAE reconstructions of labelled clips."""
+    from tasks.adherence import analyze_video, calibrate_round_below, default_vocab, parse_prompt
+
+    vocab = default_vocab()
+    recon = reconstruct(pipe, clips, CALIBRATION_CLIPS)
+    feats = [analyze_video(f).shape_features for f in recon]
+    shapes = [parse_prompt(r["text"], vocab)["shape"] for r in clips.rows[: len(recon)]]
+    return calibrate_round_below(feats, shapes)
 
 
 def evaluate(
@@ -107,7 +133,7 @@ def evaluate(
         raise FileNotFoundError(f"evaluate: {model_dir} is not a model folder (no soraflow.json); pass TrainResult.model_dir")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _, val_rows = split_rows(rows_for(manifest_path), cfg.train.val_fraction)
+    train_rows, val_rows = split_rows(rows_for(manifest_path), cfg.train.val_fraction)
     if not val_rows:
         raise ValueError(f"{manifest_path}: no held-out clips (train.val_fraction={cfg.train.val_fraction}); "
                          "evaluation needs clips the model did not train on")
@@ -131,22 +157,22 @@ def evaluate(
     for k, (prompt, f) in enumerate(zip(prompts, frames)):
         mp4s.append(write_video(out_dir / f"{k // reps:02d}-{k % reps}-{slug(prompt)}.mp4", f, fps=v.fps))
     gif = write_gif(out_dir / "samples_grid.gif", tile_grid(frames, cols=reps if reps > 1 else None), fps=v.fps, scale=3)  # a row per prompt
-    accuracy, chance, rows = _adherence(frames, prompts)
+    from tasks.adherence import ROUND_BELOW
 
+    round_below = calibrated_round_below(pipe, VideoClipDataset(train_rows, v.num_frames, v.frame_interval, tuple(v.image_size), train=False))
+    accuracy, chance, rows = _adherence(frames, prompts, round_below)
+    fixed, _, _ = _adherence(frames, prompts, ROUND_BELOW)
     # The ceiling: the same detector on the held-out clips after a VAE round trip.
-    with torch.no_grad():
-        recon = []
-        for i in range(len(clips)):
-            item = clips[i]
-            mean, _ = pipe.vae.encode_moments(item["video"][None])
-            recon.append(to_uint8_frames(pipe.vae.decode(mean)[0].clamp(-1, 1)))
-    recon_accuracy, _, _ = _adherence(recon, [r["text"] for r in clips.rows])
+    recon_accuracy, _, _ = _adherence(reconstruct(pipe, clips), [r["text"] for r in clips.rows], round_below)
 
     metrics = {
         "val_loss": val_loss,
         **{f"adherence_{a}": float(accuracy[a]) for a in ATTRS},
         **{f"chance_{a}": float(chance[a]) for a in ATTRS},
         **{f"recon_adherence_{a}": float(recon_accuracy[a]) for a in ATTRS},
+        "shape_round_below": round_below,
+        "adherence_shape_fixed": float(fixed["shape"]),
+        "adherence_all_fixed": float(fixed["all"]),
         "num_prompts": len(distinct),
         "num_samples": len(prompts),
         "val_clips": len(clips),
@@ -160,7 +186,9 @@ def evaluate(
                                                            indent=1, default=str))
     if progress:
         line = ", ".join(f"{a} {metrics[f'adherence_{a}']:.2f} (chance {metrics[f'chance_{a}']:.2f})" for a in ATTRS)
-        print(f"evaluate: val loss {val_loss:.4f}; adherence on {len(prompts)} samples of {len(distinct)} held-out prompts: {line}", flush=True)
+        print(f"evaluate: val loss {val_loss:.4f}; adherence on {len(prompts)} samples of {len(distinct)} held-out prompts: {line} "
+              f"(shape detector's circle threshold {round_below:.2f}, calibrated on VAE reconstructions of training clips; "
+              f"at the fixed {ROUND_BELOW}: shape {fixed['shape']:.2f}, all {fixed['all']:.2f})", flush=True)
     for key in ("val_loss",):
         if not math.isfinite(metrics[key]):
             raise FloatingPointError(f"evaluate: {key} is {metrics[key]} for {model_dir}")

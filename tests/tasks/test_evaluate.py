@@ -38,6 +38,8 @@ def test_evaluate_reports_metrics_samples_and_adherence(trained, tmp_path):
     assert m["chance_shape"] == pytest.approx(1 / 3) and m["chance_direction"] == pytest.approx(1 / 4)
     assert m["chance_all"] == pytest.approx(m["chance_color"] * m["chance_shape"] * m["chance_direction"])
     assert np.isfinite(m["val_loss"]) and m["val_loss"] > 0
+    # the shape detector's circle threshold, calibrated on the VAE reconstructions of training clips
+    assert 0.0 < m["shape_round_below"] <= 1.0 and 0.0 <= m["adherence_shape_fixed"] <= 1.0
     # prompts are held-out captions only
     train_rows, val_rows = split_rows(rows_for(manifest), cfg.train.val_fraction)
     prompts = held_out_prompts(val_rows, cfg.eval.num_prompts)
