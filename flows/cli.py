@@ -136,7 +136,7 @@ def train(
 
 @run_app.command("local")
 def run_local(
-    budget: Annotated[str, typer.Option(help="Training budget: small (about a quarter of default), default (9-18 min on 2 cores, by CPU speed) or large (about 2.5x default).")] = "default",
+    budget: Annotated[str, typer.Option(help="Training budget: small (60 clips, 300 steps: about a fifth of default), default (156 clips, 2500 steps: 12-25 min on 2 cores, by CPU speed) or large (276 clips, 5000 steps: about twice default).")] = "default",
     config: ConfigOpt = "local",
     set_: SetOpt = None,
     root: RootOpt = None,
