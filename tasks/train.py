@@ -454,12 +454,12 @@ def _start_ray(cfg: SoraFlowConfig) -> bool:
         # A job-level runtime_env drops Ray's default of one OpenMP thread per worker (CPU: 1
         # each): set it, or every worker spawns a thread per core and they fight (4x slower here).
         "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "OMP_NUM_THREADS": "1"},
-        "worker_process_setup_hook": "tasks.train.quiet_ray_logs",
+        # On a real cluster the autoscaling coordinator's warnings stay visible (quiet_local_ray_logs).
+        "worker_process_setup_hook": "tasks.train." + ("quiet_ray_logs" if cfg.train.ray_address else "quiet_local_ray_logs"),
     }
     if cfg.train.ray_address:
         ray.init(address=cfg.train.ray_address, runtime_env=runtime_env)
     else:
-        runtime_env["worker_process_setup_hook"] = "tasks.train.quiet_local_ray_logs"
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
     return True
 
