@@ -17,15 +17,13 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from configs.schema import load_config  # noqa: E402
-from storage.layout import DataRoot  # noqa: E402
+from soraflow.configs.schema import load_config  # noqa: E402
+from soraflow.storage.layout import DataRoot  # noqa: E402
 
 ATTRS = ("color", "shape", "direction", "all")
 
@@ -42,9 +40,9 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from tasks.evaluate import evaluate
-    from tasks.train import train
-    from tasks.vae_fit import fit_vae
+    from soraflow.tasks.evaluate import evaluate
+    from soraflow.tasks.train.driver import train
+    from soraflow.tasks.train.vae_fit import fit_vae
 
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
     overrides = dict(kv.split("=", 1) for kv in args.overrides)

@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 STAGES = ("sample source", "download", "split", "caption", "score")
 
@@ -85,8 +84,8 @@ class StageClock:
 
 
 def run_once(label: str, params, clock: StageClock, truth: dict[str, str]) -> tuple[list[dict], dict]:
-    from flows.ingest import run_ingest
-    from storage.manifest import read_rows
+    from soraflow.flows.ingest import run_ingest
+    from soraflow.storage.manifest import read_rows
 
     clock.seconds.clear()
     t = time.perf_counter()
@@ -125,16 +124,15 @@ def main() -> None:
 
     isolate_prefect(args.verbose)
     import prefect
+    import soraflow.flows.ingest as ingest
     from prefect import flow
-
-    import flows.ingest as ingest
-    from flows.params import RunParams
+    from soraflow.flows.params import RunParams
 
     if not args.verbose:  # PySceneDetect logs a line per video at INFO (its import sets the level: import it first)
         import scenedetect  # noqa: F401
 
         logging.getLogger("pyscenedetect").setLevel(logging.WARNING)
-    from tasks.sample_source.server import SampleServer
+    from soraflow.tasks.sample_world.server import SampleServer
 
     overrides = [f"ingest.sample_source.seed={args.seed}"]
     for key, value in (("sample_source.hdvg_videos", args.hdvg_videos), ("sample_source.pexels_videos", args.pexels_videos),

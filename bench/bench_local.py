@@ -16,13 +16,11 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
@@ -37,9 +35,9 @@ def main() -> None:
     root = Path(args.root) if args.root else tmp / "data"
     os.environ.setdefault("PREFECT_HOME", str(tmp / "prefect"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import flows.cli  # noqa: F401  (the CLI's Prefect defaults: ephemeral server timeout, no telemetry)
-    from flows.local import local_flow
-    from flows.params import RunParams
+    import soraflow.flows.cli  # noqa: F401  (the CLI's Prefect defaults: ephemeral server timeout, no telemetry)
+    from soraflow.flows.local import local_flow
+    from soraflow.flows.params import RunParams
 
     try:
         t = time.perf_counter()

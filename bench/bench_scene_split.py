@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_scene_split.py [--seconds 12] [--sizes 64x96 180x320 360x640 720x1280]
 
-Each video has scenes of 1.5-2.5 s with hard cuts (tests/tasks/videos.py). Rows of the table:
+Each video has scenes of 1.5-2.5 s with hard cuts (tests/support/videos.py). Rows of the table:
   detect (pyav)    tasks.scene_split.detect_scenes: PySceneDetect ContentDetector on PyAV decoding
   detect (opencv)  scenedetect.detect(..., backend="opencv"), for reference (not used: see scene_split)
   detect+cut       tasks.scene_split.split_rows: detection, then cutting, resampling to 30 fps,
@@ -25,15 +25,14 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests" / "tasks")]
+sys.path.insert(0, str(REPO / "tests" / "support"))
 
 import scenedetect  # noqa: E402
+from soraflow.configs.schema import SplitConfig  # noqa: E402
+from soraflow.storage.layout import DataRoot  # noqa: E402
+from soraflow.storage.manifest import new_row  # noqa: E402
+from soraflow.tasks.ingest.scene_split import detect_scenes, split_rows  # noqa: E402
 from videos import make_scene_video  # noqa: E402
-
-from configs.schema import SplitConfig  # noqa: E402
-from storage.layout import DataRoot  # noqa: E402
-from storage.manifest import new_row  # noqa: E402
-from tasks.scene_split import detect_scenes, split_rows  # noqa: E402
 
 
 def best_of(fn, repeat: int) -> float:

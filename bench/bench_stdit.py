@@ -53,9 +53,7 @@ def worker(args) -> dict:
     """One preset, in this (fresh) process; prints one JSON line."""
     base = rss_mib()
     import torch
-
-    sys.path.insert(0, str(REPO))
-    from models.stdit import build_stdit
+    from soraflow.models.stdit import build_stdit
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads or torch.get_num_threads())

@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "tasks"))  # the synthetic clip writer the tests use
+sys.path.insert(0, str(REPO / "tests" / "support"))  # the synthetic clip writer the tests use
 
+from soraflow.configs.schema import load_config  # noqa: E402
+from soraflow.storage.layout import DataRoot  # noqa: E402
 from test_latent_cache import make_clip_manifest  # noqa: E402
-
-from configs.schema import load_config  # noqa: E402
-from storage.layout import DataRoot  # noqa: E402
 
 
 def main() -> None:
@@ -40,8 +39,8 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from tasks.train import train
-    from tasks.vae_fit import fit_vae
+    from soraflow.tasks.train.driver import train
+    from soraflow.tasks.train.vae_fit import fit_vae
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         root = DataRoot(Path(tmp) / "data")

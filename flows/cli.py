@@ -39,8 +39,8 @@ def _params(config: str, overrides: list[str] | None, root: str | None):
     """The flows' parameter model, or a clear config error and exit code 2."""
     from pydantic import ValidationError
 
-    from configs.schema import ConfigError
-    from flows.params import RunParams
+    from soraflow.configs.schema import ConfigError
+    from soraflow.flows.params import RunParams
 
     try:
         return RunParams(config=config, overrides=overrides or [], data_root=root)
@@ -73,7 +73,7 @@ def generate(
 ) -> None:
     """Text to video on this machine: writes mp4 files and GIF previews and prints their paths."""
     cfg, data_root = _load(config, set_, root)
-    from tasks.generate import generate_videos
+    from soraflow.tasks.generate import generate_videos
 
     try:
         result = generate_videos(cfg, data_root, prompts, ckpt=ckpt, model_ref=model, steps=steps, seed=seed, cfg_scale=cfg_scale, num_frames=num_frames, out_dir=out)
@@ -91,7 +91,7 @@ def generate(
 @app.command()
 def ingest(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None) -> None:
     """Download -> scene split -> caption -> score, as a Prefect flow; prints the final manifest."""
-    from flows.ingest import run_ingest
+    from soraflow.flows.ingest import run_ingest
 
     result = run_ingest(_params(config, set_, root))
     _print_dict("ingest", result)
@@ -106,7 +106,7 @@ def stage(
     root: RootOpt = None,
 ) -> None:
     """Run one ingest stage on a manifest and print the manifest it writes."""
-    from flows.ingest import run_single_stage
+    from soraflow.flows.ingest import run_single_stage
 
     try:
         result = run_single_stage(name, _params(config, set_, root), manifest)
@@ -125,7 +125,7 @@ def train(
     """(VAE fit) -> latent cache -> Ray Train STDiT -> evaluate -> register, as a Prefect flow."""
     if not Path(manifest).exists():
         _fail(f"--manifest {manifest}: no such file")
-    from flows.train import train_flow
+    from soraflow.flows.train import train_flow
 
     result = train_flow(str(Path(manifest).resolve()), _params(config, set_, root))
     _print_dict("training", result)
@@ -142,7 +142,7 @@ def run_local(
     root: RootOpt = None,
 ) -> None:
     """The whole life cycle on a synthetic sample served on loopback: ingest, train, evaluate, register, generate."""
-    from flows.local import BUDGETS, local_flow
+    from soraflow.flows.local import BUDGETS, local_flow
 
     if budget not in BUDGETS:
         _fail(f"--budget {budget!r}: expected one of {', '.join(BUDGETS)}")
@@ -153,7 +153,7 @@ def run_local(
 @run_app.command("pipeline")
 def run_pipeline(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None) -> None:
     """Ingest then train (no generation), as one Prefect flow."""
-    from flows.pipeline import pipeline_flow
+    from soraflow.flows.pipeline import pipeline_flow
 
     result = pipeline_flow(_params(config, set_, root))
     _print_dict("pipeline", result)
@@ -167,7 +167,7 @@ def serve(
     root: RootOpt = None,
 ) -> None:
     """Serve the pipeline deployment (cron) and the train deployment (new-dataset trigger) until stopped."""
-    from flows.deploy import serve_deployments
+    from soraflow.flows.deploy import serve_deployments
 
     serve_deployments(_params(config, set_, root), cron=cron)
 
@@ -183,7 +183,7 @@ def sample_server(
     import time
 
     cfg, data_root = _load(config, set_, root)
-    from tasks.sample_source.server import SampleServer
+    from soraflow.tasks.sample_world.server import SampleServer
 
     with SampleServer(data_root.root / "sample_source", cfg.ingest.sample_source) as server:
         console.print(f"sample source on {server.base_url} (HD-VG: /metafiles/hdvg_0.json, Inter4k: /inter4KUHD, Pexels: /videos/popular)")
@@ -202,7 +202,7 @@ def sample_server(
 def registry_list(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None) -> None:
     """Every registered version with its aliases and metrics."""
     cfg, data_root = _load(config, set_, root)
-    from storage.registry import ModelRegistry
+    from soraflow.storage.registry import ModelRegistry
 
     versions = ModelRegistry(data_root, cfg.registry).list_versions()
     table = Table(title=f"registry: {cfg.registry.model_name}")
@@ -218,7 +218,7 @@ def registry_list(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOp
 def registry_show(ref: Annotated[str, typer.Argument(help="champion, an alias, a version number or latest")] = "champion", config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None) -> None:
     """One version: tags, metrics, aliases and where its files are."""
     cfg, data_root = _load(config, set_, root)
-    from storage.registry import ModelRegistry, RegistryError
+    from soraflow.storage.registry import ModelRegistry, RegistryError
 
     try:
         info = ModelRegistry(data_root, cfg.registry).get(ref)
@@ -231,7 +231,7 @@ def registry_show(ref: Annotated[str, typer.Argument(help="champion, an alias, a
 def registry_promote(version: Annotated[str, typer.Argument(help="The version number to promote.")], alias: Annotated[str, typer.Option(help="Alias to move.")] = "champion", config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None) -> None:
     """Move an alias (default champion) to a version, by hand."""
     cfg, data_root = _load(config, set_, root)
-    from storage.registry import ModelRegistry, RegistryError
+    from soraflow.storage.registry import ModelRegistry, RegistryError
 
     try:
         ModelRegistry(data_root, cfg.registry).promote(version, alias=alias)

@@ -9,10 +9,10 @@ from __future__ import annotations
 from prefect import serve
 from prefect.events import DeploymentEventTrigger
 
-from flows.ingest import DATASET_EVENT, RETRAIN_LABEL
-from flows.params import RunParams
-from flows.pipeline import pipeline_flow
-from flows.train import TRAINING_LIMIT, train_flow
+from soraflow.flows.ingest import DATASET_EVENT, RETRAIN_LABEL
+from soraflow.flows.params import RunParams
+from soraflow.flows.pipeline import pipeline_flow
+from soraflow.flows.train import TRAINING_LIMIT, train_flow
 
 PIPELINE_DEPLOYMENT = "scheduled-pipeline"
 RETRAIN_DEPLOYMENT = "retrain-on-new-data"

@@ -11,11 +11,11 @@ from typing import Iterator
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from configs.schema import SoraFlowConfig, config_hash
-from flows.params import RunParams
-from storage.layout import DataRoot
-from storage.manifest import dataset_version, read_rows, summarize
-from tasks.ingest import SHARD_TASKS, download_shard, list_source, listing_len, merge_shards
+from soraflow.configs.schema import SoraFlowConfig, config_hash
+from soraflow.flows.params import RunParams
+from soraflow.storage.layout import DataRoot
+from soraflow.storage.manifest import dataset_version, read_rows, summarize
+from soraflow.tasks.ingest.shard_tasks import SHARD_TASKS, download_shard, list_source, listing_len, merge_shards
 
 SAMPLE_TOKEN = "${SAMPLE_SOURCE}"
 DATASET_EVENT = "soraflow.dataset.updated"
@@ -35,8 +35,8 @@ def sample_source(cfg: SoraFlowConfig, root: DataRoot) -> Iterator[SoraFlowConfi
     if not cfg.ingest.sample_source.enabled:
         yield cfg
         return
-    from tasks.download.pexels import ENV_KEY
-    from tasks.sample_source.server import SampleServer
+    from soraflow.tasks.ingest.sources.pexels import ENV_KEY
+    from soraflow.tasks.sample_world.server import SampleServer
 
     # The loopback Pexels API accepts whatever key the downloader will send (a real key, if one
     # is set, never leaves this machine: the server is on 127.0.0.1 and logs no headers).

@@ -12,9 +12,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.context import get_run_context
 
-from flows.ingest import ingest_flow, with_task_runner
-from flows.params import RunParams
-from flows.train import train_flow
+from soraflow.flows.ingest import ingest_flow, with_task_runner
+from soraflow.flows.params import RunParams
+from soraflow.flows.train import train_flow
 
 # Extra overrides per training budget, on top of configs/local.yaml (its values are "default").
 BUDGETS: dict[str, list[str]] = {
@@ -29,7 +29,7 @@ BUDGETS: dict[str, list[str]] = {
 @task(name="generate", retries=1)
 def generate_videos_task(prompts: list[str], version: str, params: RunParams) -> dict:
     """Generate from the just-registered version through the registry (as a user would)."""
-    from tasks.generate import generate_videos
+    from soraflow.tasks.generate import generate_videos
 
     cfg, root = params.load()
     result = generate_videos(cfg, root, prompts, model_ref=version, progress=False)

@@ -11,8 +11,8 @@ import os
 
 from pydantic import BaseModel, Field, model_validator
 
-from configs.schema import SoraFlowConfig, load_config
-from storage.layout import DataRoot
+from soraflow.configs.schema import SoraFlowConfig, load_config
+from soraflow.storage.layout import DataRoot
 
 
 class RunParams(BaseModel):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.ingest import ingest_flow, with_task_runner
-from flows.params import RunParams
-from flows.train import train_flow
+from soraflow.flows.ingest import ingest_flow, with_task_runner
+from soraflow.flows.params import RunParams
+from soraflow.flows.train import train_flow
 
 
 @flow(name="pipeline", log_prints=True)

@@ -8,8 +8,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.concurrency.sync import concurrency
 
-from flows.params import RunParams
-from tasks.training import evaluate_task, fit_vae_task, latent_cache_task, register_task, run_name_for, train_task
+from soraflow.flows.params import RunParams
+from soraflow.tasks.train.prefect_tasks import evaluate_task, fit_vae_task, latent_cache_task, register_task, run_name_for, train_task
 
 # One slot shared by every training run (created by `soraflow serve`; without it this is a no-op).
 TRAINING_LIMIT = "soraflow-training"

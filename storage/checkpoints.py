@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from storage.layout import atomic_output, atomic_write_text
+from soraflow.storage.layout import atomic_output, atomic_write_text
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"

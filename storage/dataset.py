@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from storage.manifest import ok_rows, read_rows
-from storage.video_io import VideoError, probe_video, read_frames
+from soraflow.storage.manifest import ok_rows, read_rows
+from soraflow.storage.video_io import VideoError, probe_video, read_frames
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 

@@ -45,10 +45,10 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
-from storage.dataset import VideoClipDataset, frame_indices, to_model_input
-from storage.layout import DataRoot, atomic_write_text
-from storage.manifest import dataset_version, ok_rows, read_rows
-from storage.video_io import read_frames
+from soraflow.storage.dataset import VideoClipDataset, frame_indices, to_model_input
+from soraflow.storage.layout import DataRoot, atomic_write_text
+from soraflow.storage.manifest import dataset_version, ok_rows, read_rows
+from soraflow.storage.video_io import read_frames
 
 INDEX = "index.json"
 TEXT_SHARD = "text.safetensors"

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.layout import DataRoot, atomic_output
+from soraflow.storage.layout import DataRoot, atomic_output
 
 STATUSES = ("ok", "rejected")
 
@@ -139,7 +139,7 @@ def write_manifest(
 
     The same rows give the same file, so re-running a stage never duplicates a manifest.
     """
-    from storage import code_version
+    from soraflow.storage import code_version
 
     lineage = {
         "stage": stage,

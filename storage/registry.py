@@ -6,7 +6,7 @@
                                           so nothing lands in ./mlruns)
 
 A registered version is a folder of plain files (safetensors weights + JSON config, see
-tasks/components.py) logged as the run artifact "model" and registered with
+tasks/train/model_factory.py) logged as the run artifact "model" and registered with
 `MlflowClient.create_model_version(source=<run artifact uri>/model)`; no MLflow "flavor"
 and no pickle, so loading it never runs code from the file. Each version carries tags:
 dataset_version, config_hash, code_version and every evaluation metric as `metric.<name>`.
@@ -29,8 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from configs.schema import RegistryConfig
-from storage.layout import DataRoot
+from soraflow.configs.schema import RegistryConfig
+from soraflow.storage.layout import DataRoot
 
 # No network from MLflow: no usage telemetry, no artifact progress bars on stderr.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -202,7 +202,7 @@ class ModelRegistry:
         missing = [k for k in LINEAGE_TAGS if not tags.get(k)]
         if missing:
             raise RegistryError(f"{self.name}: register() needs the lineage tag(s) {missing} in tags")
-        from storage import code_version
+        from soraflow.storage import code_version
 
         tags.setdefault("code_version", code_version())
         tags.update({f"{METRIC_TAG}{k}": repr(float(v)) for k, v in metrics.items()})

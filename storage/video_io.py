@@ -13,7 +13,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from storage.layout import atomic_output
+from soraflow.storage.layout import atomic_output
 
 
 class VideoError(ValueError):

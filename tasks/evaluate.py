@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configs.schema import SoraFlowConfig
-from storage.dataset import VideoClipDataset
-from storage.latent_cache import clip_fraction, rows_for, split_rows
-from storage.layout import DataRoot, atomic_write_text
-from storage.video_io import tile_grid, to_uint8_frames, write_gif, write_video
-from tasks.generate import slug
+from soraflow.configs.schema import SoraFlowConfig
+from soraflow.storage.dataset import VideoClipDataset
+from soraflow.storage.latent_cache import clip_fraction, rows_for, split_rows
+from soraflow.storage.layout import DataRoot, atomic_write_text
+from soraflow.storage.video_io import tile_grid, to_uint8_frames, write_gif, write_video
+from soraflow.tasks.generate import slug
 
 ATTRS = ("color", "shape", "direction", "all")
 VAL_REPEATS = 4  # (timestep, noise) draws per held-out clip
@@ -88,7 +88,7 @@ def validation_loss(pipe, clips: VideoClipDataset, seed: int, repeats: int = VAL
 
 
 def _adherence(videos: list[np.ndarray], prompts: list[str], round_below: float) -> tuple[dict, dict, list[dict]]:
-    from tasks.adherence import score_videos
+    from soraflow.tasks.sample_world.adherence import score_videos
 
     result = score_videos(videos, prompts, round_below=round_below)
     return result["accuracy"], result["chance"], result["rows"]
@@ -106,7 +106,7 @@ def reconstruct(pipe, clips: VideoClipDataset, limit: int | None = None) -> list
 
 def calibrated_round_below(pipe, clips: VideoClipDataset) -> float:
     """The shape detector's circle threshold, fitted on VAE reconstructions of labelled clips."""
-    from tasks.adherence import analyze_video, calibrate_round_below, default_vocab, parse_prompt
+    from soraflow.tasks.sample_world.adherence import analyze_video, calibrate_round_below, default_vocab, parse_prompt
 
     vocab = default_vocab()
     recon = reconstruct(pipe, clips, CALIBRATION_CLIPS)
@@ -124,7 +124,7 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     """Validation loss, samples and prompt adherence of `model_dir` on the held-out clips."""
-    from tasks.components import load_pipeline
+    from soraflow.tasks.train.model_factory import load_pipeline
 
     t0 = time.perf_counter()
     root = root if isinstance(root, DataRoot) else DataRoot(root)
@@ -157,7 +157,7 @@ def evaluate(
     for k, (prompt, f) in enumerate(zip(prompts, frames)):
         mp4s.append(write_video(out_dir / f"{k // reps:02d}-{k % reps}-{slug(prompt)}.mp4", f, fps=v.fps))
     gif = write_gif(out_dir / "samples_grid.gif", tile_grid(frames, cols=reps if reps > 1 else None), fps=v.fps, scale=3)  # a row per prompt
-    from tasks.adherence import ROUND_BELOW
+    from soraflow.tasks.sample_world.adherence import ROUND_BELOW
 
     round_below = calibrated_round_below(pipe, VideoClipDataset(train_rows, v.num_frames, v.frame_interval, tuple(v.image_size), train=False))
     accuracy, chance, rows = _adherence(frames, prompts, round_below)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from configs.schema import SoraFlowConfig
-from storage.layout import DataRoot
-from storage.video_io import to_uint8_frames, write_gif, write_video
-from tasks.components import load_pipeline
+from soraflow.configs.schema import SoraFlowConfig
+from soraflow.storage.layout import DataRoot
+from soraflow.storage.video_io import to_uint8_frames, write_gif, write_video
+from soraflow.tasks.train.model_factory import load_pipeline
 
 
 @dataclass
@@ -32,7 +32,7 @@ def slug(text: str, max_len: int = 48) -> str:
 
 def resolve_model_ref(cfg: SoraFlowConfig, root: DataRoot, ref: str) -> Path:
     """A registry reference ('champion', an alias, a version number, 'latest') -> a local model folder."""
-    from storage.registry import ModelRegistry
+    from soraflow.storage.registry import ModelRegistry
 
     registry = ModelRegistry(root, cfg.registry)
     info = registry.get(ref)

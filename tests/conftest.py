@@ -1,7 +1,12 @@
 """Shared pytest set-up: offline, deterministic, small."""
 
 import os
+import sys
 import tempfile
+from pathlib import Path
+
+# Test helpers shared across folders (synthetic videos, a Prefect server in a child process).
+sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

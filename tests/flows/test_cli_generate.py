@@ -6,9 +6,8 @@ from pathlib import Path
 
 import av
 import pytest
+from soraflow.flows.cli import app
 from typer.testing import CliRunner
-
-from flows.cli import app
 
 PROMPT = "a red circle moving left"
 

@@ -68,7 +68,7 @@ class Stack:
 
 def _soraflow() -> list[str]:
     script = Path(sys.executable).with_name("soraflow")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "flows.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "soraflow.flows.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,10 @@ def _artifacts_by_key(client, flow_run_ids: list[UUID]) -> dict[str, object]:
 
 def _subflow_ids(client, parent: UUID) -> dict[str, UUID]:
     """Subflow runs of `parent`, by flow name."""
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
 
     runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))
     names = {f.id: f.name for f in (client.read_flow(r.flow_id) for r in {r.flow_id: r for r in runs}.values())}
@@ -244,8 +247,7 @@ def _dataset_events(stack) -> list[dict]:
 
 def test_dataset_event_triggers_retrain_on_a_new_manifest(stack, pipeline_run):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-
-    from storage.manifest import dataset_version
+    from soraflow.storage.manifest import dataset_version
 
     flow_run_id, _ = pipeline_run
     retrain = stack.deployments["train/retrain-on-new-data"]

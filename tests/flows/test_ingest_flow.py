@@ -20,18 +20,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import soraflow.flows.cli as cli
+import soraflow.tasks.ingest.scene_split as scene_split
+import soraflow.tasks.ingest.sources.pexels as pexels_download
+import soraflow.tasks.sample_world.server as server_module
 from rich.console import Console
+from soraflow.flows.ingest import run_ingest
+from soraflow.flows.params import RunParams
+from soraflow.storage.manifest import ok_rows, read_rows
+from soraflow.storage.video_io import probe_video
+from soraflow.tasks.sample_world.scenes import plan_videos
 from typer.testing import CliRunner
-
-import flows.cli as cli
-import tasks.download.pexels as pexels_download
-import tasks.sample_source.server as server_module
-import tasks.scene_split as scene_split
-from flows.ingest import run_ingest
-from flows.params import RunParams
-from storage.manifest import ok_rows, read_rows
-from storage.video_io import probe_video
-from tasks.sample_source.scenes import plan_videos
 
 SIZES = [
     "ingest.sample_source.seed=0",

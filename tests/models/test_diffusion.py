@@ -5,9 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from models.diffusion import IDDPM, RFlow, build_scheduler, space_timesteps
-from models.diffusion.iddpm import (
+from soraflow.models.diffusion import IDDPM, RFlow, build_scheduler, space_timesteps
+from soraflow.models.diffusion.iddpm import (
     GaussianDiffusion,
     approx_standard_normal_cdf,
     discretized_gaussian_log_likelihood,
@@ -17,8 +16,13 @@ from models.diffusion.iddpm import (
     linear_betas,
     normal_kl,
 )
-from models.diffusion.rflow import euler_timesteps, interpolate, shift_timesteps, velocity_target
-from models.stdit import build_stdit
+from soraflow.models.diffusion.rflow import (
+    euler_timesteps,
+    interpolate,
+    shift_timesteps,
+    velocity_target,
+)
+from soraflow.models.stdit import build_stdit
 
 SHAPE = (2, 4, 3, 4, 4)  # (B, C, T, H, W)
 

@@ -5,15 +5,13 @@ import math
 from unittest import mock
 
 import pytest
+import soraflow.models.stdit as stdit_mod
 import torch
 import torch.nn.functional as F
-
-import models.stdit as stdit_mod
-from models.stdit import (
+from soraflow.models.stdit import (
     STDIT_PRESETS,
     PatchEmbed3D,
     STDiT,
-    STDiTBlock,
     TimestepEmbedder,
     build_stdit,
     drop_positional_buffers,

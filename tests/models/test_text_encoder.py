@@ -5,8 +5,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from models.text_encoder import T5TextEncoder, build_tiny_t5, default_corpus, train_unigram_vocab
+from soraflow.models.text_encoder import (
+    T5TextEncoder,
+    build_tiny_t5,
+    default_corpus,
+    train_unigram_vocab,
+)
 
 L = 12
 

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-
-from models.vae import VideoVAE, build_tiny_vae
+from soraflow.models.vae import VideoVAE, build_tiny_vae
 
 SF = 0.18215
 

@@ -3,8 +3,7 @@ import pickle
 
 import pytest
 import torch
-
-from storage.checkpoints import (
+from soraflow.storage.checkpoints import (
     CheckpointError,
     load_training_state,
     load_weights_into,

@@ -1,11 +1,15 @@
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-from storage.layout import DataRoot, UnsafePathError, atomic_output, safe_id, safe_join
-from storage.manifest import (
+from soraflow.storage.layout import (
+    DataRoot,
+    UnsafePathError,
+    atomic_output,
+    safe_id,
+    safe_join,
+)
+from soraflow.storage.manifest import (
     ManifestError,
     dataset_version,
     lineage,
@@ -17,7 +21,13 @@ from storage.manifest import (
     summarize,
     write_manifest,
 )
-from storage.video_io import VideoError, probe_video, read_frames, write_gif, write_video
+from soraflow.storage.video_io import (
+    VideoError,
+    probe_video,
+    read_frames,
+    write_gif,
+    write_video,
+)
 
 
 @pytest.mark.parametrize("bad", ["../x", "a/b", "/etc/passwd", "..", ".hidden", "", "a" * 200, "x\x00y", "a..b"])

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from configs.schema import RegistryConfig
-from storage.layout import DataRoot
-from storage.registry import ModelRegistry, RegistryError
+from soraflow.configs.schema import RegistryConfig
+from soraflow.storage.layout import DataRoot
+from soraflow.storage.registry import ModelRegistry, RegistryError
 
 
 def _model_dir(folder: Path, value: float) -> Path:

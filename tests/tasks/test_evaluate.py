@@ -6,15 +6,13 @@ import json
 
 import numpy as np
 import pytest
-from test_latent_cache import make_clip_manifest
-from test_train import train_cfg
-
-from storage.layout import DataRoot
+from soraflow.storage.layout import DataRoot
+from training_data import make_clip_manifest, train_cfg
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from tasks.train import train
+    from soraflow.tasks.train.driver import train
 
     base = tmp_path_factory.mktemp("eval")
     root = DataRoot(base / "data")
@@ -25,9 +23,9 @@ def trained(tmp_path_factory):
 
 
 def test_evaluate_reports_metrics_samples_and_adherence(trained, tmp_path):
-    from storage.latent_cache import rows_for, split_rows
-    from storage.video_io import probe_video
-    from tasks.evaluate import evaluate, held_out_prompts
+    from soraflow.storage.latent_cache import rows_for, split_rows
+    from soraflow.storage.video_io import probe_video
+    from soraflow.tasks.evaluate import evaluate, held_out_prompts
 
     cfg, root, manifest, result = trained
     out = evaluate(cfg, manifest, result.model_dir, root, tmp_path / "eval")
@@ -59,10 +57,10 @@ def test_evaluate_reports_metrics_samples_and_adherence(trained, tmp_path):
 
 def test_validation_loss_separates_models(trained, tmp_path):
     """A trained model's held-out loss beats the same architecture with random (zero-output) weights."""
-    from storage.dataset import VideoClipDataset
-    from storage.latent_cache import rows_for, split_rows
-    from tasks.components import load_pipeline
-    from tasks.evaluate import validation_loss
+    from soraflow.storage.dataset import VideoClipDataset
+    from soraflow.storage.latent_cache import rows_for, split_rows
+    from soraflow.tasks.evaluate import validation_loss
+    from soraflow.tasks.train.model_factory import load_pipeline
 
     cfg, root, manifest, result = trained
     _, val_rows = split_rows(rows_for(manifest), cfg.train.val_fraction)
@@ -76,7 +74,7 @@ def test_validation_loss_separates_models(trained, tmp_path):
 
 
 def test_evaluate_needs_a_model_folder(trained, tmp_path):
-    from tasks.evaluate import evaluate
+    from soraflow.tasks.evaluate import evaluate
 
     cfg, root, manifest, _ = trained
     with pytest.raises(FileNotFoundError, match="not a model folder"):

@@ -1,0 +1,292 @@
+"""Scene split: one row per source video (or window of one) in, one row per scene clip out.
+
+As Open-Sora v1.0 (tools/scenedetect): PySceneDetect `ContentDetector` at library defaults
+(threshold 27, min_scene_len 15 frames), `start_in_scene=True`; scenes shorter than
+`min_seconds` are dropped (here: kept as rejected rows), scenes longer than `max_seconds`
+are truncated to their first `max_seconds`; clips are re-encoded at `fps` with the shorter
+side scaled to `short_side`. Unlike Open-Sora's `ffmpeg -ss` (which can be off by up to
+0.5 s, Open-Sora#567), cuts here are frame-accurate: the same PyAV decoder serves detection
+and cutting, frames are addressed by index, and every clip's frame count is checked.
+
+    row (path = source video, window [start_s, end_s) or whole file)
+      -> detect: [(first_frame, end_frame), ...]   absolute source frame indices, end exclusive
+      -> cut: clips/<source>/<video_id>/<clip_id>.mp4, (n_out, H', W', 3) at cfg.fps
+      -> rows (path = clip, start_s/end_s = the clip's time range in the source file)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+from scenedetect import AdaptiveDetector, ContentDetector, SceneManager
+from scenedetect.backends.pyav import VideoStreamAv
+from scenedetect.video_stream import VideoOpenFailure
+
+from soraflow.configs.schema import SplitConfig
+from soraflow.storage.layout import DataRoot, UnsafePathError, safe_id
+from soraflow.storage.manifest import read_rows, reject, write_manifest
+from soraflow.storage.video_io import VideoError, VideoInfo, probe_video, sha256_file, write_video
+
+# Errors that mean "this input is bad", as opposed to a shard-level failure (disk full), which raises.
+_BAD_VIDEO = (VideoError, VideoOpenFailure, av.error.FFmpegError, UnsafePathError)
+
+
+@dataclass
+class ScenePlan:
+    """One detected scene and the clip it becomes."""
+
+    index: int  # k in "<id>-scene-<k>": position among the window's detected scenes
+    first: int  # first source frame
+    end: int  # one past the last source frame of the whole scene
+    keep: int  # source frames kept after truncation to max_seconds
+    num_out: int  # frames of the clip at cfg.fps
+    clip_id: str
+    path: Path
+
+    def source_index(self, j: int, src_fps: float, out_fps: float) -> int:
+        """Source frame shown as clip frame j: the nearest one, as ffmpeg's fps filter picks."""
+        return self.first + min(self.keep - 1, math.floor(j * src_fps / out_fps + 0.5))
+
+
+# ---------------------------------------------------------------- detection
+
+
+def make_detector(cfg: SplitConfig):
+    """ContentDetector (Open-Sora v1.0) or AdaptiveDetector (v1.1+); cfg.threshold overrides the default."""
+    if cfg.detector == "adaptive":
+        return AdaptiveDetector() if cfg.threshold is None else AdaptiveDetector(adaptive_threshold=cfg.threshold)
+    return ContentDetector() if cfg.threshold is None else ContentDetector(threshold=cfg.threshold)
+
+
+def detect_scenes(path: str | Path, cfg: SplitConfig, start_s: float | None = None, end_s: float | None = None) -> tuple[list[tuple[int, int]], float]:
+    """Scenes of the window [start_s, end_s) (None = file start / end) -> ([(first, end), ...], fps).
+
+    (first, end) are absolute source frame indices, end exclusive, at `fps`, the frame rate
+    PySceneDetect counts frames with (the stream's guessed rate); the cutter uses the same.
+    Decoded with PyAV (PySceneDetect's "pyav" backend, never its silent OpenCV fallback).
+    With no cut, the window is one scene; an empty window gives [].
+    """
+    try:
+        video = VideoStreamAv(str(path), threading_mode="AUTO", suppress_output=True)
+    except (av.error.FFmpegError, OSError, ValueError, IndexError) as e:  # missing, not a video, no video stream
+        raise VideoError(f"{path}: not a readable video: {e}") from e
+    fps = float(video.frame_rate)
+    start = first_frame_at(start_s, fps) if start_s is not None else 0
+    end = first_frame_at(end_s, fps) if end_s is not None else None
+    if end is not None and end <= start:
+        return [], fps
+    if start > 0:
+        video.seek(start)
+    manager = SceneManager()
+    manager.add_detector(make_detector(cfg))
+    manager.detect_scenes(video=video, end_time=end)
+    return [(a.frame_num, b.frame_num) for a, b in manager.get_scene_list(start_in_scene=True)], fps
+
+
+def first_frame_at(t: float, fps: float) -> int:
+    """Index of the first frame whose timestamp k/fps is >= t (tolerating float noise)."""
+    return max(0, math.ceil(t * fps - 1e-3))
+
+
+# ---------------------------------------------------------------- geometry and naming
+
+
+def even(x: float) -> int:
+    return max(2, 2 * math.floor(x / 2 + 0.5))
+
+
+def clip_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(H, W) with the shorter side = short_side, aspect kept, both even (Open-Sora's scale=-2)."""
+    if width >= height:
+        h = even(short_side)
+        return h, even(width * h / height)
+    w = even(short_side)
+    return even(height * w / width), w
+
+
+def frames_out(keep: int, src_fps: float, out_fps: float) -> int:
+    """Frames of a clip of `keep` source frames after resampling to out_fps (at least 1)."""
+    return max(1, math.floor(keep * out_fps / src_fps + 0.5))
+
+
+def scene_clip_id(row: dict[str, Any], index: int, n_scenes: int) -> str:
+    base = row.get("clip_id") or row["video_id"]
+    return safe_id(base if n_scenes == 1 else f"{base}-scene-{index}", "clip id")
+
+
+# ---------------------------------------------------------------- cutting
+
+
+def valid_clip(path: Path, num_frames: int, size: tuple[int, int]) -> VideoInfo | None:
+    """The probe of an existing clip with the expected frame count and size, else None."""
+    if not path.exists():
+        return None
+    try:
+        info = probe_video(path)
+    except VideoError:
+        return None
+    return info if info.num_frames == num_frames and (info.height, info.width) == size else None
+
+
+def _indexed_frames(container, stream, start_frame: int, fps: float):
+    """Yield (source frame index, frame) from start_frame on, seeking to the keyframe before it.
+
+    The index comes from the timestamp, round((pts - stream start) * time_base * fps), as
+    PySceneDetect's PyAV backend counts frames, so a seek does not shift the count.
+    """
+    t0 = stream.start_time or 0
+    if start_frame > 0:
+        container.seek(t0 + int(start_frame / fps / stream.time_base), stream=stream, backward=True)
+    for frame in container.decode(stream):
+        if frame.pts is None:
+            raise VideoError(f"{container.name}: frame without a timestamp; cannot cut frame-accurately")
+        tb = frame.time_base or stream.time_base
+        start = int(t0 * stream.time_base / tb) if t0 and tb != stream.time_base else t0
+        yield int(round(float((frame.pts - start) * tb) * fps)), frame
+
+
+def cut_clips(src: Path, plans: list[ScenePlan], src_fps: float, out_fps: float, size: tuple[int, int]) -> dict[int, VideoInfo | str]:
+    """Write each planned clip in one decoding pass; returns {scene index: probe of the clip, or the error}.
+
+    Per clip: (keep,) source frames -> (num_out, H, W, 3) uint8 RGB at out_fps -> H.264 mp4.
+    Only the clips being filled are held in memory (each at most max_seconds long).
+    """
+    results: dict[int, VideoInfo | str] = {}
+    if not plans:
+        return results
+    plans = sorted(plans, key=lambda p: p.first)
+    # source frame index -> [(plan, clip frame j)]; a frame can feed several clip frames when upsampling fps.
+    wanted: dict[int, list[tuple[ScenePlan, int]]] = {}
+    for p in plans:
+        for j in range(p.num_out):
+            wanted.setdefault(p.source_index(j, src_fps, out_fps), []).append((p, j))
+    buffers: dict[int, np.ndarray] = {}  # scene index -> (num_out, H, W, 3), allocated at its first frame
+    filled: dict[int, np.ndarray] = {p.index: np.zeros(p.num_out, bool) for p in plans}
+    last_needed = max(wanted)
+    pending = list(plans)
+    h, w = size
+    try:
+        with av.open(str(src)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for idx, frame in _indexed_frames(container, stream, plans[0].first, src_fps):
+                if idx in wanted:
+                    rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()  # (H, W, 3)
+                    for p, j in wanted[idx]:
+                        if p.index not in buffers:
+                            buffers[p.index] = np.zeros((p.num_out, h, w, 3), np.uint8)
+                        buffers[p.index][j] = rgb
+                        filled[p.index][j] = True
+                # Write every clip whose last frame has gone by; free its buffer.
+                while pending and idx >= pending[0].source_index(pending[0].num_out - 1, src_fps, out_fps):
+                    p = pending.pop(0)
+                    results[p.index] = _finish_clip(p, buffers.pop(p.index, None), int(filled[p.index].sum()), out_fps, size)
+                if idx >= last_needed:
+                    break
+    except _BAD_VIDEO as e:
+        for p in pending:
+            results[p.index] = f"{src}: decoding failed before scene {p.index} was cut: {e}"
+        return results
+    for p in pending:  # the decoder ran out before these scenes' last frames
+        results[p.index] = f"{src}: video ended before frame {p.first + p.keep - 1} (scene {p.index}); got {int(filled[p.index].sum())}/{p.num_out} clip frames"
+    return results
+
+
+def _finish_clip(p: ScenePlan, frames: np.ndarray | None, filled: int, out_fps: float, size: tuple[int, int]) -> VideoInfo | str:
+    """Encode one clip and check it: the probe, or why it failed (the source or the encoder)."""
+    if frames is None or filled != p.num_out:
+        return f"{p.path}: only {filled}/{p.num_out} frames decoded for scene {p.index} (timestamps not contiguous)"
+    try:
+        write_video(p.path, frames, out_fps)
+        info = probe_video(p.path)
+    except _BAD_VIDEO as e:
+        return f"{p.path}: encoding scene {p.index} failed: {e}"
+    if info.num_frames != p.num_out or (info.height, info.width) != size:
+        return f"{p.path}: written clip has {info.num_frames} frames {info.height}x{info.width}, expected {p.num_out} {size[0]}x{size[1]}"
+    return info
+
+
+# ---------------------------------------------------------------- rows
+
+
+def split_row(row: dict[str, Any], root: DataRoot, cfg: SplitConfig) -> list[dict[str, Any]]:
+    """One input row -> one row per detected scene (ok clip, or rejected with the reason)."""
+    if row["status"] != "ok":
+        return [row]
+    src = Path(row["path"])
+    try:
+        info = probe_video(src, count_frames=False)
+        scenes, fps = detect_scenes(src, cfg, row.get("start_s"), row.get("end_s"))
+    except _BAD_VIDEO as e:
+        return [reject(row, f"{src}: {e}" if str(src) not in str(e) else str(e))]
+    if not scenes:
+        return [reject(row, f"{src}: no frames in window start_s={row.get('start_s')} end_s={row.get('end_s')}")]
+
+    size = clip_size(info.height, info.width, cfg.short_side)
+    max_keep = max(1, round(cfg.max_seconds * fps))
+    min_frames = round(cfg.min_seconds * fps)  # Open-Sora: skip if duration < round(min_seconds * fps)
+    slots: list[dict[str, Any] | ScenePlan] = []  # per scene: a rejected row, or the clip to make
+    for k, (a, b) in enumerate(scenes):
+        base = dict(row, start_s=a / fps, end_s=b / fps, aes=None, flow=None, match=None)
+        try:
+            clip_id = scene_clip_id(row, k, len(scenes))
+            clip_path = root.clip(row["source"], row["video_id"], clip_id)
+        except UnsafePathError as e:
+            slots.append(reject(base, f"{src}: scene {k}: {e}"))
+            continue
+        if b - a < min_frames:
+            slots.append(reject(dict(base, clip_id=clip_id), f"{src}: scene too short: {(b - a) / fps:.1f} s < min {cfg.min_seconds:.1f} s"))
+            continue
+        keep = min(b - a, max_keep)
+        slots.append(ScenePlan(k, a, b, keep, frames_out(keep, fps, cfg.fps), clip_id, clip_path))
+
+    plans = [p for p in slots if isinstance(p, ScenePlan)]
+    # Idempotent: a clip already on disk with the expected frame count and size is not re-encoded.
+    done: dict[int, VideoInfo | str] = {p.index: info for p in plans if (info := valid_clip(p.path, p.num_out, size))}
+    done.update(cut_clips(src, [p for p in plans if p.index not in done], fps, cfg.fps, size))
+
+    result = []
+    for p in slots:
+        if isinstance(p, dict):
+            result.append(p)
+            continue
+        base = dict(row, clip_id=p.clip_id, start_s=p.first / fps, end_s=(p.first + p.keep) / fps, aes=None, flow=None, match=None)
+        got = done[p.index]
+        result.append(reject(base, got) if isinstance(got, str) else clip_row(base, p.path, got))
+    return result
+
+
+def clip_row(base: dict[str, Any], clip: Path, info: VideoInfo) -> dict[str, Any]:
+    """`base` with the clip's path, probed shape and hash."""
+    return dict(
+        base,
+        path=str(clip),
+        num_frames=info.num_frames,
+        height=info.height,
+        width=info.width,
+        aspect_ratio=info.height / info.width,
+        resolution=info.height * info.width,
+        fps=info.fps,
+        sha256=sha256_file(clip),
+        status="ok",
+        error=None,
+    )
+
+
+def split_rows(rows: list[dict[str, Any]], root: DataRoot, cfg: SplitConfig) -> list[dict[str, Any]]:
+    """A shard of rows -> the rows of all their scenes, in input order (rejected rows pass through)."""
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        out.extend(split_row(row, root, cfg))
+    return out
+
+
+def split_manifest(in_path: str | Path, root: DataRoot, cfg: SplitConfig) -> Path:
+    """Read a manifest, split every row, write manifests/split/<hash>.parquet."""
+    rows = split_rows(read_rows(in_path), root, cfg)
+    return write_manifest(rows, "split", root, inputs=[in_path])

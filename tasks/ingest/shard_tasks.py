@@ -1,0 +1,111 @@
+"""The ingest stages as Prefect tasks: one shard in, one shard manifest out.
+
+Each task wraps a plain stage function (tasks/download, scene_split, caption, score) and
+passes only paths and small config dicts. A retry repeats one shard; bad input never
+retries (it is already a rejected row); outputs are content-addressed manifests, so a
+task is cached across runs on its inputs and source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from prefect import task
+
+from soraflow.configs.schema import CaptionConfig, HttpConfig, ScoreConfig, SourceConfig, SplitConfig
+from soraflow.storage.layout import DataRoot, atomic_write_text
+from soraflow.storage.manifest import read_rows, write_manifest
+from soraflow.tasks.task_policy import RETRY_DELAYS, RETRY_JITTER, retry_unless_bad_input, stage_cache_key
+
+STAGES = ("download", "split", "caption", "score")
+
+_task_options = dict(
+    retries=3,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_jitter_factor=RETRY_JITTER,
+    retry_condition_fn=retry_unless_bad_input,
+    cache_key_fn=stage_cache_key,
+    persist_result=True,
+)
+
+
+def listing_path(root: DataRoot, items: list[dict]) -> Path:
+    blob = json.dumps(items, sort_keys=True).encode()
+    return root.manifest_dir("listing") / f"{hashlib.sha256(blob).hexdigest()[:16]}.json"
+
+
+@task(name="list-source", retries=3, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=RETRY_JITTER,
+      retry_condition_fn=retry_unless_bad_input)
+def list_source(source: dict, http: dict, data_root: str) -> str:
+    """Ask one source what it has (metadata file, zip, or API pages) and store the listing.
+
+    Never cached across runs: a scheduled re-ingest must see what the source holds today."""
+    from soraflow.tasks.ingest.sources import list_items
+
+    items = list_items(SourceConfig.model_validate(source), HttpConfig.model_validate(http), DataRoot(data_root))
+    path = listing_path(DataRoot(data_root), items)
+    if not path.exists():
+        atomic_write_text(path, json.dumps(items, indent=1, sort_keys=True))
+    return str(path)
+
+
+def listing_len(path: str) -> int:
+    return len(json.loads(Path(path).read_text()))
+
+
+@task(name="download-shard", **_task_options)
+def download_shard(source: dict, listing: str, start: int, stop: int, http: dict, data_root: str) -> str:
+    """Download items [start, stop) of a listing; failures of single items become rejected rows."""
+    from soraflow.tasks.ingest.sources import download_items
+
+    items = json.loads(Path(listing).read_text())[start:stop]
+    rows = download_items(SourceConfig.model_validate(source), items, DataRoot(data_root), HttpConfig.model_validate(http))
+    return str(write_manifest(rows, "download-shards", DataRoot(data_root), inputs=[listing]))
+
+
+@task(name="split-shard", **_task_options)
+def split_shard(manifest: str, start: int, stop: int, split: dict, data_root: str) -> str:
+    """Detect scenes and cut clips for rows [start, stop) of a manifest."""
+    from soraflow.tasks.ingest.scene_split import split_rows
+
+    rows = read_rows(manifest)[start:stop]
+    out = split_rows(rows, DataRoot(data_root), SplitConfig.model_validate(split))
+    return str(write_manifest(out, "split-shards", DataRoot(data_root), inputs=[manifest]))
+
+
+@task(name="caption-shard", **_task_options)
+def caption_shard(manifest: str, start: int, stop: int, caption: dict, data_root: str) -> str:
+    """Caption rows [start, stop) with the configured captioners, in order."""
+    from soraflow.tasks.ingest.caption import caption_rows
+
+    rows = read_rows(manifest)[start:stop]
+    out = caption_rows(rows, CaptionConfig.model_validate(caption))
+    return str(write_manifest(out, "caption-shards", DataRoot(data_root), inputs=[manifest]))
+
+
+@task(name="score-shard", **_task_options)
+def score_shard(manifest: str, start: int, stop: int, score: dict, data_root: str) -> str:
+    """Motion (and aesthetic, when configured) scores and threshold filters for rows [start, stop)."""
+    from soraflow.tasks.ingest.score import score_rows
+
+    rows = read_rows(manifest)[start:stop]
+    out, notes = score_rows(rows, ScoreConfig.model_validate(score))
+    return str(write_manifest(out, "score-shards", DataRoot(data_root), inputs=[manifest], extra={"notes": notes}))
+
+
+@task(name="merge-shards", **_task_options)
+def merge_shards(shards: list[str], stage: str, inputs: list[str], config_hash: str, data_root: str) -> str:
+    """Concatenate shard manifests (in order) into the stage's manifest."""
+    from soraflow.storage.manifest import lineage
+
+    rows, notes = [], []
+    for path in shards:
+        rows.extend(read_rows(path))
+        notes.extend(n for n in lineage(path).get("notes", []) if n not in notes)
+    extra = {"notes": notes} if notes else None
+    return str(write_manifest(rows, stage, DataRoot(data_root), inputs=inputs, config_hash=config_hash, extra=extra))
+
+
+SHARD_TASKS = {"split": split_shard, "caption": caption_shard, "score": score_shard}

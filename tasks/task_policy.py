@@ -1,0 +1,60 @@
+"""What every SoraFlow Prefect task shares: which errors are worth a retry, and a safe cache key."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import uuid
+from pathlib import Path
+
+from prefect.tasks import exponential_backoff
+
+from soraflow.configs.schema import ConfigError
+from soraflow.storage.checkpoints import CheckpointError
+from soraflow.storage.layout import UnsafePathError
+from soraflow.storage.manifest import ManifestError
+
+# Retrying these cannot help: the input itself is wrong.
+BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ManifestError, UnsafePathError, CheckpointError, FileNotFoundError, ValueError)
+RETRY_DELAYS = exponential_backoff(backoff_factor=2)  # 2, 4, 8 s
+RETRY_JITTER = 0.5
+
+
+def retry_unless_bad_input(task, task_run, state) -> bool:
+    """Prefect retry_condition_fn: retry transient failures (network, disk, worker loss) only."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as e:  # the result itself could not be read: treat as transient
+        exc = e
+    return not isinstance(exc, BAD_INPUT_ERRORS)
+
+
+def root_instance_id(root: str | Path) -> str:
+    """A random id written once per data root, so a deleted and re-created root never hits old caches."""
+    path = Path(root) / ".soraflow-id"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "x") as f:
+                f.write(uuid.uuid4().hex)
+        except FileExistsError:
+            pass
+    return path.read_text().strip()
+
+
+def stage_cache_key(context, parameters: dict) -> str | None:
+    """Cross-run cache key: the task's source + its inputs + the data root's instance id.
+
+    Outputs are content-addressed manifests under the data root, so equal inputs give equal
+    outputs; the root id guards against returning paths of a root that was wiped since.
+    """
+    root = parameters.get("data_root")
+    if root is None:
+        return None
+    try:
+        source = inspect.getsource(context.task.fn)
+    except (OSError, TypeError):
+        return None
+    blob = json.dumps(parameters, sort_keys=True, default=str) + source + root_instance_id(root)
+    return f"{context.task.name}-{hashlib.sha256(blob.encode()).hexdigest()[:32]}"

@@ -1,0 +1,216 @@
+"""The model parts a config names: text encoder, VAE, STDiT and scheduler, built or loaded.
+
+Nothing here downloads. A configured path must exist locally; where the config names no
+path, the tiny parts live under <data root>/models/: the tiny T5 is built once from its
+config, the tiny VAE is fitted by the train flow (tasks/train/vae_fit.py).
+
+A *model folder* is what the registry stores and `--ckpt` accepts:
+
+    stdit/model.safetensors + stdit/config.json   STDiT weights (EMA) and constructor kwargs
+    soraflow.json                                 the full SoraFlow config it was trained with
+    vae/                                          diffusers AutoencoderKL (only if fitted locally)
+    text_encoder/                                 T5 encoder + tokenizer (only if the tiny one)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from soraflow.configs.schema import SoraFlowConfig
+from soraflow.models.diffusion import build_scheduler
+from soraflow.models.text_to_video import TextToVideo
+from soraflow.models.stdit import STDiT, build_stdit
+from soraflow.models.text_encoder import T5TextEncoder, build_tiny_t5
+from soraflow.models.vae import VideoVAE, build_tiny_vae
+from soraflow.storage.checkpoints import (
+    CheckpointError,
+    load_weights_into,
+    read_model_config,
+    read_state_dict,
+    refuse_pickles,
+    save_model_dir,
+)
+from soraflow.storage.layout import DataRoot, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def _short_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _require_dir(path: str, key: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"config key '{key}': {p} is not a local directory (SoraFlow never downloads weights)")
+    return p
+
+
+# ---------------------------------------------------------------- text encoder
+
+
+def tiny_t5_dir(cfg: SoraFlowConfig, root: DataRoot) -> Path:
+    return root.models / f"t5-tiny-{_short_hash(cfg.text_encoder.tiny.model_dump())}"
+
+
+def text_encoder_path(cfg: SoraFlowConfig, root: DataRoot) -> Path:
+    """The configured T5 directory, or the tiny T5 (built now if it does not exist yet)."""
+    if cfg.text_encoder.path:
+        return _require_dir(cfg.text_encoder.path, "text_encoder.path")
+    target = tiny_t5_dir(cfg, root)
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            build_tiny_t5(Path(tmp) / "t5", **cfg.text_encoder.tiny.model_dump())
+            if not target.exists():  # another thread may have won the race; both builds are identical
+                (Path(tmp) / "t5").rename(target)
+    return target
+
+
+def load_text_encoder(cfg: SoraFlowConfig, root: DataRoot, path: Path | None = None) -> T5TextEncoder:
+    return T5TextEncoder(str(path or text_encoder_path(cfg, root)), max_length=cfg.text_encoder.max_length)
+
+
+# ---------------------------------------------------------------- VAE
+
+
+def tiny_vae_dir(cfg: SoraFlowConfig, root: DataRoot, dataset_version: str | None = None) -> Path:
+    """Where the tiny VAE fitted on one dataset version lives (or the latest fit when None)."""
+    # Everything the fit depends on: a changed architecture, fit recipe, seed or frame size is a new VAE.
+    key = _short_hash({"tiny": cfg.vae.tiny.model_dump(), "fit": cfg.vae.fit.model_dump(), "seed": cfg.train.seed,
+                       "image_size": list(cfg.video.image_size)})
+    return root.models / f"vae-tiny-{key}" / (dataset_version or "latest")
+
+
+def vae_path(cfg: SoraFlowConfig, root: DataRoot, dataset_version: str | None = None) -> Path | None:
+    """The configured VAE, the fitted tiny VAE, or None when the tiny one has not been fitted yet."""
+    if cfg.vae.path:
+        return _require_dir(cfg.vae.path, "vae.path")
+    p = tiny_vae_dir(cfg, root, dataset_version)
+    return p if (p / "config.json").exists() else None
+
+
+def load_vae(cfg: SoraFlowConfig, root: DataRoot, path: Path | None = None, allow_random: bool = False) -> tuple[VideoVAE, bool]:
+    """(vae, pretrained). With no fitted tiny VAE, a random one only if allow_random."""
+    path = path or vae_path(cfg, root)
+    if path is not None:
+        vae = VideoVAE.from_pretrained(str(path), micro_batch_size=cfg.vae.micro_batch_size, scaling_factor=cfg.vae.scaling_factor)
+        return vae.eval(), True
+    if not allow_random:
+        raise FileNotFoundError("no VAE: config key 'vae.path' is empty and the tiny VAE has not been fitted yet (run `soraflow train`)")
+    vae = VideoVAE(build_tiny_vae(**cfg.vae.tiny.model_dump()), micro_batch_size=cfg.vae.micro_batch_size, scaling_factor=cfg.vae.scaling_factor)
+    return vae.eval(), False
+
+
+# ---------------------------------------------------------------- STDiT + scheduler
+
+
+def stdit_kwargs(cfg: SoraFlowConfig, vae: VideoVAE, caption_channels: int) -> dict:
+    """Constructor kwargs for the configured preset at the configured video size."""
+    latent = vae.get_latent_size((cfg.video.num_frames, *cfg.video.image_size))  # (T, H/f, W/f)
+    return {
+        "input_size": list(latent),
+        "in_channels": vae.latent_channels,
+        "caption_channels": caption_channels,
+        "model_max_length": cfg.text_encoder.max_length,
+        "class_dropout_prob": cfg.model.class_dropout_prob,
+        "pred_sigma": cfg.model.pred_sigma,
+        "drop_path": cfg.model.drop_path,
+        "space_scale": cfg.model.space_scale,
+        "time_scale": cfg.model.time_scale,
+        "enable_grad_checkpoint": cfg.model.grad_checkpoint,
+    }
+
+
+def build_model(cfg: SoraFlowConfig, vae: VideoVAE, caption_channels: int) -> STDiT:
+    return build_stdit(cfg.model.preset, **stdit_kwargs(cfg, vae, caption_channels))
+
+
+def scheduler_for(cfg: SoraFlowConfig):
+    s = cfg.scheduler
+    return build_scheduler(s.type, num_sampling_steps=s.num_sampling_steps, cfg_scale=s.cfg_scale,
+                           num_train_timesteps=s.num_train_timesteps, shift=s.shift)
+
+
+# ---------------------------------------------------------------- model folders
+
+
+def export_model_dir(
+    folder: Path,
+    cfg: SoraFlowConfig,
+    stdit_state: dict[str, torch.Tensor],
+    stdit_config: dict,
+    vae_dir: Path | None,
+    text_encoder_dir: Path | None,
+) -> Path:
+    """Write a self-contained model folder (see the module docstring)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model_dir(folder / "stdit", stdit_state, {"preset": cfg.model.preset, "kwargs": stdit_config})
+    atomic_write_text(folder / "soraflow.json", json.dumps(cfg.model_dump(mode="json"), indent=2))
+    for name, src in (("vae", vae_dir), ("text_encoder", text_encoder_dir)):
+        if src is not None:
+            shutil.copytree(src, folder / name, dirs_exist_ok=True)
+    refuse_pickles(folder)
+    return folder
+
+
+def load_pipeline(
+    cfg: SoraFlowConfig,
+    root: DataRoot,
+    ckpt: str | Path | None = None,
+    num_frames: int | None = None,
+) -> tuple[TextToVideo, str]:
+    """A ready pipeline and a one-line description of where its weights came from.
+
+    `ckpt` is a SoraFlow model folder, a .safetensors file, or an Open-Sora .pth. With none,
+    the STDiT has random weights (the pipeline runs end to end, the video is noise-like).
+    `num_frames` overrides the clip length: STDiT weights do not depend on it, only the
+    recomputed temporal positional buffer does.
+    """
+    folder = Path(ckpt) if ckpt is not None else None
+    if folder is not None and folder.is_dir() and (folder / "soraflow.json").exists():
+        refuse_pickles(folder)
+        cfg = SoraFlowConfig.model_validate({**json.loads((folder / "soraflow.json").read_text()), "data": cfg.data.model_dump(), "generate": cfg.generate.model_dump()})
+        te_dir = folder / "text_encoder" if (folder / "text_encoder").is_dir() else None
+        vae_dir_ = folder / "vae" if (folder / "vae").is_dir() else None
+        text_encoder = load_text_encoder(cfg, root, te_dir)
+        vae, _ = load_vae(cfg, root, vae_dir_)
+        meta = read_model_config(folder / "stdit")
+        if num_frames:
+            cfg.video.num_frames = num_frames
+            meta["kwargs"]["input_size"][0] = vae.get_latent_size((num_frames, *cfg.video.image_size))[0]
+        stdit = build_stdit(meta["preset"], **meta["kwargs"])
+        load_weights_into(stdit, read_state_dict(folder / "stdit"), str(folder / "stdit"))
+        source = f"model folder {folder}"
+    else:
+        if num_frames:
+            cfg = cfg.model_copy(deep=True)
+            cfg.video.num_frames = num_frames
+        text_encoder = load_text_encoder(cfg, root)
+        vae, vae_pretrained = load_vae(cfg, root, allow_random=True)
+        stdit = build_model(cfg, vae, text_encoder.output_dim)
+        if folder is not None:
+            if not folder.exists():
+                raise CheckpointError(f"--ckpt {folder}: no such file or folder")
+            load_weights_into(stdit, read_state_dict(folder), str(folder))
+            source = f"checkpoint {folder}"
+        else:
+            source = "RANDOM weights (no --ckpt or --model given: the video shows what an untrained STDiT makes)"
+        if not vae_pretrained:
+            source += "; VAE: random tiny (not fitted yet)"
+    pipe = TextToVideo(
+        stdit=stdit.eval(),
+        vae=vae,
+        text_encoder=text_encoder,
+        scheduler=scheduler_for(cfg),
+        num_frames=cfg.video.num_frames,
+        image_size=tuple(cfg.video.image_size),
+    )
+    return pipe, source

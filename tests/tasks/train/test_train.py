@@ -1,0 +1,223 @@
+"""STDiT training through Ray Train: in process (local mode), resume, and a killed Ray worker.
+
+The first two run the TorchTrainer with num_workers=0 (Ray's local mode: no cluster); the
+last starts a local Ray instance with two DDP workers (gloo) and kills one mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from soraflow.storage.layout import DataRoot
+from training_data import make_clip_manifest, train_cfg
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    root = DataRoot(base / "data")
+    manifest = make_clip_manifest(base / "videos", root, n=10, frames=12)
+    from soraflow.tasks.train.vae_fit import fit_vae
+
+    vae = fit_vae(train_cfg(root), manifest, root, progress=False)
+    return root, manifest, vae.path
+
+
+def _history(checkpoint_dir):
+    return json.loads((checkpoint_dir / "state.json").read_text())["meta"]["loss_history"]
+
+
+def test_local_training_learns_and_checkpoints_without_pickles(data):
+    from soraflow.storage.checkpoints import refuse_pickles
+    from soraflow.storage.latent_cache import rows_for, split_rows
+    from soraflow.tasks.train.driver import train
+    from soraflow.tasks.train.model_factory import load_pipeline
+
+    root, manifest, vae_dir = data
+    cfg = train_cfg(root, **{"train.steps": 60})
+    result = train(cfg, manifest, root, run_name="local-a", vae_dir=vae_dir)
+    assert result.resumed_from_step == 0 and result.metrics["steps"] == 60
+    assert result.checkpoint_dir.name == "checkpoint_step_0000060"
+    assert (result.checkpoint_dir / "state.safetensors").exists() and (result.checkpoint_dir / "state.json").exists()
+    refuse_pickles(result.run_dir)
+    losses = [v for _, v in _history(result.checkpoint_dir)]
+    assert len(losses) == 60
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+    assert result.metrics["samples_per_s"] > 0
+    assert result.loss_curve_png.exists() and result.loss_curve_png.read_bytes()[:4] == b"\x89PNG"
+    # the held-out clips never trained
+    train_rows, val_rows = split_rows(rows_for(manifest), cfg.train.val_fraction)
+    assert result.metrics["train_clips"] == len(train_rows) and result.metrics["val_clips"] == len(val_rows) >= 1
+    # the exported folder is self-contained and loads as a pipeline
+    assert (result.model_dir / "vae").is_dir() and (result.model_dir / "text_encoder").is_dir()
+    pipe, source = load_pipeline(cfg, root, ckpt=result.model_dir)
+    assert "model folder" in source
+    assert pipe(["a red circle moving left"], steps=3).shape == (1, 3, 8, 32, 32)
+
+
+def test_resume_continues_step_and_loss_history(data):
+    from soraflow.tasks.train.driver import train
+
+    root, manifest, vae_dir = data
+    first = train(train_cfg(root, **{"train.steps": 20}), manifest, root, run_name="resume", vae_dir=vae_dir)
+    assert first.resumed_from_step == 0
+    hist_a = _history(first.checkpoint_dir)
+    second = train(train_cfg(root, **{"train.steps": 30}), manifest, root, run_name="resume", vae_dir=vae_dir)
+    assert second.resumed_from_step == 20 and second.metrics["steps"] == 30
+    hist_b = _history(second.checkpoint_dir)
+    assert [s for s, _ in hist_b] == list(range(1, 31))
+    assert hist_b[:20] == hist_a  # the first run's history is kept as it was
+    meta = json.loads((second.checkpoint_dir / "state.json").read_text())["meta"]
+    assert [seg["start_step"] for seg in meta["segments"]] == [0, 20]
+    # asking for no more steps than done trains nothing and exports the same checkpoint
+    third = train(train_cfg(root, **{"train.steps": 30}), manifest, root, run_name="resume", vae_dir=vae_dir)
+    assert third.resumed_from_step == 30 and third.checkpoint_dir == second.checkpoint_dir
+
+
+def test_online_path_trains_too(data):
+    from soraflow.tasks.train.driver import train
+
+    root, manifest, vae_dir = data
+    result = train(train_cfg(root, **{"train.steps": 4, "train.use_latent_cache": False, "train.log_every": 2}), manifest, root,
+                   run_name="online", vae_dir=vae_dir)
+    assert result.metrics["steps"] == 4 and len(_history(result.checkpoint_dir)) == 4
+
+
+def test_batch_larger_than_data_is_a_clear_error(data):
+    from soraflow.tasks.train.driver import train
+
+    root, manifest, vae_dir = data
+    with pytest.raises(Exception, match="train.batch_size=64"):
+        train(train_cfg(root, **{"train.steps": 2, "train.batch_size": 64}), manifest, root, run_name="toobig", vae_dir=vae_dir)
+
+
+@pytest.mark.slow
+def test_ray_two_workers_survive_a_killed_worker(data, tmp_path, monkeypatch):
+    """DDP over gloo with 2 Ray workers; the last rank dies after step 7; FailureConfig restarts from step 5."""
+    from soraflow.tasks.train.driver import KILL_ENV, KILL_MARKER_ENV, train
+
+    root, manifest, vae_dir = data
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_ENV, "7")
+    monkeypatch.setenv(KILL_MARKER_ENV, str(marker))
+    cfg = train_cfg(root, **{"train.steps": 12, "train.num_workers": 2, "train.batch_size": 2, "train.ckpt_every": 5,
+                             "train.max_failures": 1})
+    result = train(cfg, manifest, root, run_name="ray-kill", vae_dir=vae_dir)
+    assert marker.exists()  # the worker really died
+    assert result.metrics["steps"] == 12 and result.metrics["world_size"] == 2
+    meta = json.loads((result.checkpoint_dir / "state.json").read_text())["meta"]
+    assert [seg["start_step"] for seg in meta["segments"]] == [0, 5]  # restarted from the step-5 checkpoint
+    assert [s for s, _ in meta["loss_history"]] == list(range(1, 13))
+    assert (result.run_dir / "checkpoint_manager_snapshot.json").exists()  # Ray Train's own bookkeeping
+
+
+def _fsdp_worker(rank: int, world: int, port: int, folder: str) -> None:
+    """One of two CPU processes: FSDP model + EMA sharded alike, 3 steps, full state out, resume, same next step."""
+    import copy
+    import os
+
+    import torch
+    import torch.distributed as dist
+    from soraflow.models.stdit import build_stdit
+    from soraflow.storage.checkpoints import load_training_state, save_training_state
+    from soraflow.tasks.train.driver import (
+        clip_grads,
+        ema_pairs,
+        full_states,
+        load_optimizer,
+    )
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    kw = dict(use_orig_params=False, device_id=torch.device("cpu"))  # as wrap_for_strategy, minus Ray's GPU check
+
+    def build():
+        torch.manual_seed(0)
+        return build_stdit("STDiT-Tiny", input_size=[8, 8, 8], in_channels=4, caption_channels=64, model_max_length=16, class_dropout_prob=0.0)
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 4, 8, 8, 8, generator=g), torch.randn(4, 1, 16, 64, generator=g)
+    t, mask = torch.randint(0, 1000, (4,), generator=g), torch.ones(4, 16, dtype=torch.long)
+    part = slice(2 * rank, 2 * rank + 2)
+
+    def step(model, opt):
+        loss = (model(x[part], t[part], y[part], mask[part]) - x[part].repeat(1, 2, 1, 1, 1)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        clip_grads(model, 1.0, "fsdp")
+        opt.step()
+        return loss.item()
+
+    plain = build()
+    ema_ref = copy.deepcopy(plain).requires_grad_(False)
+    model, ema = FSDP(copy.deepcopy(plain), **kw), FSDP(copy.deepcopy(ema_ref), **kw)
+    ema_list, model_list = ema_pairs(model, ema, "fsdp")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        step(model, opt)
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_list, [p.detach().float() for p in model_list], 0.5)
+    model_sd, ema_sd, optim_sd = full_states(model, ema, opt, "fsdp")
+    if rank == 0:
+        assert set(model_sd) == set(plain.state_dict()) == set(ema_sd)
+        assert any(not torch.equal(model_sd[k], ema_sd[k]) for k in model_sd)  # the EMA lags the model
+        save_training_state(folder, model_sd, ema_sd, optim_sd, {"step": 3})
+    dist.barrier()
+    state = load_training_state(folder)
+    resumed = build()
+    resumed.load_state_dict(state["model"])
+    resumed = FSDP(resumed, **kw)
+    opt2 = torch.optim.AdamW(resumed.parameters(), lr=1e-3)
+    load_optimizer(resumed, opt2, state["optimizer"], "fsdp")
+    assert step(resumed, opt2) == step(model, opt)  # the weights came back
+    assert abs(step(resumed, opt2) - step(model, opt)) < 1e-6  # and the AdamW moments (the update matched)
+    dist.destroy_process_group()
+
+
+def test_fsdp_checkpoint_helpers_round_trip(tmp_path):
+    """FSDP itself needs GPUs under Ray; its state-dict, EMA and optimizer helpers are checked here on CPU (gloo)."""
+    import random
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp_worker, args=(2, random.randint(20000, 40000), str(tmp_path / "ckpt")), nprocs=2)
+
+
+def test_quieted_ray_loggers_stay_quiet_after_trains_logging_config():
+    """Train's controller runs logging.config.dictConfig on `ray.train` after our set-up hook;
+    that resets the levels of existing child loggers, so the hook must still hold afterwards."""
+    import logging
+    import logging.config
+
+    from soraflow.tasks.train.driver import quiet_local_ray_logs
+
+    name = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+    parent = logging.getLogger("ray.train")
+    saved = (parent.level, list(parent.handlers), parent.propagate)
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    try:
+        quiet_local_ray_logs()
+        logging.config.dictConfig({  # the shape of Train's controller config
+            "version": 1,
+            "disable_existing_loggers": False,
+            "handlers": {"keep": {"()": Keep}},
+            "loggers": {"ray.train": {"level": "DEBUG", "handlers": ["keep"], "propagate": False}},
+        })
+        assert logging.getLogger(name).level == logging.NOTSET  # what dictConfig does to a child
+        logging.getLogger(name).warning("harmless timeout")
+        logging.getLogger(name).error("real failure")
+        logging.getLogger("ray.train.v2._internal.execution.controller.controller").warning("other warning")
+        assert seen == ["real failure", "other warning"]
+    finally:
+        parent.setLevel(saved[0])
+        parent.handlers[:] = saved[1]
+        parent.propagate = saved[2]
