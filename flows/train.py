@@ -9,7 +9,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.concurrency.sync import concurrency
 
 from soraflow.flows.params import RunParams
-from soraflow.tasks.train.prefect_tasks import evaluate_task, fit_vae_task, latent_cache_task, register_task, run_name_for, train_task
+from soraflow.tasks.evaluate import evaluate_task
+from soraflow.tasks.register import register_task
+from soraflow.tasks.train.driver import run_name_for, train_task
+from soraflow.tasks.train.encode import latent_cache_task
+from soraflow.tasks.train.vae_fit import fit_vae_task
 
 # One slot shared by every training run (created by `soraflow serve`; without it this is a no-op).
 TRAINING_LIMIT = "soraflow-training"

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from prefect import task
 
 from soraflow.configs.schema import SoraFlowConfig
 from soraflow.storage.dataset import VideoClipDataset
@@ -37,6 +38,7 @@ from soraflow.storage.latent_cache import clip_fraction, rows_for, split_rows
 from soraflow.storage.layout import DataRoot, atomic_write_text
 from soraflow.storage.video_io import tile_grid, to_uint8_frames, write_gif, write_video
 from soraflow.tasks.generate import slug
+from soraflow.tasks.task_policy import STAGE_RETRIES
 
 ATTRS = ("color", "shape", "direction", "all")
 VAL_REPEATS = 4  # (timestep, noise) draws per held-out clip
@@ -193,3 +195,16 @@ def evaluate(
         if not math.isfinite(metrics[key]):
             raise FloatingPointError(f"evaluate: {key} is {metrics[key]} for {model_dir}")
     return EvalResult(metrics, mp4s, gif, per_prompt)
+
+
+@task(name="evaluate", **STAGE_RETRIES)
+def evaluate_task(manifest: str, model_dir: str, config: dict, data_root: str) -> dict:
+    """Validation loss, held-out samples and prompt adherence of a trained model folder."""
+    out_dir = Path(model_dir).parent / "eval"
+    result = evaluate(SoraFlowConfig.model_validate(config), manifest, model_dir, DataRoot(data_root), out_dir)
+    return {
+        "metrics": result.metrics,
+        "samples": [str(p) for p in result.samples_mp4],
+        "grid": str(result.samples_gif) if result.samples_gif else None,
+        "per_prompt": result.per_prompt,
+    }

@@ -58,3 +58,8 @@ def stage_cache_key(context, parameters: dict) -> str | None:
         return None
     blob = json.dumps(parameters, sort_keys=True, default=str) + source + root_instance_id(root)
     return f"{context.task.name}-{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
+
+
+# The options every learning-stage task shares: retried with backoff, never on bad input.
+STAGE_RETRIES = dict(retries=2, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=RETRY_JITTER,
+                     retry_condition_fn=retry_unless_bad_input)

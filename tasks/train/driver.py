@@ -47,13 +47,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from prefect import task
 from torch.utils.data import DataLoader, DistributedSampler
 
 from soraflow.configs.schema import SoraFlowConfig, config_hash
 from soraflow.storage.checkpoints import CheckpointError, load_training_state, save_training_state
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.latent_cache import build_latent_cache, folder_identity, rows_for, split_rows
+from soraflow.storage.latent_cache import rows_for, split_rows
 from soraflow.storage.manifest import dataset_version
+from soraflow.tasks.task_policy import STAGE_RETRIES
+from soraflow.tasks.train.encode import prepare_latent_cache
 
 CKPT_PREFIX = "checkpoint_step_"
 KEEP_CHECKPOINTS = 3
@@ -514,33 +517,6 @@ def quiet_local_ray_logs() -> None:
     _quiet("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client", logging.ERROR)
 
 
-def prepare_latent_cache(cfg: SoraFlowConfig, manifest_path: str | Path, root, vae_dir: str | Path, vae=None, text_encoder=None):
-    """Build (or reuse) the latent cache for this manifest, VAE, text encoder and video config.
-
-    Returns storage.latent_cache.CacheInfo (path, key, clips, captions, built, seconds, skipped).
-    The VAE and text encoder are loaded from their folders unless given.
-    """
-    from soraflow.tasks.train.model_factory import load_text_encoder, load_vae, text_encoder_path
-
-    root = _as_root(root)
-    vae_dir = Path(vae_dir)
-    te_dir = text_encoder_path(cfg, root)
-    if vae is None:
-        vae, _ = load_vae(cfg, root, vae_dir)
-    if text_encoder is None:
-        text_encoder = load_text_encoder(cfg, root, te_dir)
-    info = build_latent_cache(
-        manifest_path, root, vae, text_encoder,
-        vae_id=f"{folder_identity(vae_dir)}-s{cfg.vae.scaling_factor}",
-        text_id=f"{folder_identity(te_dir)}-L{cfg.text_encoder.max_length}",
-        num_frames=cfg.video.num_frames, frame_interval=cfg.video.frame_interval,
-        image_size=tuple(cfg.video.image_size), dataset=dataset_version(manifest_path), progress=True,
-    )
-    print(f"latent cache {'built' if info.built else 'reused'}: {info.path} ({info.clips} clips, "
-          f"{info.captions} captions, {info.seconds:.1f} s)", flush=True)
-    return info
-
-
 def train(
     cfg: SoraFlowConfig,
     manifest_path: str | Path,
@@ -673,3 +649,22 @@ def train(
     print(f"train: done: step {step}, loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f}, "
           f"model {model_dir}, loss curve {png}", flush=True)
     return TrainResult(run_dir, ckpt_dir, model_dir, metrics, png, resumed_from)
+
+
+def run_name_for(cfg: SoraFlowConfig, manifest: str) -> str:
+    """One training run per (dataset version, config): re-running resumes it, new data starts a new one."""
+    return f"{cfg.train.run_name}-{dataset_version(manifest)[:8]}-{config_hash(cfg)[:6]}"
+
+
+@task(name="train-stdit", **STAGE_RETRIES)
+def train_task(manifest: str, vae_dir: str, config: dict, data_root: str, run_name: str) -> dict:
+    """Ray Train STDiT; resumes run `run_name` from its latest checkpoint if it exists."""
+    result = train(SoraFlowConfig.model_validate(config), manifest, DataRoot(data_root), run_name=run_name, vae_dir=vae_dir)
+    return {
+        "run_dir": str(result.run_dir),
+        "checkpoint_dir": str(result.checkpoint_dir),
+        "model_dir": str(result.model_dir),
+        "loss_curve": str(result.loss_curve_png) if result.loss_curve_png else None,
+        "metrics": result.metrics,
+        "resumed_from_step": result.resumed_from_step,
+    }

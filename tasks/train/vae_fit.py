@@ -36,12 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from prefect import task
 
 from soraflow.configs.schema import SoraFlowConfig
 from soraflow.storage.dataset import VideoClipDataset
 from soraflow.storage.latent_cache import read_clip_frames, split_rows
 from soraflow.storage.layout import DataRoot, atomic_write_text
 from soraflow.storage.manifest import dataset_version, ok_rows, read_rows
+from soraflow.tasks.task_policy import STAGE_RETRIES, stage_cache_key
 
 METRICS_FILE = "fit_metrics.json"
 MAX_FRAMES_PER_CLIP = 32  # evenly spaced; enough variety, bounded memory on long clips
@@ -237,3 +239,10 @@ def _publish_latest(src: Path, latest: Path) -> None:
         os.rename(latest, old)
     os.rename(tmp, latest)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@task(name="fit-vae", cache_key_fn=stage_cache_key, persist_result=True, **STAGE_RETRIES)
+def fit_vae_task(manifest: str, config: dict, data_root: str) -> dict:
+    """Fit the tiny VAE on the dataset's frames (skipped when a pretrained VAE is configured)."""
+    result = fit_vae(SoraFlowConfig.model_validate(config), manifest, DataRoot(data_root))
+    return {"path": str(result.path), "metrics": result.metrics, "fitted": result.fitted}
