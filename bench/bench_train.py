@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "tests" / "support"))  # the synthetic clip writer
 
 from soraflow.configs.schema import load_config  # noqa: E402
 from soraflow.storage.layout import DataRoot  # noqa: E402
-from test_latent_cache import make_clip_manifest  # noqa: E402
+from training_data import make_clip_manifest  # noqa: E402
 
 
 def main() -> None:
