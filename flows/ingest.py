@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
 from pathlib import Path
-from typing import Iterator
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
@@ -16,42 +12,10 @@ from soraflow.flows.params import RunParams
 from soraflow.storage.layout import DataRoot
 from soraflow.storage.manifest import dataset_version, read_rows, summarize
 from soraflow.tasks.ingest.shard_tasks import SHARD_TASKS, download_shard, list_source, listing_len, merge_shards
+from soraflow.tasks.sample_world.plug import sample_source
 
-SAMPLE_TOKEN = "${SAMPLE_SOURCE}"
 DATASET_EVENT = "soraflow.dataset.updated"
 RETRAIN_LABEL = "soraflow.retrain"  # event resource label the retrain trigger matches
-
-
-def stable_port(root: DataRoot) -> int:
-    """A loopback port fixed per data root: the source URLs that land in the manifests (and so
-    the dataset version and the task cache keys) stay the same from one run to the next."""
-    digest = hashlib.sha256(str(root.root.resolve()).encode()).digest()
-    return 20000 + int.from_bytes(digest[:4], "big") % 20000
-
-
-@contextlib.contextmanager
-def sample_source(cfg: SoraFlowConfig, root: DataRoot) -> Iterator[SoraFlowConfig]:
-    """Start the loopback sample server when the config asks for it, and point the sources at it."""
-    if not cfg.ingest.sample_source.enabled:
-        yield cfg
-        return
-    from soraflow.tasks.ingest.sources.pexels import ENV_KEY
-    from soraflow.tasks.sample_world.server import SampleServer
-
-    # The loopback Pexels API accepts whatever key the downloader will send (a real key, if one
-    # is set, never leaves this machine: the server is on 127.0.0.1 and logs no headers).
-    previous = os.environ.get(ENV_KEY)
-    key = previous or "sample-source-key"
-    os.environ[ENV_KEY] = key
-    try:
-        with SampleServer(root.root / "sample_source", cfg.ingest.sample_source, api_key=key, port=stable_port(root)) as server:
-            cfg = cfg.model_copy(deep=True)
-            for source in cfg.ingest.sources:
-                source.url = source.url.replace(SAMPLE_TOKEN, server.base_url)
-            yield cfg
-    finally:
-        if previous is None:
-            os.environ.pop(ENV_KEY, None)
 
 
 def _ranges(n: int, size: int) -> list[tuple[int, int]]:

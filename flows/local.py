@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.context import get_run_context
 
-from soraflow.flows.ingest import ingest_flow, with_task_runner
 from soraflow.flows.params import RunParams
-from soraflow.flows.train import train_flow
+from soraflow.flows.pipeline import ingest_then_train
+from soraflow.tasks.generate import generate_task
 
 # Extra overrides per training budget, on top of configs/local.yaml (its values are "default").
 BUDGETS: dict[str, list[str]] = {
@@ -26,16 +26,6 @@ BUDGETS: dict[str, list[str]] = {
 }
 
 
-@task(name="generate", retries=1)
-def generate_videos_task(prompts: list[str], version: str, params: RunParams) -> dict:
-    """Generate from the just-registered version through the registry (as a user would)."""
-    from soraflow.tasks.generate import generate_videos
-
-    cfg, root = params.load()
-    result = generate_videos(cfg, root, prompts, model_ref=version, progress=False)
-    return {"videos": [str(p) for p in result.videos], "gifs": [str(p) for p in result.gifs], "weights": result.weights}
-
-
 @flow(name="local", log_prints=True)
 def local_flow(params: RunParams = RunParams(), budget: str = "default", prompts: list[str] | None = None) -> dict:
     """Sample source -> ingest -> train -> evaluate -> register -> generate, then a summary table."""
@@ -44,20 +34,11 @@ def local_flow(params: RunParams = RunParams(), budget: str = "default", prompts
         raise ValueError(f"budget {budget!r}: expected one of {sorted(BUDGETS)}")
     params = params.with_overrides(*BUDGETS[budget])
     cfg, root = params.load()
-    timings: dict[str, float] = {}
-
-    t = time.perf_counter()
-    ingested = with_task_runner(ingest_flow, cfg)(params, trigger_training=False)  # trains below itself
-    timings["ingest"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    trained = train_flow(ingested["manifest"], params)
-    timings.update({f"train: {k}": v for k, v in trained.get("timings", {}).items()})
-    timings["train (all)"] = time.perf_counter() - t
+    ingested, trained, timings = ingest_then_train(params)  # what the pipeline flow runs
 
     t = time.perf_counter()
     prompts = prompts or trained["eval_prompts"][:4]
-    generated = generate_videos_task(prompts, str(trained["registered_version"]), params)
+    generated = generate_task(prompts, str(trained["registered_version"]), cfg, str(root.root))
     timings["generate"] = time.perf_counter() - t
 
     run = get_run_context().flow_run

@@ -7,7 +7,7 @@ frames each. `build_tiny_llava` writes a random LLaVA of a few hundred kilobytes
 same format, built without any download, so tests run the real loading and generation code.
 It generates gibberish.
 
-Frames and prompt (Open-Sora v1.0 tools/caption, reference Q14): Open-Sora's LLaVA script
+Frames and prompt (Open-Sora v1.0.0 `tools/caption/caption_llava.py`): Open-Sora's LLaVA script
 put ONE image token in the prompt but encoded three frames, so only the 20 % frame reached
 the model. Here every frame is its own image with its own `<image>` placeholder, in
 chronological order, followed by the prompt, which is what the three_frames prompt ("three

@@ -3,6 +3,8 @@
 Same maths, names and state-dict layout as Open-Sora v1.0.0 (`opensora/models/stdit/stdit.py`), so
 its checkpoints load (548 keys; the two positional buffers are recomputed from the config).
 Attention runs through `F.scaled_dot_product_attention`: no xformers, flash-attn, apex or colossalai.
+The building blocks (embedders, attention, STDiTBlock, final layer) live in models/layers.py; this
+module holds the STDiT class, the presets table and the checkpoint helpers.
 
 Shapes: B batch, C latent channels, (T, H, W) latent video, patch (pt, ph, pw),
 S = ceil(H/ph)*ceil(W/pw) tokens per frame, N = T'*S tokens, D hidden size, L text tokens.
@@ -21,8 +23,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from .layers import CaptionEmbedder, PatchEmbed3D, STDiTBlock, T2IFinalLayer, TimestepEmbedder, spatial_pos_embed, temporal_pos_embed
 
 # One table for every model size. Keys name the preset; values override STDiT's constructor defaults.
 STDIT_PRESETS: dict[str, dict] = {
@@ -36,7 +39,7 @@ STDIT_PRESETS: dict[str, dict] = {
 }
 
 
-# Saved in every state dict, but recomputed from the config on load (reference Q8).
+# Saved in every state dict, but recomputed from the config on load (opensora/utils/ckpt_utils.py).
 POSITIONAL_BUFFERS = ("pos_embed", "pos_embed_temporal")
 
 
@@ -55,243 +58,6 @@ def stdit_config(model: STDiT) -> dict:
 def drop_positional_buffers(state_dict: dict) -> dict:
     """A shallow copy of `state_dict` without pos_embed / pos_embed_temporal (as Open-Sora's loader does)."""
     return {k: v for k, v in state_dict.items() if k not in POSITIONAL_BUFFERS}
-
-
-# ---------------------------------------------------------------- sin-cos embeddings and helpers
-
-
-def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
-    """(P,) positions -> (P, dim) float64: [sin(p*omega_k) for k, then cos(p*omega_k)], omega_k = 10000^(-k/(dim/2))."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2.0))  # (dim/2,)
-    out = pos.double().reshape(-1)[:, None] * omega[None]  # (P, dim/2)
-    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
-
-
-def spatial_pos_embed(dim: int, grid_h: int, grid_w: int, scale: float = 1.0) -> torch.Tensor:
-    """(grid_h*grid_w, dim) float32, row-major tokens; w/scale in dims [0, dim/2), h/scale in [dim/2, dim)."""
-    h = torch.arange(grid_h, dtype=torch.float32, device="cpu") / scale  # float32 positions, as Open-Sora's numpy grid
-    w = torch.arange(grid_w, dtype=torch.float32, device="cpu") / scale
-    hh, ww = torch.meshgrid(h, w, indexing="ij")  # (gh, gw) each
-    return torch.cat([sincos_1d(dim // 2, ww), sincos_1d(dim // 2, hh)], dim=1).float()
-
-
-def temporal_pos_embed(dim: int, length: int, scale: float = 1.0) -> torch.Tensor:
-    """(length, dim) float32 embedding of positions t/scale (computed in float64)."""
-    return sincos_1d(dim, torch.arange(length, dtype=torch.float64, device="cpu") / scale).float()
-
-
-def t2i_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (identity in eval mode or at rate 0)."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
-
-
-class Mlp(nn.Module):
-    """timm-style MLP: fc1, tanh-GELU, fc2 (key names fc1/fc2 as in Open-Sora checkpoints)."""
-
-    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-# ---------------------------------------------------------------- embedders
-
-
-class PatchEmbed3D(nn.Module):
-    """Video to patch tokens: right-pad to the patch grid, Conv3d with kernel = stride = patch."""
-
-    def __init__(self, patch_size=(1, 2, 2), in_chans: int = 4, embed_dim: int = 1152):
-        super().__init__()
-        self.patch_size = tuple(patch_size)
-        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, _, t, h, w = x.shape  # (B, C, T, H, W)
-        pt, ph, pw = self.patch_size
-        # zero-pad W, H, T on the right up to a multiple of the patch (F.pad lists the last dim first)
-        x = F.pad(x, (0, -w % pw, 0, -h % ph, 0, -t % pt))
-        x = self.proj(x)  # (B, D, T', H', W')
-        return x.flatten(2).transpose(1, 2)  # (B, T'*H'*W', D), t-major then row-major
-
-
-class TimestepEmbedder(nn.Module):
-    """Scalar timesteps to vectors: 256 sinusoidal features [cos, sin], then an MLP."""
-
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
-        super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size),
-            nn.SiLU(),
-            nn.Linear(hidden_size, hidden_size),
-        )
-        self.frequency_embedding_size = frequency_embedding_size
-
-    @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
-        """(B,) -> (B, dim) float32: [cos(t*f_k), sin(t*f_k)], f_k = exp(-ln(max_period) k / (dim/2))."""
-        half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]  # (B, half)
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # cosine first (unlike the pos embed)
-        if dim % 2:
-            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-        return emb
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (B, 256) float32
-        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (B, D)
-
-
-class CaptionEmbedder(nn.Module):
-    """Text-encoder features to hidden size; in training, drops whole captions to the stored null caption."""
-
-    def __init__(self, in_channels: int, hidden_size: int, uncond_prob: float, token_num: int = 120):
-        super().__init__()
-        self.y_proj = Mlp(in_channels, hidden_size, hidden_size)
-        # the null caption for classifier-free guidance: a saved, untrained buffer (L, C_text)
-        self.register_buffer("y_embedding", torch.randn(token_num, in_channels) / in_channels**0.5)
-        self.uncond_prob = uncond_prob
-
-    def token_drop(self, caption: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Replace the captions of dropped samples (prob uncond_prob, or force_drop_ids == 1) by the null caption."""
-        if force_drop_ids is None:
-            drop = torch.rand(caption.shape[0], device=caption.device) < self.uncond_prob
-        else:
-            drop = torch.as_tensor(force_drop_ids, device=caption.device) == 1
-        null = self.y_embedding.to(caption.dtype)  # (L, C_text)
-        return torch.where(drop[:, None, None, None], null, caption)  # (B, 1, L, C_text)
-
-    def forward(self, caption: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if (train and self.uncond_prob > 0) or force_drop_ids is not None:
-            if caption.shape[2:] != self.y_embedding.shape:
-                raise ValueError(f"caption dropout needs captions (B, 1, {', '.join(map(str, self.y_embedding.shape))}), got {tuple(caption.shape)}")
-            caption = self.token_drop(caption, force_drop_ids)  # the mask is left as is (reference Q3)
-        return self.y_proj(caption)  # (B, 1, L, D)
-
-
-# ---------------------------------------------------------------- attention
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention over the middle axis of (batch, tokens, D)."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        assert dim % num_heads == 0, f"hidden size {dim} is not divisible by {num_heads} heads"
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)  # rows [q; k; v], each head-major
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape  # (B', N', D)
-        qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B', heads, N', Dh)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B', heads, N', Dh), scale Dh^-0.5
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))  # (B', N', D)
-
-
-class MultiHeadCrossAttention(nn.Module):
-    """Video tokens attend to their own sample's valid text tokens (key-padding mask per sample)."""
-
-    def __init__(self, d_model: int, num_heads: int):
-        super().__init__()
-        assert d_model % num_heads == 0, f"hidden size {d_model} is not divisible by {num_heads} heads"
-        self.num_heads, self.head_dim = num_heads, d_model // num_heads
-        self.q_linear = nn.Linear(d_model, d_model)
-        self.kv_linear = nn.Linear(d_model, 2 * d_model)  # rows [k; v], each head-major
-        self.proj = nn.Linear(d_model, d_model)
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, N, D), y (B, L, D), mask (B, L) bool (True = real token) or None (all real)."""
-        b, n, d = x.shape
-        q = self.q_linear(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, Dh)
-        kv = self.kv_linear(y).view(b, y.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, heads, L, Dh)
-        attn_mask, empty = None, None
-        if mask is not None:
-            # A sample with no valid token attends to nothing: give it a full mask (no NaN) and zero its output.
-            empty = ~mask.any(dim=1)  # (B,)
-            attn_mask = (mask | empty[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=attn_mask)  # (B, heads, N, Dh)
-        if empty is not None:
-            out = out.masked_fill(empty[:, None, None, None], 0.0)  # no `if empty.any()`: no host sync
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))  # (B, N, D)
-
-
-# ---------------------------------------------------------------- blocks
-
-
-class STDiTBlock(nn.Module):
-    """adaLN-single block: spatial attention, temporal attention, cross attention to text, MLP."""
-
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
-        super().__init__()
-        # registration order fixes the state-dict key order: table, attn, cross_attn, mlp, attn_temp
-        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
-        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
-        self.attn = Attention(hidden_size, num_heads)
-        self.cross_attn = MultiHeadCrossAttention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.attn_temp = Attention(hidden_size, num_heads)
-
-    def forward(self, x, y, t0, mask, num_frames: int, tpe: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T*S, D), y (B, L, D), t0 (B, 6D), mask (B, L) bool or None, tpe (1, T, D) in block 0 only."""
-        b, n, d = x.shape
-        t_, s = num_frames, n // num_frames
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.scale_shift_table[None] + t0.reshape(b, 6, d)
-        ).chunk(6, dim=1)  # each (B, 1, D)
-
-        # spatial attention on the modulated norm: tokens of one frame attend to each other
-        x_m = t2i_modulate(self.norm1(x), shift_msa, scale_msa)  # (B, T*S, D)
-        x_s = self.attn(x_m.reshape(b * t_, s, d))  # (B*T, S, D)
-        x = x + self.drop_path(gate_msa * x_s.reshape(b, n, d))  # (B, T*S, D)
-
-        # temporal attention on the raw residual stream, reusing gate_msa (reference Q1)
-        x_t = x.reshape(b, t_, s, d).transpose(1, 2).reshape(b * s, t_, d)  # (B*S, T, D)
-        if tpe is not None:
-            x_t = x_t + tpe  # temporal pos embed enters the attention input only, never the stream
-        x_t = self.attn_temp(x_t)  # (B*S, T, D)
-        x_t = x_t.reshape(b, s, t_, d).transpose(1, 2).reshape(b, n, d)  # (B, T*S, D)
-        x = x + self.drop_path(gate_msa * x_t)
-
-        # cross attention to the caption: no norm, no modulation, no gate (reference Q3)
-        x = x + self.cross_attn(x, y, mask)  # (B, T*S, D)
-
-        # MLP on the modulated norm
-        x = x + self.drop_path(gate_mlp * self.mlp(t2i_modulate(self.norm2(x), shift_mlp, scale_mlp)))
-        return x  # (B, T*S, D)
-
-
-class T2IFinalLayer(nn.Module):
-    """Final adaLN-single layer (conditioned on the raw t) projecting tokens to patches of C_out channels."""
-
-    def __init__(self, hidden_size: int, num_patch: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
-        self.linear = nn.Linear(hidden_size, num_patch * out_channels)
-        self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # each (B, 1, D)
-        return self.linear(t2i_modulate(self.norm_final(x), shift, scale))  # (B, N, pt*ph*pw*C_out)
 
 
 # ---------------------------------------------------------------- the model
@@ -341,7 +107,7 @@ class STDiT(nn.Module):
         self.num_temporal = self.grid_size[0]
         self.num_spatial = self.grid_size[1] * self.grid_size[2]
 
-        # positional buffers: saved in the state dict, but always recomputed from the config (reference Q8)
+        # positional buffers: saved in the state dict, but always recomputed from the config (opensora/utils/ckpt_utils.py)
         self.register_buffer("pos_embed", self.get_spatial_pos_embed())  # (1, S, D)
         self.register_buffer("pos_embed_temporal", self.get_temporal_pos_embed())  # (1, T', D)
 
@@ -419,7 +185,7 @@ class STDiT(nn.Module):
         timestep = torch.as_tensor(timestep, device=x.device)
         if timestep.ndim == 0:
             timestep = timestep.expand(b)
-        timestep = timestep.to(dtype)  # cast before the sinusoid, as Open-Sora does (reference Q16)
+        timestep = timestep.to(dtype)  # cast before the sinusoid, as opensora/models/stdit/stdit.py does
         y = y.to(dtype)
         if y.ndim == 3:
             y = y[:, None]  # (B, 1, L, C_text)
@@ -452,7 +218,7 @@ class STDiT(nn.Module):
             else:
                 x = block(*args)  # (B, T*S, D)
 
-        x = self.final_layer(x, t)  # (B, T*S, pt*ph*pw*C_out), conditioned on the raw t (reference Q2)
+        x = self.final_layer(x, t)  # (B, T*S, pt*ph*pw*C_out), conditioned on the raw t (opensora/models/stdit/stdit.py)
         x = self.unpatchify(x)  # (B, C_out, T'*pt, H'*ph, W'*pw)
         return x[:, :, :t_in, :h_in, :w_in].float()  # crop the right padding: (B, C_out, T, H, W)
 

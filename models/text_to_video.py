@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .noise import randn
+
 
 @dataclass
 class TextToVideo:
@@ -52,7 +54,7 @@ class TextToVideo:
         self.stdit.eval()
         generator = torch.Generator().manual_seed(seed)
         cond = self.text_encoder.encode(prompts)  # y (B, 1, L, C_text), mask (B, L)
-        z = torch.randn((len(prompts), *self.latent_shape), generator=generator)  # (B, C, T, H/f, W/f)
+        z = randn((len(prompts), *self.latent_shape), generator, "cpu")  # (B, C, T, H/f, W/f)
         latents = self.scheduler.sample(
             self.stdit,
             z,

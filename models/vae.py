@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from diffusers import AutoencoderKL
 
+from .noise import randn
+
 
 class VideoVAE(nn.Module):
     """Per-frame AutoencoderKL with Open-Sora's scaling factor and optional micro-batching over frames."""
@@ -84,11 +86,7 @@ class VideoVAE(nn.Module):
         mean, std = self.encode_moments(x)
         if not sample:
             return mean
-        if generator is None:
-            noise = torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
-        else:
-            noise = torch.randn(mean.shape, generator=generator, device=generator.device, dtype=mean.dtype).to(mean.device)
-        return mean + std * noise
+        return mean + std * randn(mean.shape, generator, mean.device, mean.dtype)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

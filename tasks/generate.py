@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from prefect import task
 
 from soraflow.configs.schema import SoraFlowConfig
 from soraflow.storage.layout import DataRoot
@@ -87,3 +88,10 @@ def generate_videos(
         gifs.append(write_gif(out / f"{name}.gif", f, fps=cfg.video.fps, scale=gif_scale))
         frames.append(f)
     return GenerateResult(mp4s, gifs, list(prompts), source, time.perf_counter() - started, frames)
+
+
+@task(name="generate", retries=1)
+def generate_task(prompts: list[str], version: str, config: SoraFlowConfig, data_root: str) -> dict:
+    """Generate from a registered model version through the registry (as a user would)."""
+    result = generate_videos(config, DataRoot(data_root), prompts, model_ref=version, progress=False)
+    return {"videos": [str(p) for p in result.videos], "gifs": [str(p) for p in result.gifs], "weights": result.weights}

@@ -4,7 +4,7 @@ Both schedulers offer:
 
     sample_timesteps(batch_size, device, generator=None) -> t (B,)   the model's time scale (0..999 or 0..1000)
     training_loss(model, x0, model_kwargs, t=None, noise=None, generator=None) -> {"loss": (B,), ...}
-    fixed_loss(model, x0, model_kwargs, t, noise)                     the same at given t and noise
+                                                                     (given t and noise: deterministic validation)
     sample(model, z, model_kwargs, y_null, cfg_scale=None, num_steps=None, progress=False, generator=None) -> x0
 
 with x0, z (B, C, T, H, W), model_kwargs {"y": (B, 1, L, C_text), "mask": (B, L)} and y_null the

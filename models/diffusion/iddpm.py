@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..noise import randn
+
 # ---------------------------------------------------------------- closed forms (pure functions)
 
 
@@ -187,13 +189,6 @@ def forward_with_cfg(model: Callable, x: torch.Tensor, timestep: torch.Tensor, y
     return torch.cat([guided, cond[:, cfg_channel:]], dim=1)  # (n, C_out, ...)
 
 
-def randn(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
-    """Normal noise from `generator` (on its own device, then moved) or from the global RNG."""
-    if generator is None:
-        return torch.randn(shape, device=device, dtype=dtype)
-    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
-
-
 def expand_null(y_null: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The null caption, (L, C), (1, 1, L, C) or (n, 1, L, C), as (n, 1, L, C) like y, on y's device and dtype."""
     y_null = y_null.to(device=y.device, dtype=y.dtype)
@@ -212,7 +207,7 @@ class IDDPM:
         self.num_timesteps = num_train_timesteps
         self.num_sampling_steps = num_sampling_steps
         self.cfg_scale = cfg_scale
-        self.cfg_channel = cfg_channel  # v1.0 guides eps channels 0..2 only (reference Q4)
+        self.cfg_channel = cfg_channel  # v1.0 guides eps channels 0..2 only (opensora/schedulers/iddpm/__init__.py)
         self.diffusion = GaussianDiffusion(linear_betas(num_train_timesteps))
         self._spaced: dict[int, tuple[GaussianDiffusion, torch.Tensor]] = {}
 
@@ -246,11 +241,6 @@ class IDDPM:
         vb = self.diffusion.vb_terms_bpd(frozen, x0.float(), x_t.float(), t)  # (B,)
         mse = mean_flat((noise.float() - eps) ** 2)  # (B,)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
-
-    def fixed_loss(self, model: Callable, x0: torch.Tensor, model_kwargs: dict, t: torch.Tensor,
-                   noise: torch.Tensor) -> dict[str, torch.Tensor]:
-        """training_loss at given timesteps and noise (deterministic validation)."""
-        return self.training_loss(model, x0, model_kwargs, t=t, noise=noise)
 
     @torch.no_grad()
     def sample(self, model: Callable, z: torch.Tensor, model_kwargs: dict, y_null: torch.Tensor | None,

@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .iddpm import expand_null, mean_flat, randn
+from ..noise import randn
+from .iddpm import expand_null, mean_flat
 
 
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -71,11 +72,6 @@ class RFlow:
         x_t = interpolate(x0, noise, t / self.num_timesteps)  # (B, C, T, H, W)
         v = model(x_t, t, **model_kwargs).float()[:, : x0.shape[1]]  # (B, C, T, H, W); drop sigma channels if any
         return {"loss": mean_flat((v - velocity_target(x0, noise).float()) ** 2)}
-
-    def fixed_loss(self, model: Callable, x0: torch.Tensor, model_kwargs: dict, t: torch.Tensor,
-                   noise: torch.Tensor) -> dict[str, torch.Tensor]:
-        """training_loss at given times and noise (deterministic validation)."""
-        return self.training_loss(model, x0, model_kwargs, t=t, noise=noise)
 
     @torch.no_grad()
     def sample(self, model: Callable, z: torch.Tensor, model_kwargs: dict, y_null: torch.Tensor | None,

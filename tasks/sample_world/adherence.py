@@ -1,7 +1,7 @@
 """Prompt adherence for the synthetic sample data: does a video show the colour, shape and
 motion its prompt names?
 
-The sample source (tasks/sample_source/scenes.py) draws one coloured shape (circle, square,
+The sample source (tasks/sample_world/scenes.py) draws one coloured shape (circle, square,
 triangle) moving in one direction (left, right, up, down) on a plain background, and
 captions it. For such a video, the attributes can be read back from the pixels:
 
@@ -20,7 +20,7 @@ captions it. For such a video, the attributes can be read back from the pixels:
 
 `score_videos` compares that with what each prompt names and reports accuracy per
 attribute, all three at once, and the chance level of each. Palette and vocabulary are
-arguments; the defaults come from tasks.sample_source.scenes, imported only when needed.
+arguments; the defaults come from tasks/sample_world/scenes.py, imported only when needed.
 """
 
 from __future__ import annotations
@@ -311,8 +311,10 @@ def score_videos(
     return {"accuracy": accuracy, "chance": chance, "counts": counts, "n_videos": len(videos), "unparsed": unparsed, "rows": rows}
 
 
-def flat_metrics(result: dict, prefix: str = "adherence_") -> dict[str, float]:
-    """score_videos' accuracies and chance levels as flat floats for MLflow / Prefect tables."""
+def flat_metrics(result: dict, prefix: str = "adherence_", chance_prefix: str | None = "chance_") -> dict[str, float]:
+    """score_videos' accuracies ("adherence_color", ...) and chance levels ("chance_color", ...;
+    none if chance_prefix is None) as flat floats, the metric names evaluation logs to MLflow."""
     out = {f"{prefix}{a}": float(v) for a, v in result["accuracy"].items()}
-    out.update({f"{prefix}{a}_chance": float(v) for a, v in result["chance"].items()})
+    if chance_prefix is not None:
+        out.update({f"{chance_prefix}{a}": float(v) for a, v in result["chance"].items()})
     return out

@@ -423,7 +423,7 @@ def test_tiny_stdit_overfits_one_batch(kind, steps, ratio):
 
     def val() -> float:
         with torch.no_grad():
-            return s.fixed_loss(m.eval(), x0.repeat(8, 1, 1, 1, 1), kw_val, t_val, noise_val)["loss"].mean().item()
+            return s.training_loss(m.eval(), x0.repeat(8, 1, 1, 1, 1), kw_val, t=t_val, noise=noise_val)["loss"].mean().item()
 
     before = val()
     opt = torch.optim.AdamW(m.train().parameters(), lr=3e-3, weight_decay=0.0)

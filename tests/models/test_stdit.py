@@ -8,11 +8,10 @@ import pytest
 import soraflow.models.stdit as stdit_mod
 import torch
 import torch.nn.functional as F
+from soraflow.models.layers import PatchEmbed3D, TimestepEmbedder
 from soraflow.models.stdit import (
     STDIT_PRESETS,
-    PatchEmbed3D,
     STDiT,
-    TimestepEmbedder,
     build_stdit,
     drop_positional_buffers,
     stdit_config,

@@ -87,7 +87,11 @@ def test_clean_videos_score_perfectly():
     assert result["chance"] == pytest.approx({"color": 0.25, "shape": 1 / 3, "direction": 0.25, "all": 1 / 48})
     assert all(r["confidence"] > 0.3 for r in result["rows"])
     m = flat_metrics(result)
-    assert m["adherence_all"] == 1.0 and m["adherence_all_chance"] == pytest.approx(1 / 48)
+    assert m["adherence_all"] == 1.0 and m["chance_all"] == pytest.approx(1 / 48)
+    # the names evaluation logs: adherence_* and chance_* for samples, recon_adherence_* for the ceiling
+    assert set(m) == {f"{k}_{a}" for k in ("adherence", "chance") for a in ("color", "shape", "direction", "all")}
+    assert flat_metrics(result, prefix="recon_adherence_", chance_prefix=None) == {
+        f"recon_adherence_{a}": 1.0 for a in ("color", "shape", "direction", "all")}
 
 
 def test_detection_details():

@@ -1,4 +1,4 @@
-"""tasks/sample_source: vocabulary, scene rendering, the seeded plan, and the loopback SampleServer
+"""tasks/sample_world: vocabulary, scene rendering, the seeded plan, and the loopback SampleServer
 (HD-VG metadata, Inter4k redirect + zip, Pexels API, Range, rate limit, injected faults)."""
 
 from __future__ import annotations
