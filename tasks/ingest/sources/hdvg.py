@@ -34,7 +34,8 @@ from soraflow.storage.layout import DataRoot, UnsafePathError, atomic_output, sa
 from soraflow.storage.manifest import new_row, reject
 from soraflow.storage.video_io import VideoError, VideoInfo
 from soraflow.tasks.ingest.sources import describe, probe_downloaded, probe_or_none, video_row
-from soraflow.tasks.ingest.http import BadInputError, TransientError, download_file, get_json
+from soraflow.tasks.ingest.http import BadInputError, TransientError, get_json
+from soraflow.tasks.ingest.resumable_download import download_file
 
 log = logging.getLogger(__name__)
 

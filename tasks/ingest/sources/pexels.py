@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 from soraflow.configs.schema import HttpConfig, SourceConfig
 from soraflow.storage.layout import DataRoot, safe_id
 from soraflow.tasks.ingest.sources import probe_downloaded, probe_or_none, video_row
-from soraflow.tasks.ingest.http import BadInputError, download_file, get_json, rate_limit_wait
+from soraflow.tasks.ingest.http import BadInputError, get_json, rate_limit_wait
+from soraflow.tasks.ingest.resumable_download import download_file
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ entry points against the loopback SampleServer with injected faults. Sleeps are 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -57,7 +58,7 @@ def files_under(path: Path) -> set[Path]:
 
 @pytest.fixture
 def http_cfg():
-    return HttpConfig(timeout_s=5, max_retries=3, backoff_base_s=1.0, backoff_max_s=30.0)
+    return HttpConfig(timeout_s=5, max_retries=3, backoff_base_s=1.0, backoff_max_s=30.0, allow_hosts=["127.0.0.1"])
 
 
 # ---------------------------------------------------------------- HD-VG: spans, routing, ids (no server)
@@ -387,10 +388,11 @@ class MiniSource:
             body = bytes(len(body) // 2) + body[len(body) // 2 :]  # the header boxes are zeros
         start = 0
         rng = h.headers.get("Range")
-        if rng:
+        etag = f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+        if rng and h.headers.get("If-Range", etag) == etag:  # a changed file is sent whole
             start = int(rng.split("=")[1].split("-")[0])
         part = body[start:]
-        headers = {"Accept-Ranges": "bytes"}
+        headers = {"Accept-Ranges": "bytes", "ETag": etag}
         if start:
             headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
         if fault in ("reset", "truncate"):
@@ -441,6 +443,7 @@ class MiniSource:
 
 
 def _fast_http(**kw) -> HttpConfig:
+    kw.setdefault("allow_hosts", ["127.0.0.1"])  # the test server is on loopback
     return HttpConfig(timeout_s=5, max_retries=3, backoff_base_s=1.0, backoff_max_s=30.0, **kw)
 
 
