@@ -6,6 +6,7 @@ import hashlib
 import inspect
 import json
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 from prefect.tasks import exponential_backoff
@@ -19,6 +20,9 @@ from soraflow.storage.manifest import ManifestError
 BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ManifestError, UnsafePathError, CheckpointError, FileNotFoundError, ValueError)
 RETRY_DELAYS = exponential_backoff(backoff_factor=2)  # 2, 4, 8 s
 RETRY_JITTER = 0.5
+# A cached stage result is trusted for at most this long (and only while its files exist: the
+# ingest flow checks them, tasks/ingest/shard_tasks.checked_result); then the stage runs again.
+STAGE_CACHE_EXPIRATION = timedelta(days=30)
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:

@@ -346,7 +346,7 @@ def get_json(
                 raise _Retry(f"truncated body: {raw_n} of {declared} bytes")
             try:
                 data = json.loads(bytes(body))
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also ints over Python's digit limit
                 raise BadInputError(f"{ctx.url}: not valid JSON ({ctx.describe(e)})") from None
             return data, resp.headers
 
