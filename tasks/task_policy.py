@@ -13,6 +13,7 @@ from prefect.tasks import exponential_backoff
 
 from soraflow.configs.schema import ConfigError
 from soraflow.storage.checkpoints import CheckpointError
+from soraflow.storage.faults import EnvironmentFault
 from soraflow.storage.layout import UnsafePathError
 from soraflow.storage.manifest import ManifestError
 
@@ -26,12 +27,16 @@ STAGE_CACHE_EXPIRATION = timedelta(days=30)
 
 
 def retry_unless_bad_input(task, task_run, state) -> bool:
-    """Prefect retry_condition_fn: retry transient failures (network, disk, worker loss) only."""
+    """Prefect retry_condition_fn: retry transient failures (network, worker loss) only.
+
+    Not retried: bad input (already a rejected row, or a config error), and an EnvironmentFault
+    (disk full, out of memory: storage.faults), which fails the run at once with its one-line
+    message; it was never cached, so the rerun after the fault is fixed resumes."""
     try:
         exc = state.result(raise_on_failure=False)
     except Exception as e:  # the result itself could not be read: treat as transient
         exc = e
-    return not isinstance(exc, BAD_INPUT_ERRORS)
+    return not isinstance(exc, (*BAD_INPUT_ERRORS, EnvironmentFault))
 
 
 def root_instance_id(root: str | Path) -> str:

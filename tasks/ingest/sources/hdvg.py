@@ -36,7 +36,7 @@ from soraflow.storage.layout import DataRoot, UnsafePathError, atomic_output, fi
 from soraflow.storage.manifest import new_row, reject
 from soraflow.storage.video_io import VideoError, VideoInfo
 from soraflow.tasks.ingest.sources import describe, probe_downloaded, probe_or_none, video_row
-from soraflow.tasks.ingest.http import BadInputError, TransientError, get_json
+from soraflow.tasks.ingest.http import BadInputError, TransientError, check_url, get_json
 from soraflow.tasks.ingest.resumable_download import download_file
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ def ytdlp_fetch(url: str, dest: Path, http: HttpConfig, session=None, sleep=None
     """Fetch one video with the yt_dlp Python API into `dest`."""
     import yt_dlp
 
+    check_url(url, http)  # yt-dlp fetches by itself: at least the page URL goes through the URL policy
     try:
         with yt_dlp.YoutubeDL(ytdlp_options(dest, http)) as ydl:
             ydl.download([url])
