@@ -137,11 +137,22 @@ class _Ctx:
 
 
 def check_url(url: str, cfg: HttpConfig) -> str:
-    """`url` if the URL policy allows it (module docstring), else BadInputError naming why."""
+    """`url` if the URL policy allows it (module docstring), else BadInputError naming why.
+
+    A resolver that fails for now raises url_policy.DnsUnavailable (a ConnectionError): the
+    request loop retries it as a network fault."""
     try:
         return url_policy.check_url(url, cfg)
     except url_policy.UrlRefused as e:
         raise BadInputError(str(e)) from None
+
+
+def _check_first(url: str, cfg: HttpConfig) -> None:
+    """The early check before any file is touched; a DNS outage is left to the retried request loop."""
+    try:
+        check_url(url, cfg)
+    except url_policy.DnsUnavailable:
+        pass
 
 
 def backoff_delay(attempt: int, cfg: HttpConfig, rng: Callable[[], float] | None = None) -> float:
@@ -252,7 +263,10 @@ def _get(session: requests.Session, url: str, ctx: _Ctx, cfg: HttpConfig, deadli
     """GET with the URL policy on every hop: redirects followed here, secrets kept to their origin."""
     current, hdrs = url, dict(headers)
     for _hop in range(cfg.max_redirects + 1):
-        check_url(current, cfg)
+        try:
+            check_url(current, cfg)
+        except url_policy.DnsUnavailable as e:
+            raise _Retry(ctx.msg(str(e))) from None
         left = deadline.check()
         timeout = min(cfg.timeout_s, left)
         try:
@@ -308,7 +322,7 @@ def get_json(
     decompression is ours (zlib with an output bound), so a small gzip bomb stops at the cap."""
     ctx = _Ctx(url, headers, redact, cfg)
     deadline = _Deadline(cfg.listing_deadline_s, ctx)
-    check_url(url, cfg)
+    _check_first(url, cfg)
     cap = min(cfg.max_bytes, cfg.max_json_bytes)
     own = session is None
     sess = session or requests.Session()

@@ -38,8 +38,8 @@ from soraflow.tasks.ingest.http import (
     _request_headers,
     _Retry,
     _run_with_retries,
+    _check_first,
     _status_check,
-    check_url,
 )
 
 
@@ -115,7 +115,7 @@ def download_file(
     """Stream `url` to `dest` (via `dest.part`, resumable), retrying per the module policy."""
     ctx = _Ctx(url, headers, redact, cfg)
     deadline = _Deadline(cfg.deadline_s, ctx)
-    check_url(url, cfg)
+    _check_first(url, cfg)
     dest = Path(dest)
     if expected_size is not None and expected_size > cfg.max_bytes:
         raise BadInputError(f"{ctx.url}: listed size {expected_size} bytes is over the limit of {cfg.max_bytes}")

@@ -32,6 +32,10 @@ class UrlRefused(ValueError):
     """The URL (or a redirect target) is outside the policy; retrying cannot help."""
 
 
+class DnsUnavailable(ConnectionError):
+    """The resolver failed for now (EAI_AGAIN): a network fault, retried like one, never bad input."""
+
+
 def _resolve(host: str, port: int) -> list[str]:
     return sorted({info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)})
 
@@ -93,8 +97,12 @@ def check_url(url: str, cfg: HttpConfig, resolve: Callable[[str, int], list[str]
     except ValueError:
         try:
             ips = resolve(host, port)
-        except (socket.gaierror, UnicodeError) as e:  # no such host: the source is wrong, not the network
-            raise UrlRefused(f"{shown}: host {host!r} does not resolve ({e})") from None
+        except socket.gaierror as e:
+            if e.errno == socket.EAI_AGAIN:
+                raise DnsUnavailable(f"{shown}: name resolution failed for now ({e})") from None
+            raise UrlRefused(f"{shown}: host {host!r} does not resolve ({e})") from None  # no such host: the source is wrong
+        except UnicodeError as e:
+            raise UrlRefused(f"{shown}: host {host!r} is not a valid name ({e})") from None
     for ip in ips:
         why = peer_allowed(ip, host, cfg)
         if why:

@@ -632,3 +632,29 @@ def test_two_concurrent_downloads_of_one_file(server, cfg, tmp_path):
     assert errors == [] and [r.sha256 for r in results] == [SHA, SHA]
     assert (tmp_path / "f.bin").read_bytes() == BODY
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def test_dns_outage_is_retried_not_bad_input(tmp_path, monkeypatch):
+    """EAI_AGAIN is the network failing, so it is retried (TransientError), never a rejected row;
+    a name that does not exist (EAI_NONAME) is bad input."""
+    import socket as socket_module
+
+    from soraflow.tasks.ingest import url_policy
+
+    def again(host, port):
+        raise socket_module.gaierror(socket_module.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(url_policy, "_resolve", again)
+    monkeypatch.setattr(url_policy.check_url, "__defaults__", (again,))
+    sleeps = Sleeps()
+    c = HttpConfig(max_retries=2)
+    with pytest.raises(TransientError, match="name resolution"):
+        download_file("https://videos.example/f.bin", tmp_path / "f.bin", cfg=c, sleep=sleeps)
+    assert len(sleeps) == 2
+
+    def none(host, port):
+        raise socket_module.gaierror(socket_module.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(url_policy.check_url, "__defaults__", (none,))
+    with pytest.raises(BadInputError, match="does not resolve"):
+        get_json("https://nowhere.example/x.json", cfg=c, sleep=Sleeps())
