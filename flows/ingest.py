@@ -62,10 +62,9 @@ def _ranges(n: int, size: int) -> list[tuple[int, int]]:
 
 def download_stage(cfg: SoraFlowConfig, root: DataRoot) -> str:
     """List every source, download its items shard by shard, merge into one manifest."""
-    http = cfg.ingest.http.model_dump()
+    http = cfg.ingest.http
     shard_futures, listings = [], []
-    for source in cfg.ingest.sources:
-        src = source.model_dump()
+    for src in cfg.ingest.sources:
         listing = list_source(src, http, str(root.root))
         listings.append(listing)
         for start, stop in _ranges(listing_len(listing), cfg.ingest.shard_size):
@@ -77,7 +76,7 @@ def download_stage(cfg: SoraFlowConfig, root: DataRoot) -> str:
 
 def mapped_stage(stage: str, manifest: str, cfg: SoraFlowConfig, root: DataRoot) -> str:
     """Map one stage's shard task over the rows of `manifest`, then merge the shard outputs."""
-    section = getattr(cfg.ingest, stage).model_dump()
+    section = getattr(cfg.ingest, stage)  # the validated section (SplitConfig, CaptionConfig, ScoreConfig)
     n = len(read_rows(manifest))
     task_obj = SHARD_TASKS[stage]
     calls = [(manifest, a, b, section, str(root.root)) for a, b in _ranges(n, cfg.ingest.shard_size)]

@@ -52,6 +52,13 @@ def root_instance_id(root: str | Path) -> str:
     return path.read_text().strip()
 
 
+def _jsonable(value):
+    """Config sections (pydantic models) by their field values, anything else by str()."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    return str(value)
+
+
 def stage_cache_key(context, parameters: dict) -> str | None:
     """Cross-run cache key: the task's source + its inputs + the data root's instance id.
 
@@ -65,7 +72,7 @@ def stage_cache_key(context, parameters: dict) -> str | None:
         source = inspect.getsource(context.task.fn)
     except (OSError, TypeError):
         return None
-    blob = json.dumps(parameters, sort_keys=True, default=str) + source + root_instance_id(root)
+    blob = json.dumps(parameters, sort_keys=True, default=_jsonable) + source + root_instance_id(root)
     return f"{context.task.name}-{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
 
 

@@ -251,11 +251,14 @@ def _body_chunks(resp: requests.Response, deadline: _Deadline, decode: bool = Tr
 
 def _peer_ip(resp: requests.Response) -> str | None:
     """The address the response came from (None when the connection is no longer at hand)."""
-    try:
-        sock = resp.raw.connection.sock
-        return sock.getpeername()[0] if sock is not None else None
-    except (AttributeError, OSError):
-        return None
+    for get in (lambda: resp.raw.connection.sock, lambda: resp.raw._fp.fp.raw._sock):  # urllib3 2.x, http.client
+        try:
+            sock = get()
+            if sock is not None:
+                return sock.getpeername()[0]
+        except (AttributeError, OSError):
+            continue
+    return None
 
 
 def _get(session: requests.Session, url: str, ctx: _Ctx, cfg: HttpConfig, deadline: _Deadline,

@@ -1,7 +1,8 @@
 """The ingest stages as Prefect tasks: one shard in, one shard manifest out.
 
 Each task wraps a plain stage function (tasks/ingest/sources, scene_split, caption, score) and
-passes only paths and small config dicts. A retry repeats one shard; bad input never
+takes the validated config section it needs (SourceConfig, HttpConfig, SplitConfig, ...:
+validated once, when the flow loaded the config) plus paths; it returns the manifest path. A retry repeats one shard; bad input never
 retries (it is already a rejected row); outputs are content-addressed manifests, so a
 task is cached across runs on its inputs and source.
 
@@ -62,7 +63,7 @@ def listing_path(root: DataRoot, items: list[dict]) -> Path:
 
 @task(name="list-source", retries=3, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=RETRY_JITTER,
       retry_condition_fn=retry_unless_bad_input, result_serializer="json")
-def list_source(source: dict, http: dict, data_root: str) -> str:
+def list_source(source: SourceConfig, http: HttpConfig, data_root: str) -> str:
     """Ask one source what it has (metadata file, zip, or API pages) and store the listing.
 
     A source that cannot be listed gives a one-item listing that becomes a rejected row naming
@@ -70,7 +71,7 @@ def list_source(source: dict, http: dict, data_root: str) -> str:
     the source holds today."""
     from soraflow.tasks.ingest.sources import list_items_or_error
 
-    items = list_items_or_error(SourceConfig.model_validate(source), HttpConfig.model_validate(http), DataRoot(data_root))
+    items = list_items_or_error(source, http, DataRoot(data_root))
     path = listing_path(DataRoot(data_root), items)
     if not path.exists():
         atomic_write_text(path, json.dumps(items, indent=1, sort_keys=True))
@@ -82,42 +83,42 @@ def listing_len(path: str) -> int:
 
 
 @task(name="download-shard", **_task_options)
-def download_shard(source: dict, listing: str, start: int, stop: int, http: dict, data_root: str) -> str:
+def download_shard(source: SourceConfig, listing: str, start: int, stop: int, http: HttpConfig, data_root: str) -> str:
     """Download items [start, stop) of a listing; failures of single items become rejected rows."""
     from soraflow.tasks.ingest.sources import download_items
 
     items = json.loads(Path(listing).read_text())[start:stop]
-    rows = download_items(SourceConfig.model_validate(source), items, DataRoot(data_root), HttpConfig.model_validate(http))
+    rows = download_items(source, items, DataRoot(data_root), http)
     return str(write_manifest(rows, "download-shards", DataRoot(data_root), inputs=[listing]))
 
 
 @task(name="split-shard", **_task_options)
-def split_shard(manifest: str, start: int, stop: int, split: dict, data_root: str) -> str:
+def split_shard(manifest: str, start: int, stop: int, split: SplitConfig, data_root: str) -> str:
     """Detect scenes and cut clips for rows [start, stop) of a manifest."""
     from soraflow.tasks.ingest.scene_split import split_rows
 
     rows = read_rows(manifest)[start:stop]
-    out = split_rows(rows, DataRoot(data_root), SplitConfig.model_validate(split))
+    out = split_rows(rows, DataRoot(data_root), split)
     return str(write_manifest(out, "split-shards", DataRoot(data_root), inputs=[manifest]))
 
 
 @task(name="caption-shard", **_task_options)
-def caption_shard(manifest: str, start: int, stop: int, caption: dict, data_root: str) -> str:
+def caption_shard(manifest: str, start: int, stop: int, caption: CaptionConfig, data_root: str) -> str:
     """Caption rows [start, stop) with the configured captioners, in order."""
     from soraflow.tasks.ingest.caption import caption_rows
 
     rows = read_rows(manifest)[start:stop]
-    out = caption_rows(rows, CaptionConfig.model_validate(caption))
+    out = caption_rows(rows, caption)
     return str(write_manifest(out, "caption-shards", DataRoot(data_root), inputs=[manifest]))
 
 
 @task(name="score-shard", **_task_options)
-def score_shard(manifest: str, start: int, stop: int, score: dict, data_root: str) -> str:
+def score_shard(manifest: str, start: int, stop: int, score: ScoreConfig, data_root: str) -> str:
     """Motion (and aesthetic, when configured) scores and threshold filters for rows [start, stop)."""
     from soraflow.tasks.ingest.score import score_rows
 
     rows = read_rows(manifest)[start:stop]
-    out, notes = score_rows(rows, ScoreConfig.model_validate(score))
+    out, notes = score_rows(rows, score)
     return str(write_manifest(out, "score-shards", DataRoot(data_root), inputs=[manifest], extra={"notes": notes}))
 
 

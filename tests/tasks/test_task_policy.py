@@ -55,3 +55,13 @@ def test_stage_results_expire_and_are_json():
     for t in (download_shard, split_shard, merge_shards):
         assert t.cache_expiration == STAGE_CACHE_EXPIRATION and t.result_serializer == "json", t.name
     assert list_source.result_serializer == "json" and list_source.cache_key_fn is None
+
+
+def test_cache_key_reads_config_sections_by_value(tmp_path):
+    from soraflow.configs.schema import SplitConfig
+
+    ctx = SimpleNamespace(task=SimpleNamespace(fn=_task_fn, name="t"))
+    root = str(tmp_path / "root")
+    k = stage_cache_key(ctx, {"a": SplitConfig(fps=24.0), "data_root": root})
+    assert k == stage_cache_key(ctx, {"a": SplitConfig(fps=24.0), "data_root": root})
+    assert k != stage_cache_key(ctx, {"a": SplitConfig(fps=30.0), "data_root": root})

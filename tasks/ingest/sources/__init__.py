@@ -30,7 +30,7 @@ import requests
 
 from soraflow.configs.schema import HttpConfig, SourceConfig
 from soraflow.storage.faults import raise_if_environment
-from soraflow.storage.layout import DataRoot, UnsafePathError
+from soraflow.storage.layout import DataRoot, LockHeldError, UnsafePathError
 from soraflow.storage.manifest import new_row, reject
 from soraflow.storage.redact import redact_text, redact_url
 from soraflow.storage.video_io import VideoError, VideoInfo, probe_video, sha256_file
@@ -99,8 +99,8 @@ def download_items(
                 continue
             try:
                 rows.extend(mod.download_item(source, item, root, http, session=sess, sleep=sleep))
-            except TransientError:
-                raise  # the network, not this item: Prefect retries the shard
+            except (TransientError, LockHeldError):
+                raise  # the network, or another run holding this file: not this item's fault; the shard is retried
             except Exception as e:  # noqa: BLE001 - one item's failure is its row's rejection
                 raise_if_environment(e, f"{source.kind} item {_item_name(item)}")
                 rows.append(item_error_row(source.kind, item, e))

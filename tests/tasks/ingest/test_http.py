@@ -658,3 +658,23 @@ def test_dns_outage_is_retried_not_bad_input(tmp_path, monkeypatch):
     monkeypatch.setattr(url_policy.check_url, "__defaults__", (none,))
     with pytest.raises(BadInputError, match="does not resolve"):
         get_json("https://nowhere.example/x.json", cfg=c, sleep=Sleeps())
+
+
+def test_dns_rebinding_caught_at_connect(server, tmp_path, monkeypatch):
+    """The name resolved to a public address when checked, then to loopback when requests
+    connected: the address actually reached is checked too, and refused."""
+    import socket as socket_module
+
+    from soraflow.tasks.ingest import url_policy
+
+    real = socket_module.getaddrinfo
+    port = int(server.base_url.rsplit(":", 1)[1])
+
+    def rebinding(host, *a, **k):
+        return real("127.0.0.1" if host == "rebind.example" else host, *a, **k)
+
+    monkeypatch.setattr(url_policy.check_url, "__defaults__", (lambda h, p: ["93.184.216.34"],))
+    monkeypatch.setattr(socket_module, "getaddrinfo", rebinding)
+    with pytest.raises(BadInputError, match="loopback"):
+        download_file(f"http://rebind.example:{port}/f.bin", tmp_path / "f.bin", cfg=HttpConfig(), sleep=Sleeps())
+    assert not (tmp_path / "f.bin").exists()
