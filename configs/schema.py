@@ -61,7 +61,8 @@ class HttpConfig(Section):
     backoff_base_s: float = 1.0  # delay = base * 2**attempt, times a jitter in [0.5, 1.5)
     backoff_max_s: float = 60.0
     max_bytes: int = 4_000_000_000  # refuse bodies larger than this
-    max_json_bytes: int = 20_000_000  # JSON/metadata bodies, after decompression
+    max_json_bytes: int = 20_000_000  # JSON API answers (a Pexels page), after decompression
+    max_metadata_bytes: int = 1_000_000_000  # a metadata file (HD-VG's hdvg_0.json is 234 MB), after decompression
     deadline_s: float = 3600.0  # total wall time of one download, all attempts and waits included
     listing_deadline_s: float = 300.0  # total wall time of one JSON/metadata call
     max_attempts: int = 30  # requests per file, however much each one progressed

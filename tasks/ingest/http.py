@@ -318,15 +318,17 @@ def get_json(
     session: requests.Session | None = None,
     sleep: Callable[[float], None] = time.sleep,
     redact: Iterable[str] = (),
+    metadata_file: bool = False,
 ) -> tuple[Any, requests.structures.CaseInsensitiveDict]:
     """GET `url` and parse its JSON body, retrying per the module policy -> (data, response headers).
 
-    The body is capped at max_json_bytes (and max_bytes) both as sent and as decompressed; the
-    decompression is ours (zlib with an output bound), so a small gzip bomb stops at the cap."""
+    The body is capped at max_json_bytes (a metadata file: max_metadata_bytes), and max_bytes,
+    both as sent and as decompressed; the decompression is ours (zlib with an output bound), so a
+    small gzip bomb stops at the cap. Deadline: listing_deadline_s (a metadata file: deadline_s)."""
     ctx = _Ctx(url, headers, redact, cfg)
-    deadline = _Deadline(cfg.listing_deadline_s, ctx)
+    deadline = _Deadline(cfg.deadline_s if metadata_file else cfg.listing_deadline_s, ctx)
     _check_first(url, cfg)
-    cap = min(cfg.max_bytes, cfg.max_json_bytes)
+    cap = min(cfg.max_bytes, cfg.max_metadata_bytes if metadata_file else cfg.max_json_bytes)
     own = session is None
     sess = session or requests.Session()
 

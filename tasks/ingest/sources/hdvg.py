@@ -54,7 +54,7 @@ _YOUTUBE_HOSTS = ("youtube.com", "youtu.be", "youtube-nocookie.com")
 
 def list_items(source: SourceConfig, http: HttpConfig, root: DataRoot, *, session=None, sleep=time.sleep) -> list[dict]:
     """One item per video of the metadata file, in file order (at most source.max_videos)."""
-    data, _ = get_json(source.url, cfg=http, session=session, sleep=sleep)
+    data, _ = get_json(source.url, cfg=http, session=session, sleep=sleep, metadata_file=True)  # 234 MB for hdvg_0.json
     if not isinstance(data, dict):
         raise BadInputError(f"{source.url}: HD-VG metadata must be an object keyed by video id, got {type(data).__name__}")
     items = []

@@ -611,6 +611,13 @@ def test_json_bomb_stops_at_the_json_cap(server, tmp_path):
         get_json(f"{server.base_url}/bomb.json", cfg=c, sleep=Sleeps())
     with pytest.raises(BadInputError, match="over the limit"):  # plain, undeclared size: counted
         get_json(f"{server.base_url}/bomb.json", cfg=c, sleep=Sleeps())
+    # a metadata file (HD-VG's is 234 MB) has its own, larger cap, bounded the same way
+    big = HttpConfig(allow_hosts=LOOPBACK, max_json_bytes=1_000_000, max_metadata_bytes=40_000_000)
+    assert get_json(f"{server.base_url}/bomb.json", cfg=big, sleep=Sleeps(), metadata_file=True)[0] == []
+    server.inject("/bomb.json", "gzip_json")
+    small_meta = HttpConfig(allow_hosts=LOOPBACK, max_metadata_bytes=2_000_000)
+    with pytest.raises(BadInputError, match="over the limit of 2000000"):
+        get_json(f"{server.base_url}/bomb.json", cfg=small_meta, sleep=Sleeps(), metadata_file=True)
 
 
 def test_two_concurrent_downloads_of_one_file(server, cfg, tmp_path):
