@@ -279,7 +279,8 @@ def _get(session: requests.Session, url: str, ctx: _Ctx, cfg: HttpConfig, deadli
         except _NETWORK_ERRORS as e:
             raise _Retry(ctx.describe(e)) from None
         peer = _peer_ip(resp)
-        why = peer and url_policy.peer_allowed(peer, url_policy.origin(current)[1], cfg)
+        _, host, port = url_policy.origin(current)
+        why = peer and url_policy.peer_allowed(peer, host, cfg, port)
         if why:  # the name resolved differently at connect time than when it was checked
             resp.close()
             raise BadInputError(ctx.msg(f"{redact_url(current)}: refused: {why}"))

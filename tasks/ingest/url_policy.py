@@ -8,8 +8,9 @@
 The policy: http and https only, a host, and every address the host resolves to must be a
 public one. Loopback, private (RFC 1918, fc00::/7), link-local (169.254/16, fe80::/10, the
 cloud metadata endpoints), multicast, reserved, unspecified and shared (100.64/10) addresses
-are refused unless the host is listed in `http.allow_hosts` (a name, an IP, or a CIDR network
-the resolved addresses fall in). Checked for the first URL and again for every redirect hop;
+are refused unless the host is listed in `http.allow_hosts`: a name, an IP or a CIDR network the
+resolved addresses fall in, any port; or `host:port` for that port only (the sample source
+allow-lists exactly its own `127.0.0.1:<port>`). Checked for the first URL and again for every redirect hop;
 the address a connection reached is checked too (a DNS answer that changed between the check
 and the connect).
 """
@@ -17,6 +18,7 @@ and the connect).
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from typing import Callable, Iterable, Mapping
 from urllib.parse import urlsplit
@@ -53,9 +55,23 @@ def _non_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None
     return None
 
 
-def _allowed(host: str, ips: Iterable[str], cfg: HttpConfig) -> bool:
-    names = {h.strip().lower().strip("[]") for h in cfg.allow_hosts}
-    if host.lower() in names:
+def _entries(cfg: HttpConfig, port: int | None) -> list[str]:
+    """The allow_hosts entries that apply to `port`: 'host' (any port) or 'host:port' / '[v6]:port'."""
+    out = []
+    for entry in cfg.allow_hosts:
+        e = entry.strip().lower()
+        m = re.fullmatch(r"(\[[^\]]+\]|[^:\[\]]+):(\d+)", e)
+        if m:
+            if port is not None and int(m.group(2)) == port:
+                out.append(m.group(1).strip("[]"))
+        else:
+            out.append(e.strip("[]"))
+    return out
+
+
+def _allowed(host: str, ips: Iterable[str], cfg: HttpConfig, port: int | None) -> bool:
+    names = _entries(cfg, port)
+    if host.lower().strip("[]") in names:
         return True
     nets = []
     for h in names:
@@ -67,13 +83,13 @@ def _allowed(host: str, ips: Iterable[str], cfg: HttpConfig) -> bool:
     return bool(addrs) and all(any(a in n for n in nets) for a in addrs)
 
 
-def peer_allowed(ip: str, host: str, cfg: HttpConfig) -> str | None:
-    """None if a connection to `ip` (for `host`) is allowed, else the reason it is not."""
+def peer_allowed(ip: str, host: str, cfg: HttpConfig, port: int | None = None) -> str | None:
+    """None if a connection to `ip` (for `host`, on `port`) is allowed, else the reason it is not."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
     why = _non_public(addr)
-    if why is None or _allowed(host, [ip], cfg):
+    if why is None or _allowed(host, [ip], cfg, port):
         return None
-    return f"{host} resolves to {ip}, a {why} address (add it to http.allow_hosts to allow it)"
+    return f"{host} resolves to {ip}, a {why} address (add it, or host:port, to http.allow_hosts to allow it)"
 
 
 def check_url(url: str, cfg: HttpConfig, resolve: Callable[[str, int], list[str]] = _resolve) -> str:
@@ -104,7 +120,7 @@ def check_url(url: str, cfg: HttpConfig, resolve: Callable[[str, int], list[str]
         except UnicodeError as e:
             raise UrlRefused(f"{shown}: host {host!r} is not a valid name ({e})") from None
     for ip in ips:
-        why = peer_allowed(ip, host, cfg)
+        why = peer_allowed(ip, host, cfg, port)
         if why:
             raise UrlRefused(f"{shown}: refused: {why}")
     return str(url)

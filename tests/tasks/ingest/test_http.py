@@ -685,3 +685,18 @@ def test_dns_rebinding_caught_at_connect(server, tmp_path, monkeypatch):
     with pytest.raises(BadInputError, match="loopback"):
         download_file(f"http://rebind.example:{port}/f.bin", tmp_path / "f.bin", cfg=HttpConfig(), sleep=Sleeps())
     assert not (tmp_path / "f.bin").exists()
+
+
+def test_allow_list_entry_with_a_port_allows_that_port_only(server, tmp_path):
+    """`127.0.0.1:<port>` (what the sample source allow-lists) does not open other local ports."""
+    from soraflow.tasks.ingest.url_policy import UrlRefused, check_url
+
+    hostport = server.base_url.split("://", 1)[1]
+    c = HttpConfig(allow_hosts=[hostport], backoff_base_s=0)
+    assert download_file(f"{server.base_url}/f.bin", tmp_path / "f.bin", cfg=c, sleep=Sleeps()).sha256 == SHA
+    with pytest.raises(UrlRefused, match="loopback"):
+        check_url("http://127.0.0.1:1/admin", c)
+    server.inject("/data.json", "redirect", to="http://127.0.0.1:1/admin")
+    with pytest.raises(BadInputError, match="loopback"):
+        get_json(f"{server.base_url}/data.json", cfg=c, sleep=Sleeps())
+    assert check_url("http://[::1]:8080/x", HttpConfig(allow_hosts=["[::1]:8080"]))
