@@ -56,12 +56,30 @@ class SourceConfig(Section):
 
 
 class HttpConfig(Section):
-    timeout_s: float = 30.0
+    timeout_s: float = 30.0  # per connect / per read
     max_retries: int = 5
     backoff_base_s: float = 1.0  # delay = base * 2**attempt, times a jitter in [0.5, 1.5)
     backoff_max_s: float = 60.0
     max_bytes: int = 4_000_000_000  # refuse bodies larger than this
+    max_json_bytes: int = 20_000_000  # JSON API answers (a Pexels page), after decompression
+    max_metadata_bytes: int = 1_000_000_000  # a metadata file (HD-VG's hdvg_0.json is 234 MB), after decompression
+    deadline_s: float = 3600.0  # total wall time of one download, all attempts and waits included
+    listing_deadline_s: float = 300.0  # total wall time of one JSON/metadata call
+    max_attempts: int = 30  # requests per file, however much each one progressed
+    max_transfer_factor: float = 4.0  # bytes received per file, at most this times its size
+    max_redirects: int = 5
+    # Hosts (names, IPs or CIDR networks) that may resolve to loopback/private/link-local
+    # addresses; everything else must resolve to public addresses only.
+    allow_hosts: list[str] = []
+    secret_headers: list[str] = []  # headers besides Authorization/Cookie/X-API-Key never sent to another origin
     user_agent: str = "SoraFlow/0.1"
+
+    @field_validator("deadline_s", "listing_deadline_s", "timeout_s")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("must be > 0")
+        return v
 
 
 class SplitConfig(Section):

@@ -9,9 +9,9 @@ from prefect.artifacts import create_table_artifact
 
 from soraflow.configs.schema import SoraFlowConfig, config_hash
 from soraflow.flows.params import RunParams
-from soraflow.storage.layout import DataRoot
+from soraflow.storage.layout import DataRoot, file_lock
 from soraflow.storage.manifest import dataset_version, read_rows, summarize
-from soraflow.tasks.ingest.shard_tasks import SHARD_TASKS, download_shard, list_source, listing_len, merge_shards
+from soraflow.tasks.ingest.shard_tasks import SHARD_TASKS, checked_result, download_shard, list_source, listing_len, merge_shards
 from soraflow.tasks.sample_world.plug import sample_source
 
 DATASET_EVENT = "soraflow.dataset.updated"
@@ -24,24 +24,26 @@ def _ranges(n: int, size: int) -> list[tuple[int, int]]:
 
 def download_stage(cfg: SoraFlowConfig, root: DataRoot) -> str:
     """List every source, download its items shard by shard, merge into one manifest."""
-    http = cfg.ingest.http.model_dump()
+    http = cfg.ingest.http
     shard_futures, listings = [], []
-    for source in cfg.ingest.sources:
-        src = source.model_dump()
+    for src in cfg.ingest.sources:
         listing = list_source(src, http, str(root.root))
         listings.append(listing)
         for start, stop in _ranges(listing_len(listing), cfg.ingest.shard_size):
-            shard_futures.append(download_shard.submit(src, listing, start, stop, http, str(root.root)))
-    shards = [f.result() for f in shard_futures]
+            args = (src, listing, start, stop, http, str(root.root))
+            shard_futures.append((download_shard.submit(*args), args))
+    shards = [checked_result(download_shard, f, *args) for f, args in shard_futures]
     return merge_shards(shards, "download", listings, config_hash(cfg), str(root.root))
 
 
 def mapped_stage(stage: str, manifest: str, cfg: SoraFlowConfig, root: DataRoot) -> str:
     """Map one stage's shard task over the rows of `manifest`, then merge the shard outputs."""
-    section = getattr(cfg.ingest, stage).model_dump()
+    section = getattr(cfg.ingest, stage)  # the validated section (SplitConfig, CaptionConfig, ScoreConfig)
     n = len(read_rows(manifest))
-    futures = [SHARD_TASKS[stage].submit(manifest, a, b, section, str(root.root)) for a, b in _ranges(n, cfg.ingest.shard_size)]
-    shards = [f.result() for f in futures]
+    task_obj = SHARD_TASKS[stage]
+    calls = [(manifest, a, b, section, str(root.root)) for a, b in _ranges(n, cfg.ingest.shard_size)]
+    futures = [(task_obj.submit(*args), args) for args in calls]
+    shards = [checked_result(task_obj, f, *args) for f, args in futures]
     return merge_shards(shards, stage, [manifest], config_hash(cfg), str(root.root))
 
 
@@ -92,14 +94,21 @@ def ingest_flow(params: RunParams = RunParams(), trigger_training: bool = True) 
     without asking the retrain deployment to train on it too."""
     log = get_run_logger()
     config, root = params.load()
-    with sample_source(config, root) as cfg:
-        stages = {"download": download_stage(cfg, root)}
-        log.info("download manifest: %s", stages["download"])
-    for stage in ("split", "caption", "score"):
-        previous = list(stages.values())[-1]
-        stages[stage] = mapped_stage(stage, previous, cfg, root)
-        log.info("%s manifest: %s", stage, stages[stage])
-    return publish(stages["score"], cfg, root, stages, retrain=trigger_training)
+    with ingest_lock(root):
+        with sample_source(config, root) as cfg:
+            stages = {"download": download_stage(cfg, root)}
+            log.info("download manifest: %s", stages["download"])
+        for stage in ("split", "caption", "score"):
+            previous = list(stages.values())[-1]
+            stages[stage] = mapped_stage(stage, previous, cfg, root)
+            log.info("%s manifest: %s", stage, stages[stage])
+        return publish(stages["score"], cfg, root, stages, retrain=trigger_training)
+
+
+def ingest_lock(root: DataRoot):
+    """One ingest per data root at a time; a second one stops at once, naming the holder
+    ("... is held by PID 123 on host since 2026-...") instead of racing it for files."""
+    return file_lock(root.lock("ingest"), wait_s=0, what=f"ingest on data root {root.root}")
 
 
 def with_task_runner(flow_obj, cfg: SoraFlowConfig):
@@ -129,10 +138,11 @@ def run_single_stage(name: str, params: RunParams, manifest: str | None) -> dict
 
     @flow(name=f"stage-{name}", log_prints=True)
     def stage_flow() -> str:
-        if name == "download":
-            with sample_source(cfg, root) as c:
-                return download_stage(c, root)
-        return mapped_stage(name, manifest, cfg, root)
+        with ingest_lock(root):
+            if name == "download":
+                with sample_source(cfg, root) as c:
+                    return download_stage(c, root)
+            return mapped_stage(name, manifest, cfg, root)
 
     out = with_task_runner(stage_flow, cfg)()
     return {"stage": name, "manifest": out, "dataset_version": dataset_version(out), **summarize(read_rows(out))}

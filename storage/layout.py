@@ -1,7 +1,8 @@
 """Where things live under the data root, and the guards for names that come from outside.
 
     raw/<source>/<video_id>.<ext>            downloaded originals
-    clips/<source>/<video_id>/<clip_id>.mp4  scene clips
+    clips/<source>/<split>/<video_id>/<clip_id>.mp4  scene clips (<split>: hash of the split settings)
+    locks/<name>.lock                        who holds an activity on this root (flock)
     manifests/<stage>/<hash>.parquet         every stage output, immutable
     cache/<key>/...                          VAE latents + text embeddings
     runs/<run-name>/                         Ray Train storage, checkpoints
@@ -16,13 +17,17 @@ Ids from downloaded data (video ids, clip ids, archive entries) are never truste
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
+import fcntl
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: no trailing newline
 
 
 class UnsafePathError(ValueError):
@@ -32,7 +37,7 @@ class UnsafePathError(ValueError):
 def safe_id(value: object, what: str = "id") -> str:
     """Return `value` if it is a plain file-name-safe id, else raise UnsafePathError naming it."""
     s = str(value)
-    if not _SAFE_ID.match(s) or ".." in s:
+    if not isinstance(value, (str, int)) or isinstance(value, bool) or not _SAFE_ID.fullmatch(s) or ".." in s:
         raise UnsafePathError(f"unsafe {what} {s!r}: ids may hold only letters, digits, '.', '_' and '-' (no '..', max 128)")
     return s
 
@@ -60,6 +65,56 @@ def atomic_output(path: str | Path, suffix: str | None = None) -> Iterator[Path]
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+class LockHeldError(RuntimeError):
+    """Another process holds a lock this one needs; the message says which PID and since when."""
+
+
+def _holder(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        text = ""
+    return text or "another process (no PID recorded)"
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, wait_s: float | None = None, what: str | None = None) -> Iterator[Path]:
+    """Hold an exclusive flock on `path` (created if missing) for the block.
+
+    wait_s=None waits as long as it takes; otherwise LockHeldError after wait_s seconds, naming
+    the holder ("held by PID 123 on host since 2026-...") that wrote itself into the file. The
+    kernel releases the lock when its holder dies (kill -9 included): no stale locks to clean.
+    The file is never deleted (deleting a lock file others wait on would let two hold it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        start = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                if wait_s is not None and time.monotonic() - start >= wait_s:
+                    raise LockHeldError(f"{what or path} is held by {_holder(path)}; wait for it to finish or stop it (lock file {path})") from None
+                time.sleep(0.05)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"PID {os.getpid()} on {os.uname().nodename} since {stamp}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def path_lock_file(path: str | Path) -> Path:
+    """The lock file that guards writes to `path`: outside the data folders (no litter there),
+    one per absolute path, shared by every process on this machine."""
+    key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:32]
+    return Path(tempfile.gettempdir()) / f"soraflow-locks-{os.getuid()}" / f"{key}.lock"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -91,8 +146,15 @@ class DataRoot:
     def raw_dir(self, source: str) -> Path:
         return self._dir("raw", safe_id(source, "source"))
 
-    def clip(self, source: str, video_id: str, clip_id: str) -> Path:
-        return self._dir("clips", safe_id(source, "source"), safe_id(video_id, "video id"), f"{safe_id(clip_id, 'clip id')}.mp4")
+    def clip(self, source: str, video_id: str, clip_id: str, variant: str | None = None) -> Path:
+        """clips/<source>[/<variant>]/<video_id>/<clip_id>.mp4; `variant` names what made the clip
+        (a hash of the split settings), so clips cut with other settings never overwrite these."""
+        parts = [safe_id(source, "source")] + ([safe_id(variant, "clip variant")] if variant else [])
+        return self._dir("clips", *parts, safe_id(video_id, "video id"), f"{safe_id(clip_id, 'clip id')}.mp4")
+
+    def lock(self, name: str) -> Path:
+        """The lock file of one activity on this root (locks/<name>.lock)."""
+        return self._dir("locks", f"{safe_id(name, 'lock name')}.lock")
 
     def manifest_dir(self, stage: str) -> Path:
         return self._dir("manifests", safe_id(stage, "stage"))

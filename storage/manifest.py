@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from soraflow.storage.layout import DataRoot, atomic_output
+from soraflow.storage.redact import redact_config
 
 STATUSES = ("ok", "rejected")
 
@@ -149,7 +150,7 @@ def write_manifest(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     }
-    table = to_table(rows, lineage)
+    table = to_table(rows, redact_config(lineage))  # lineage is readable by anyone with the file
     version = content_hash(table)
     path = root.manifest_dir(stage) / f"{version}.parquet"
     if path.exists():
@@ -157,6 +158,23 @@ def write_manifest(
     with atomic_output(path) as tmp:
         pq.write_table(table, tmp)
     return path
+
+
+def mark_duplicates(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """Rows with every ok row after the first of its (source, video_id, clip_id) rejected as a
+    duplicate of that first one -> (rows, how many were marked). Order and count are kept."""
+    first: dict[tuple, int] = {}
+    out, n = [], 0
+    for i, row in enumerate(rows):
+        key = (row.get("source"), row.get("video_id"), row.get("clip_id"))
+        if row.get("status") == "ok" and key in first:
+            out.append(reject(row, f"duplicate: same source, video id and clip id as row {first[key]} ({key[1]}, {key[2]})"))
+            n += 1
+            continue
+        if row.get("status") == "ok":
+            first[key] = i
+        out.append(row)
+    return out, n
 
 
 def read_manifest(path: str | Path) -> pa.Table:

@@ -20,6 +20,33 @@ class VideoError(ValueError):
     """A file that is not a readable video; the message names the file and what is wrong."""
 
 
+# Caps checked before any decode buffer is sized from a file's own header: a hostile or broken
+# file (e.g. 4096x2 pixels for hours) must not make us allocate hundreds of GB.
+MAX_PIXELS = 8192 * 8192
+MAX_ASPECT = 32.0  # longer side / shorter side
+MAX_DURATION_S = 24 * 3600.0
+MAX_DECODE_BYTES = 8 << 30  # frames x H x W x 3 of one decoded array
+
+
+def check_geometry(path: str | Path, height: int, width: int, fps: float | None = None, num_frames: int | None = None) -> None:
+    """VideoError unless the frame size, aspect and duration are within the caps above."""
+    if not height or not width or height < 0 or width < 0:
+        raise VideoError(f"{path}: no frame size in the header")
+    if height * width > MAX_PIXELS:
+        raise VideoError(f"{path}: frames of {width}x{height} are over the limit of {MAX_PIXELS} pixels")
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        raise VideoError(f"{path}: frames of {width}x{height} have an aspect ratio over {MAX_ASPECT:g}:1")
+    if fps and num_frames and num_frames / fps > MAX_DURATION_S:
+        raise VideoError(f"{path}: {num_frames} frames at {fps:g} fps is longer than the limit of {MAX_DURATION_S:g} s")
+
+
+def check_decode_bytes(path: str | Path, frames: int, height: int, width: int) -> None:
+    """VideoError if (frames, height, width, 3) uint8 would be over MAX_DECODE_BYTES."""
+    need = int(frames) * int(height) * int(width) * 3
+    if need > MAX_DECODE_BYTES:
+        raise VideoError(f"{path}: decoding {frames} frames of {width}x{height} needs {need / 2**30:.1f} GiB, over the limit of {MAX_DECODE_BYTES / 2**30:.0f} GiB")
+
+
 @dataclass(frozen=True)
 class VideoInfo:
     num_frames: int
@@ -52,6 +79,7 @@ def probe_video(path: str | Path, count_frames: bool = True) -> VideoInfo:
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 0)
             height, width = stream.codec_context.height, stream.codec_context.width
+            check_geometry(path, height, width, fps, int(stream.frames or 0))
             if count_frames:
                 n = sum(1 for _ in container.decode(stream))
             else:
@@ -79,9 +107,17 @@ def read_frames(path: str | Path, indices: list[int] | None = None, size: tuple[
                 raise VideoError(f"{path}: no video stream")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
+            height, width = stream.codec_context.height, stream.codec_context.width
+            check_geometry(path, height, width)
+            out_h, out_w = size if size is not None else (height, width)
+            if wanted is not None:
+                check_decode_bytes(path, len(indices), out_h, out_w)
             last = wanted[-1] if wanted else None
+            wanted_set = set(wanted) if wanted is not None else None
             for i, frame in enumerate(container.decode(stream)):
-                if wanted is None or i in wanted:
+                if wanted is None:
+                    check_decode_bytes(path, len(got) + 1, out_h, out_w)  # all frames: counted as they come
+                if wanted_set is None or i in wanted_set:
                     if size is not None:
                         frame = frame.reformat(width=size[1], height=size[0])
                     got[i] = frame.to_ndarray(format="rgb24")

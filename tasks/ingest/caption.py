@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from soraflow.configs.schema import CaptionConfig, ConfigError
+from soraflow.storage.faults import raise_if_environment
 from soraflow.storage.layout import DataRoot
 from soraflow.storage.manifest import read_rows, reject, write_manifest
 from soraflow.storage.video_io import VideoError, probe_video, read_frames
@@ -189,6 +190,27 @@ def has_text(row: dict[str, Any]) -> bool:
     return bool(row.get("text") and row["text"].strip())
 
 
+def caption_isolated(captioner, rows: list[dict[str, Any]]) -> list[Attempt]:
+    """captioner.caption(rows); if the batch fails, each row alone, so one row's failure becomes
+    only its own reason. Config errors and faults of the machine raise."""
+    try:
+        return captioner.caption(rows)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - isolate the row that fails
+        raise_if_environment(e, f"captioning with {captioner.name}")
+    out: list[Attempt] = []
+    for row in rows:
+        try:
+            out.extend(captioner.caption([row]))
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - this row's reason
+            raise_if_environment(e, f"captioning {row.get('path')}")
+            out.append((None, f"{type(e).__name__}: {e}"))
+    return out
+
+
 def caption_rows(rows: list[dict[str, Any]], cfg: CaptionConfig, captioner_cache: dict | None = None) -> list[dict[str, Any]]:
     """Rows in, rows out (same order and count): text + caption_source set, or rejected with the reasons.
 
@@ -209,7 +231,7 @@ def caption_rows(rows: list[dict[str, Any]], cfg: CaptionConfig, captioner_cache
         if not pending:
             break
         captioner = get_captioner(name, cfg, captioner_cache)
-        attempts = captioner.caption([out[i] for i in pending])
+        attempts = caption_isolated(captioner, [out[i] for i in pending])
         still = []
         for i, (text, why) in zip(pending, attempts):
             if text and text.strip():

@@ -1,7 +1,12 @@
 """One HTTP layer for every downloader: resumable file downloads and JSON calls, one retry policy.
 
-    download_file(url, dest, cfg=...)  -> DownloadResult(path, bytes, sha256, resumed, attempts)
     get_json(url, cfg=...)             -> (data, response headers)
+    download_file(url, dest, cfg=...)  -> DownloadResult  (tasks/ingest/resumable_download.py)
+
+URL policy (tasks/ingest/url_policy.py): http(s) only, public addresses only unless the host is
+in `http.allow_hosts`; redirects are followed here (never by requests), at most
+`max_redirects` hops, each hop checked again; secret headers (Authorization, Cookie, X-API-Key,
+the ones named in `http.secret_headers` or `redact`) are dropped when a hop changes origin.
 
 Retry policy (both functions):
 * retried: connection errors and resets, timeouts, truncated bodies (fewer bytes than
@@ -9,43 +14,43 @@ Retry policy (both functions):
   jitter in [0.5, 1.5), capped by `backoff_max_s`; a 429 that says when to come back
   (`Retry-After` seconds or HTTP date, or `X-Ratelimit-Reset` unix time) is honoured, capped too.
   After `max_retries` retries without progress: TransientError (the shard fails, Prefect retries it).
-* never retried: BadInputError, a ValueError, for a bad scheme or URL, any other 4xx, a body
-  over `max_bytes` (declared or counted while streaming), invalid JSON.
+* never retried: BadInputError, a ValueError, for a refused URL, any other 4xx, a body over
+  `max_bytes` (JSON: `max_json_bytes` after decompression, decompressed with a bound), invalid
+  JSON, a total deadline passed (`deadline_s` per download, `listing_deadline_s` per JSON call:
+  a server trickling bytes ends too), more than `max_attempts` requests or
+  `max_transfer_factor` x the file's size received for one file.
 
-A download streams to `<dest>.part` in the same folder, resumes with `Range: bytes=<have>-`
-(a 200 answer restarts from zero), and is renamed onto `dest` only when complete.
+Resumable file downloads (`download_file`) live in tasks/ingest/resumable_download.py and use
+this module's request, retry and deadline machinery.
 
-Secrets: the values of the Authorization header (and of any header named in `redact`) never
-appear in log records, exception messages or reprs; URLs are logged with user info and
-key-like query values masked.
+Secrets: the values of secret headers never appear in log records, exception messages or
+reprs; URLs are logged with user info and key-like query values masked.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import random
-import re
 import time
-from dataclasses import dataclass
+import zlib
 from email.utils import parsedate_to_datetime
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urljoin
 
 import requests
 import urllib3
 
 from soraflow.configs.schema import HttpConfig
+from soraflow.storage.redact import redact_url
+from soraflow.tasks.ingest import url_policy
+from soraflow.tasks.ingest.url_policy import SECRET_HEADERS as REDACT_HEADERS
 
 log = logging.getLogger(__name__)
 
-REDACT_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-api-key", "api-key"})
-_SECRET_QUERY = re.compile(r"(key|token|secret|signature|sig|password|auth)", re.I)
 _CHUNK = 1 << 16  # a failed read loses at most this much progress
 _RETRY_STATUS = {408, 429}
+_REDIRECTS = {301, 302, 303, 307, 308}
 _NETWORK_ERRORS = (
     requests.exceptions.ConnectionError,  # includes resets and connect timeouts
     requests.exceptions.Timeout,
@@ -60,7 +65,6 @@ _BAD_REQUEST_ERRORS = (
     requests.exceptions.InvalidURL,
     requests.exceptions.MissingSchema,
     requests.exceptions.InvalidHeader,
-    requests.exceptions.TooManyRedirects,
 )
 
 
@@ -72,32 +76,26 @@ class TransientError(RuntimeError):
     """Still failing after the retries (network down, 5xx, 429): the shard fails and is retried."""
 
 
-@dataclass(frozen=True)
-class DownloadResult:
-    path: Path
-    bytes: int
-    sha256: str
-    resumed: bool  # some bytes came from an earlier attempt (Range request answered 206)
-    attempts: int  # HTTP requests made
+class DeadlineError(BadInputError):
+    """The total deadline of one download or listing passed (a server too slow, or trickling)."""
+
+
+class _Deadline:
+    def __init__(self, seconds: float, ctx: "_Ctx"):
+        self.seconds, self.ctx = seconds, ctx
+        self.end = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def check(self, doing: str = "") -> float:
+        left = self.remaining()
+        if left <= 0:
+            raise DeadlineError(self.ctx.msg(f"{self.ctx.url}: not finished within the deadline of {self.seconds:g} s{doing}"))
+        return left
 
 
 # ---------------------------------------------------------------- redaction
-
-
-def redact_url(url: str) -> str:
-    """The URL with a password in its user info and the values of key-like query parameters masked."""
-    try:
-        parts = urlsplit(str(url))
-    except ValueError:
-        return "<unparsable url>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "***" if _SECRET_QUERY.search(k) else v) for k, v in pairs], safe="*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def redact_headers(headers: Mapping[str, str] | None, redact: Iterable[str] = ()) -> dict[str, str]:
@@ -123,8 +121,9 @@ def _scrub(text: str, secrets: list[str]) -> str:
 class _Ctx:
     """What one call needs to describe itself without leaking secrets."""
 
-    def __init__(self, url: str, headers: Mapping[str, str] | None, redact: Iterable[str]):
-        self.secrets = _secret_values(headers, redact)
+    def __init__(self, url: str, headers: Mapping[str, str] | None, redact: Iterable[str], cfg: HttpConfig):
+        self.names = url_policy.secret_names(cfg, redact)
+        self.secrets = _secret_values(headers, self.names)
         self.url = _scrub(redact_url(url), self.secrets)
 
     def msg(self, text: str) -> str:
@@ -137,17 +136,23 @@ class _Ctx:
 # ---------------------------------------------------------------- policy
 
 
-def check_url(url: str) -> str:
-    """Refuse anything that is not an absolute http(s) URL with a host."""
+def check_url(url: str, cfg: HttpConfig) -> str:
+    """`url` if the URL policy allows it (module docstring), else BadInputError naming why.
+
+    A resolver that fails for now raises url_policy.DnsUnavailable (a ConnectionError): the
+    request loop retries it as a network fault."""
     try:
-        parts = urlsplit(str(url))
-    except ValueError as e:
-        raise BadInputError(f"{redact_url(url)}: not a valid URL ({e})") from None
-    if parts.scheme.lower() not in ("http", "https"):
-        raise BadInputError(f"{redact_url(url)}: only http and https URLs are fetched, not {parts.scheme or 'a relative URL'!r}")
-    if not parts.hostname:
-        raise BadInputError(f"{redact_url(url)}: URL has no host")
-    return str(url)
+        return url_policy.check_url(url, cfg)
+    except url_policy.UrlRefused as e:
+        raise BadInputError(str(e)) from None
+
+
+def _check_first(url: str, cfg: HttpConfig) -> None:
+    """The early check before any file is touched; a DNS outage is left to the retried request loop."""
+    try:
+        check_url(url, cfg)
+    except url_policy.DnsUnavailable:
+        pass
 
 
 def backoff_delay(attempt: int, cfg: HttpConfig, rng: Callable[[], float] | None = None) -> float:
@@ -199,24 +204,30 @@ def _status_check(resp: requests.Response, ctx: _Ctx, cfg: HttpConfig) -> None:
         raise BadInputError(ctx.msg(f"{ctx.url}: HTTP {code} {resp.reason or ''}".strip()))
 
 
-def _run_with_retries(attempt_fn: Callable[[int], Any], ctx: _Ctx, cfg: HttpConfig, sleep: Callable[[float], None]) -> tuple[Any, int]:
+def _run_with_retries(attempt_fn: Callable[[int], Any], ctx: _Ctx, cfg: HttpConfig, sleep: Callable[[float], None], deadline: _Deadline) -> tuple[Any, int]:
     """Call attempt_fn(n) until it returns -> (its value, attempts made).
 
     A _Retry is retried after a backoff; more than max_retries consecutive failures that made
-    no progress (no new bytes) give TransientError.
+    no progress (no new bytes) give TransientError; more than max_attempts attempts in all, or
+    a wait past the deadline, give BadInputError (this server will not deliver this file).
     """
     failures = 0  # consecutive failed attempts that made no progress
     total = 0
-    hard_cap = 10 * (cfg.max_retries + 1)  # a server that trickles a few bytes per attempt still ends
     while True:
         total += 1
+        deadline.check()
         try:
             return attempt_fn(total), total
         except _Retry as r:
             failures = 0 if r.progressed else failures + 1
-            if failures > cfg.max_retries or total >= hard_cap:
+            if failures > cfg.max_retries:
                 raise TransientError(ctx.msg(f"{ctx.url}: still failing after {total} attempt(s): {r.reason}")) from None
+            if total >= cfg.max_attempts:
+                raise BadInputError(ctx.msg(f"{ctx.url}: gave up after {total} attempts (max_attempts), each failing part-way: {r.reason}")) from None
             wait = r.wait if r.wait is not None else backoff_delay(max(0, failures - 1), cfg)
+            if wait >= deadline.remaining():
+                deadline.check(f" (the next attempt would start after {wait:.1f} s more; last error: {ctx.msg(r.reason)})")
+                raise DeadlineError(ctx.msg(f"{ctx.url}: the deadline of {deadline.seconds:g} s would pass before the next attempt ({r.reason})"))
             log.warning("%s: attempt %d failed (%s); retrying in %.2f s", ctx.url, total, ctx.msg(r.reason), wait)
             sleep(wait)
 
@@ -227,138 +238,76 @@ def _request_headers(cfg: HttpConfig, headers: Mapping[str, str] | None) -> dict
     return out
 
 
-def _body_chunks(resp: requests.Response) -> Iterable[bytes]:
-    """The body as it arrives (read1: whatever is there, up to _CHUNK), so a failure loses nothing read."""
+def _body_chunks(resp: requests.Response, deadline: _Deadline, decode: bool = True) -> Iterable[bytes]:
+    """The body as it arrives (read1: whatever is there, up to _CHUNK), so a failure loses nothing
+    read; past the deadline it stops with DeadlineError however steadily the bytes trickle."""
     while True:
-        chunk = resp.raw.read1(_CHUNK, decode_content=True)
+        deadline.check(" (body still arriving)")
+        chunk = resp.raw.read1(_CHUNK, decode_content=decode)
         if not chunk:
             return
         yield chunk
 
 
-def _get(session: requests.Session, url: str, ctx: _Ctx, cfg: HttpConfig, **kw: Any) -> requests.Response:
-    try:
-        return session.get(url, timeout=cfg.timeout_s, stream=True, **kw)
-    except _BAD_REQUEST_ERRORS as e:
-        raise BadInputError(ctx.msg(f"{ctx.url}: bad request: {ctx.describe(e)}")) from None
-    except _NETWORK_ERRORS as e:
-        raise _Retry(ctx.describe(e)) from None
+def _peer_ip(resp: requests.Response) -> str | None:
+    """The address the response came from (None when the connection is no longer at hand)."""
+    for get in (lambda: resp.raw.connection.sock, lambda: resp.raw._fp.fp.raw._sock):  # urllib3 2.x, http.client
+        try:
+            sock = get()
+            if sock is not None:
+                return sock.getpeername()[0]
+        except (AttributeError, OSError):
+            continue
+    return None
 
 
-# ---------------------------------------------------------------- download_file
-
-
-def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
-    """'bytes 100-199/1000' -> (100, 1000); 'bytes */1000' -> (None, 1000)."""
-    m = re.match(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)", value or "")
-    if not m:
-        return None, None
-    start = int(m.group(1)) if m.group(1) is not None else None
-    total = int(m.group(2)) if m.group(2) != "*" else None
-    return start, total
-
-
-def download_file(
-    url: str,
-    dest: str | Path,
-    *,
-    cfg: HttpConfig,
-    headers: Mapping[str, str] | None = None,
-    session: requests.Session | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-    expected_size: int | None = None,
-    redact: Iterable[str] = (),
-) -> DownloadResult:
-    """Stream `url` to `dest` (via `dest.part`, resumable), retrying per the module policy."""
-    ctx = _Ctx(url, headers, redact)
-    check_url(url)
-    dest = Path(dest)
-    part = dest.with_name(dest.name + ".part")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if expected_size is not None and expected_size > cfg.max_bytes:
-        raise BadInputError(f"{ctx.url}: listed size {expected_size} bytes is over the limit of {cfg.max_bytes}")
-    own = session is None
-    sess = session or requests.Session()
-    state = {"resumed": False}
-
-    def attempt(n: int) -> int:
-        have = part.stat().st_size if part.exists() else 0
-        if expected_size is not None and have > expected_size:
-            part.unlink()
-            have = 0
-        req = _request_headers(cfg, headers)
-        req["Accept-Encoding"] = "identity"  # byte offsets for Range must be the file's
-        if have:
-            req["Range"] = f"bytes={have}-"
-        resp = _get(sess, url, ctx, cfg, headers=req)
-        with resp:
-            if resp.status_code == 416 and have:
-                _, total = _parse_content_range(resp.headers.get("Content-Range"))
-                if total == have and (expected_size is None or expected_size == have):
-                    return have  # the part file was already complete
-                part.unlink()
-                raise _Retry("HTTP 416 for the resume offset; restarting from zero", wait=0.0)
-            _status_check(resp, ctx, cfg)
-            declared = resp.headers.get("Content-Length")
-            length = int(declared) if declared and declared.isdigit() else None
-            if resp.status_code == 206 and have:
-                start, total = _parse_content_range(resp.headers.get("Content-Range"))
-                if start != have:
-                    part.unlink()
-                    raise _Retry(f"server resumed at byte {start}, asked for {have}; restarting from zero", wait=0.0)
-                mode, offset = "ab", have
-                state["resumed"] = True
-                full = total if total is not None else (have + length if length is not None else None)
-            else:  # 200 (or a 206 we did not ask for): the whole body from byte zero
-                mode, offset = "wb", 0
-                full = length
-                if resp.status_code == 206:
-                    start, full = _parse_content_range(resp.headers.get("Content-Range"))
-                    if start not in (0, None):
-                        raise BadInputError(f"{ctx.url}: server sent a partial body (from byte {start}) that was not asked for")
-            if full is not None and full > cfg.max_bytes:
-                raise BadInputError(f"{ctx.url}: declared size {full} bytes is over the limit of {cfg.max_bytes}")
-            if full is not None and expected_size is not None and full != expected_size:
-                raise BadInputError(f"{ctx.url}: server says {full} bytes, the listing said {expected_size}")
-            encoded = resp.headers.get("Content-Encoding", "identity").lower() not in ("", "identity")
-            written = 0
-            try:
-                with open(part, mode) as f:
-                    for chunk in _body_chunks(resp):
-                        if not chunk:
-                            continue
-                        if offset + written + len(chunk) > cfg.max_bytes:
-                            f.close()
-                            part.unlink()
-                            raise BadInputError(f"{ctx.url}: body is over the limit of {cfg.max_bytes} bytes")
-                        f.write(chunk)
-                        written += len(chunk)
-            except _NETWORK_ERRORS as e:
-                raise _Retry(f"{ctx.describe(e)} after {offset + written} bytes", progressed=written > 0) from None
-            got = offset + written
-            if length is not None and not encoded and written < length:
-                raise _Retry(f"truncated body: {written} of {length} bytes", progressed=written > 0)
-            if expected_size is not None and got < expected_size:
-                raise _Retry(f"truncated body: {got} of {expected_size} bytes", progressed=written > 0)
-            if expected_size is not None and got > expected_size:
-                part.unlink()
-                raise BadInputError(f"{ctx.url}: got {got} bytes, the listing said {expected_size}")
-            return got
-
-    try:
-        size, attempts = _run_with_retries(attempt, ctx, cfg, sleep)
-    finally:
-        if own:
-            sess.close()
-    digest = hashlib.sha256()
-    with open(part, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    os.replace(part, dest)
-    return DownloadResult(path=dest, bytes=size, sha256=digest.hexdigest(), resumed=state["resumed"], attempts=attempts)
+def _get(session: requests.Session, url: str, ctx: _Ctx, cfg: HttpConfig, deadline: _Deadline,
+         headers: dict[str, str], params: Mapping[str, Any] | None = None) -> requests.Response:
+    """GET with the URL policy on every hop: redirects followed here, secrets kept to their origin."""
+    current, hdrs = url, dict(headers)
+    for _hop in range(cfg.max_redirects + 1):
+        try:
+            check_url(current, cfg)
+        except url_policy.DnsUnavailable as e:
+            raise _Retry(ctx.msg(str(e))) from None
+        left = deadline.check()
+        timeout = min(cfg.timeout_s, left)
+        try:
+            resp = session.get(current, headers=hdrs, params=params, timeout=(timeout, timeout), stream=True, allow_redirects=False)
+        except _BAD_REQUEST_ERRORS as e:
+            raise BadInputError(ctx.msg(f"{ctx.url}: bad request: {ctx.describe(e)}")) from None
+        except _NETWORK_ERRORS as e:
+            raise _Retry(ctx.describe(e)) from None
+        peer = _peer_ip(resp)
+        _, host, port = url_policy.origin(current)
+        why = peer and url_policy.peer_allowed(peer, host, cfg, port)
+        if why:  # the name resolved differently at connect time than when it was checked
+            resp.close()
+            raise BadInputError(ctx.msg(f"{redact_url(current)}: refused: {why}"))
+        if resp.status_code not in _REDIRECTS or not resp.headers.get("Location"):
+            return resp
+        target = urljoin(resp.url, resp.headers["Location"])
+        resp.close()
+        if not url_policy.same_origin(current, target):
+            hdrs = url_policy.strip_secrets(hdrs, ctx.names)
+        log.info("%s: redirected to %s", ctx.url, ctx.msg(redact_url(target)))
+        current, params = target, None
+    raise BadInputError(ctx.msg(f"{ctx.url}: more than {cfg.max_redirects} redirects"))
 
 
 # ---------------------------------------------------------------- get_json
+
+
+def _decoder(encoding: str, ctx: _Ctx):
+    """A zlib decompressor for the body's Content-Encoding (None: identity)."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        return zlib.decompressobj()
+    raise BadInputError(f"{ctx.url}: unsupported Content-Encoding {encoding!r} for JSON")
 
 
 def get_json(
@@ -370,41 +319,59 @@ def get_json(
     session: requests.Session | None = None,
     sleep: Callable[[float], None] = time.sleep,
     redact: Iterable[str] = (),
+    metadata_file: bool = False,
 ) -> tuple[Any, requests.structures.CaseInsensitiveDict]:
-    """GET `url` and parse its JSON body, retrying per the module policy -> (data, response headers)."""
-    ctx = _Ctx(url, headers, redact)
-    check_url(url)
+    """GET `url` and parse its JSON body, retrying per the module policy -> (data, response headers).
+
+    The body is capped at max_json_bytes (a metadata file: max_metadata_bytes), and max_bytes,
+    both as sent and as decompressed; the decompression is ours (zlib with an output bound), so a
+    small gzip bomb stops at the cap. Deadline: listing_deadline_s (a metadata file: deadline_s)."""
+    ctx = _Ctx(url, headers, redact, cfg)
+    deadline = _Deadline(cfg.deadline_s if metadata_file else cfg.listing_deadline_s, ctx)
+    _check_first(url, cfg)
+    cap = min(cfg.max_bytes, cfg.max_metadata_bytes if metadata_file else cfg.max_json_bytes)
     own = session is None
     sess = session or requests.Session()
+
+    def over() -> BadInputError:
+        return BadInputError(f"{ctx.url}: body is over the limit of {cap} bytes for JSON")
 
     def attempt(n: int) -> tuple[Any, Any]:
         req = _request_headers(cfg, headers)
         req.setdefault("Accept", "application/json")
-        resp = _get(sess, url, ctx, cfg, headers=req, params=params)
+        req["Accept-Encoding"] = "gzip, deflate"  # only what _decoder undoes with a bound
+        resp = _get(sess, url, ctx, cfg, deadline, req, params=params)
         with resp:
             _status_check(resp, ctx, cfg)
             declared = resp.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > cfg.max_bytes:
-                raise BadInputError(f"{ctx.url}: declared size {declared} bytes is over the limit of {cfg.max_bytes}")
-            body = bytearray()
+            if declared and declared.isdigit() and int(declared) > cap:
+                raise BadInputError(f"{ctx.url}: declared size {declared} bytes is over the limit of {cap} for JSON")
+            decoder = _decoder(resp.headers.get("Content-Encoding", ""), ctx)
+            raw_n, body = 0, bytearray()
             try:
-                for chunk in _body_chunks(resp):
-                    body += chunk
-                    if len(body) > cfg.max_bytes:
-                        raise BadInputError(f"{ctx.url}: body is over the limit of {cfg.max_bytes} bytes")
+                for chunk in _body_chunks(resp, deadline, decode=False):
+                    raw_n += len(chunk)
+                    body += decoder.decompress(chunk, cap + 1 - len(body)) if decoder else chunk
+                    if raw_n > cap or len(body) > cap:
+                        raise over()
+                if decoder:
+                    body += decoder.flush()
+                    if len(body) > cap:
+                        raise over()
+            except zlib.error as e:
+                raise BadInputError(f"{ctx.url}: body does not decompress ({e})") from None
             except _NETWORK_ERRORS as e:
-                raise _Retry(f"{ctx.describe(e)} after {len(body)} bytes") from None
-            encoded = resp.headers.get("Content-Encoding", "identity").lower() not in ("", "identity")
-            if declared and declared.isdigit() and not encoded and len(body) < int(declared):
-                raise _Retry(f"truncated body: {len(body)} of {declared} bytes")
+                raise _Retry(f"{ctx.describe(e)} after {raw_n} bytes") from None
+            if declared and declared.isdigit() and raw_n < int(declared):
+                raise _Retry(f"truncated body: {raw_n} of {declared} bytes")
             try:
                 data = json.loads(bytes(body))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also ints over Python's digit limit
                 raise BadInputError(f"{ctx.url}: not valid JSON ({ctx.describe(e)})") from None
             return data, resp.headers
 
     try:
-        return _run_with_retries(attempt, ctx, cfg, sleep)[0]
+        return _run_with_retries(attempt, ctx, cfg, sleep, deadline)[0]
     finally:
         if own:
             sess.close()

@@ -10,12 +10,14 @@ and cutting, frames are addressed by index, and every clip's frame count is chec
 
     row (path = source video, window [start_s, end_s) or whole file)
       -> detect: [(first_frame, end_frame), ...]   absolute source frame indices, end exclusive
-      -> cut: clips/<source>/<video_id>/<clip_id>.mp4, (n_out, H', W', 3) at cfg.fps
+      -> cut: clips/<source>/<split hash>/<video_id>/<clip_id>.mp4, (n_out, H', W', 3) at cfg.fps
       -> rows (path = clip, start_s/end_s = the clip's time range in the source file)
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +30,10 @@ from scenedetect.backends.pyav import VideoStreamAv
 from scenedetect.video_stream import VideoOpenFailure
 
 from soraflow.configs.schema import SplitConfig
+from soraflow.storage.faults import raise_if_environment
 from soraflow.storage.layout import DataRoot, UnsafePathError, safe_id
 from soraflow.storage.manifest import read_rows, reject, write_manifest
-from soraflow.storage.video_io import VideoError, VideoInfo, probe_video, sha256_file, write_video
+from soraflow.storage.video_io import VideoError, VideoInfo, check_decode_bytes, check_geometry, probe_video, sha256_file, write_video
 
 # Errors that mean "this input is bad", as opposed to a shard-level failure (disk full), which raises.
 _BAD_VIDEO = (VideoError, VideoOpenFailure, av.error.FFmpegError, UnsafePathError)
@@ -189,6 +192,7 @@ def cut_clips(src: Path, plans: list[ScenePlan], src_fps: float, out_fps: float,
                 if idx >= last_needed:
                     break
     except _BAD_VIDEO as e:
+        raise_if_environment(e, f"cutting clips of {src}")
         for p in pending:
             results[p.index] = f"{src}: decoding failed before scene {p.index} was cut: {e}"
         return results
@@ -205,6 +209,7 @@ def _finish_clip(p: ScenePlan, frames: np.ndarray | None, filled: int, out_fps: 
         write_video(p.path, frames, out_fps)
         info = probe_video(p.path)
     except _BAD_VIDEO as e:
+        raise_if_environment(e, f"writing clip {p.path}")  # PyAV's ENOSPC is an FFmpegError: not a bad scene
         return f"{p.path}: encoding scene {p.index} failed: {e}"
     if info.num_frames != p.num_out or (info.height, info.width) != size:
         return f"{p.path}: written clip has {info.num_frames} frames {info.height}x{info.width}, expected {p.num_out} {size[0]}x{size[1]}"
@@ -221,13 +226,20 @@ def split_row(row: dict[str, Any], root: DataRoot, cfg: SplitConfig) -> list[dic
     src = Path(row["path"])
     try:
         info = probe_video(src, count_frames=False)
+        check_window(row.get("start_s"), row.get("end_s"))
         scenes, fps = detect_scenes(src, cfg, row.get("start_s"), row.get("end_s"))
     except _BAD_VIDEO as e:
+        raise_if_environment(e, f"scene detection of {src}")
         return [reject(row, f"{src}: {e}" if str(src) not in str(e) else str(e))]
     if not scenes:
         return [reject(row, f"{src}: no frames in window start_s={row.get('start_s')} end_s={row.get('end_s')}")]
 
     size = clip_size(info.height, info.width, cfg.short_side)
+    try:  # one clip's frames are held in memory: bound them before anything is allocated
+        check_geometry(src, *size)
+        check_decode_bytes(src, frames_out(max(1, round(cfg.max_seconds * fps)), fps, cfg.fps), *size)
+    except VideoError as e:
+        return [reject(row, str(e))]
     max_keep = max(1, round(cfg.max_seconds * fps))
     min_frames = round(cfg.min_seconds * fps)  # Open-Sora: skip if duration < round(min_seconds * fps)
     slots: list[dict[str, Any] | ScenePlan] = []  # per scene: a rejected row, or the clip to make
@@ -235,7 +247,7 @@ def split_row(row: dict[str, Any], root: DataRoot, cfg: SplitConfig) -> list[dic
         base = dict(row, start_s=a / fps, end_s=b / fps, aes=None, flow=None, match=None)
         try:
             clip_id = scene_clip_id(row, k, len(scenes))
-            clip_path = root.clip(row["source"], row["video_id"], clip_id)
+            clip_path = root.clip(row["source"], row["video_id"], clip_id, variant=split_variant(cfg))
         except UnsafePathError as e:
             slots.append(reject(base, f"{src}: scene {k}: {e}"))
             continue
@@ -279,11 +291,31 @@ def clip_row(base: dict[str, Any], clip: Path, info: VideoInfo) -> dict[str, Any
 
 
 def split_rows(rows: list[dict[str, Any]], root: DataRoot, cfg: SplitConfig) -> list[dict[str, Any]]:
-    """A shard of rows -> the rows of all their scenes, in input order (rejected rows pass through)."""
+    """A shard of rows -> the rows of all their scenes, in input order (rejected rows pass through).
+
+    Any error while splitting one row becomes that row's rejection, naming the error; a fault
+    of the machine (disk full, out of memory: storage.faults) raises instead."""
     out: list[dict[str, Any]] = []
     for row in rows:
-        out.extend(split_row(row, root, cfg))
+        try:
+            out.extend(split_row(row, root, cfg))
+        except Exception as e:  # noqa: BLE001 - one row's failure is its rejection, never the shard's
+            raise_if_environment(e, f"splitting {row.get('path')}")
+            out.append(reject(row, f"{row.get('path')}: scene split failed: {type(e).__name__}: {e}"))
     return out
+
+
+def split_variant(cfg: SplitConfig) -> str:
+    """A short hash of the split settings: clips made with other settings live in another folder."""
+    blob = json.dumps(cfg.model_dump(), sort_keys=True)
+    return "split-" + hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def check_window(start_s: Any, end_s: Any) -> None:
+    """A row's [start_s, end_s) must be finite, non-negative numbers (or None), before any arithmetic."""
+    for name, v in (("start_s", start_s), ("end_s", end_s)):
+        if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1e7):
+            raise VideoError(f"window {name}={v!r} is not a finite time in seconds")
 
 
 def split_manifest(in_path: str | Path, root: DataRoot, cfg: SplitConfig) -> Path:

@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 
 from soraflow.configs.schema import ConfigError, ScoreConfig
+from soraflow.storage.faults import raise_if_environment
 from soraflow.storage.layout import DataRoot
 from soraflow.storage.manifest import read_rows, reject, write_manifest
 from soraflow.storage.video_io import VideoError, probe_video, read_frames
@@ -189,8 +190,10 @@ def score_rows(rows: list[dict[str, Any]], cfg: ScoreConfig) -> tuple[list[dict[
             continue
         try:
             row["flow"] = motion_score(row["path"], row.get("num_frames"), row.get("fps"))
-        except VideoError as e:
-            errors[i] = f"{row['path']}: motion score: {e}" if row["path"] not in str(e) else str(e)
+        except Exception as e:  # noqa: BLE001 - one row's failure is its rejection
+            raise_if_environment(e, f"motion score of {row['path']}")
+            why = str(e) if isinstance(e, VideoError) else f"{type(e).__name__}: {e}"
+            errors[i] = f"{row['path']}: motion score: {why}" if row["path"] not in why else why
     if scorer is not None:
         todo = [i for i, r in enumerate(out) if r["status"] == "ok" and r.get("aes") is None and i not in errors]
         for start in range(0, len(todo), AES_BATCH_ROWS):
@@ -199,8 +202,9 @@ def score_rows(rows: list[dict[str, Any]], cfg: ScoreConfig) -> tuple[list[dict[
                 try:
                     videos.append(scorer.frames(out[i]))
                     batch.append(i)
-                except VideoError as e:
-                    errors[i] = str(e)
+                except Exception as e:  # noqa: BLE001 - one row's failure is its rejection
+                    raise_if_environment(e, f"aesthetic frames of {out[i]['path']}")
+                    errors[i] = str(e) if isinstance(e, VideoError) else f"{out[i]['path']}: aesthetic score: {type(e).__name__}: {e}"
             if batch:
                 for i, score in zip(batch, scorer.score_frames(videos)):
                     out[i]["aes"] = score

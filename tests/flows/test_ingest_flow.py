@@ -27,6 +27,7 @@ import soraflow.tasks.sample_world.server as server_module
 from rich.console import Console
 from soraflow.flows.ingest import run_ingest
 from soraflow.flows.params import RunParams
+from soraflow.storage.faults import EnvironmentFault
 from soraflow.storage.manifest import ok_rows, read_rows
 from soraflow.storage.video_io import probe_video
 from soraflow.tasks.sample_world.scenes import plan_videos
@@ -48,8 +49,10 @@ BROKEN = {"hdvg0002": "not a readable video", "1002": "HTTP 404"}  # video id ->
 SMALL = [*SIZES, "ingest.sample_source.hdvg_videos=2", "ingest.sample_source.pexels_videos=2"]
 
 
-class SimulatedCrash(ValueError):
-    """The run dies here. A ValueError, so Prefect does not retry the task: the flow fails at once."""
+class SimulatedCrash(EnvironmentFault, ValueError):
+    """The run dies here, as a killed process or a machine fault would: an EnvironmentFault, so no
+    per-row guard records it as a rejected row, and a ValueError, so Prefect does not retry the
+    task: the flow fails at once. (A real kill -9: tests/tasks/ingest/test_kill_resume.py.)"""
 
 
 class Recorder:
@@ -241,7 +244,8 @@ def test_rerun_after_a_crash_resumes_without_refetching(crash, tmp_path, monkeyp
         assert not clips_before, f"no clip can exist before the split stage: {sorted(clips_before)}"
     else:
         assert len(raw_before) == 4, f"every video is downloaded before the split crash: {sorted(raw_before)}"
-        assert sorted(clips_before) == ["hdvg/hdvg0000/hdvg0000.0_0.mp4", "hdvg/hdvg0000/hdvg0000.0_1.mp4", "hdvg/hdvg0000/hdvg0000.0_2.mp4", "hdvg/hdvg0001/hdvg0001.0_0.mp4"], (
+        v = scene_split.split_variant(p.load_config().ingest.split)  # clips live under a hash of the split settings
+        assert sorted(clips_before) == [f"hdvg/{v}/hdvg0000/hdvg0000.0_0.mp4", f"hdvg/{v}/hdvg0000/hdvg0000.0_1.mp4", f"hdvg/{v}/hdvg0000/hdvg0000.0_2.mp4", f"hdvg/{v}/hdvg0001/hdvg0001.0_0.mp4"], (
             f"split shard [0, 4) should have cut its 4 clips before the run died: {sorted(clips_before)}"
         )
 
@@ -306,3 +310,50 @@ def test_cli_stage_split_without_a_manifest_file_fails_clearly(tmp_path, runner)
 
     out = runner.invoke(cli.app, ["stage", "split", "--root", str(tmp_path / "data")])
     assert out.exit_code != 0 and "needs --manifest" in out.output, f"stage split with no --manifest: exit {out.exit_code}:\n{out.output}"
+
+
+# ---------------------------------------------------------------- machine faults, locks, cached results
+
+
+def test_disk_full_fails_the_run_clearly_and_caches_no_rejection(tmp_path, monkeypatch):
+    """The clip writer hits ENOSPC: the run fails with one clear line, no clip becomes a rejected
+    row, and the rerun (disk freed) cuts every clip. A cached shard whose clip files were deleted
+    afterwards is made again rather than trusted."""
+    import errno
+
+    data = tmp_path / "data"
+    p = params(data, SMALL)
+
+    def full_disk(path, frames, fps, crf=18):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with monkeypatch.context() as mp:
+        mp.setattr(scene_split, "write_video", full_disk)
+        with pytest.raises(EnvironmentFault) as ei:
+            run_ingest(p)
+    msg = str(ei.value)
+    assert "ENOSPC" in msg and "environment fault" in msg and "\n" not in msg, msg
+    assert not (data / "manifests" / "split").exists(), "a split manifest was written while the disk was full"
+
+    result = run_ingest(p)
+    assert result["rejected"] == 0, [r["error"] for r in read_rows(result["manifest"]) if r["status"] == "rejected"]
+    assert_final_manifest(read_rows(result["manifest"]), expected_clips(p))
+
+    clips = sorted((data / "clips").rglob("*.mp4"))
+    for f in clips:
+        f.unlink()  # e.g. a cleanup; the cached split shards now point at nothing
+    again = run_ingest(p)
+    assert again["rejected"] == 0 and all(f.exists() for f in clips), "cached shard results outlived their clip files"
+
+
+def test_second_ingest_on_a_root_is_refused_naming_the_holder(tmp_path):
+    import os
+
+    from soraflow.flows.ingest import ingest_lock
+    from soraflow.storage.layout import DataRoot, LockHeldError
+
+    data = tmp_path / "data"
+    with ingest_lock(DataRoot(data)):
+        with pytest.raises(LockHeldError, match=rf"held by PID {os.getpid()} on \S+ since \d{{4}}-"):
+            run_ingest(params(data, SMALL))
+    assert not (data / "manifests").exists()

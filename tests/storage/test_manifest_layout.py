@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -135,3 +136,106 @@ def test_corrupt_video_is_a_clear_error(tmp_path):
         probe_video(bad)
     with pytest.raises(VideoError, match="missing or empty"):
         probe_video(tmp_path / "none.mp4")
+
+
+# ---------------------------------------------------------------- hardening: ids, locks, redaction, duplicates, decode caps
+
+
+def test_safe_id_uses_fullmatch_and_refuses_control_characters():
+    from soraflow.storage.layout import UnsafePathError, safe_id
+
+    for bad in ("77\n", "77\r\n", "a\x1bb", "a\x7f", "\n77", "", None, True, 1.5):
+        with pytest.raises(UnsafePathError):
+            safe_id(bad)
+    assert safe_id("hdvg0000.0_1") == "hdvg0000.0_1"
+
+
+def test_file_lock_names_the_holder_across_processes(tmp_path):
+    import subprocess
+    import sys
+
+    from soraflow.storage.layout import LockHeldError, file_lock
+
+    lock = tmp_path / "locks" / "ingest.lock"
+    code = ("import sys, time; from soraflow.storage.layout import file_lock\n"
+            "with file_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(30)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        with pytest.raises(LockHeldError, match=rf"ingest here is held by PID {child.pid} on \S+ since 20\d\d-\d\d-\d\dT"):
+            with file_lock(lock, wait_s=0.2, what="ingest here"):
+                pass
+    finally:
+        child.kill()
+        child.wait()
+    with file_lock(lock, wait_s=5):  # a killed holder leaves no stale lock: the kernel released it
+        assert f"PID {os.getpid()} " in lock.read_text()
+
+
+def test_redact_config_masks_secrets_everywhere():
+    from soraflow.storage.redact import redact_config
+
+    cfg = {
+        "ingest": {"sources": [{"kind": "pexels", "url": "https://user:hunter2@api.example/v1?api_key=SEKRET&page=2", "query": "cats"}],
+                   "http": {"secret_headers": ["X-Api-Key"], "max_bytes": 10, "allow_hosts": ["10.0.0.0/8"]}},
+        "registry": {"tracking_uri": "postgresql://ml:pw123@db:5432/mlflow", "api_token": "tok-123", "password": "p", "token_path": "/x"},
+        "note": "see https://a:b@h/x",
+    }
+    out = redact_config(cfg)
+    text = json.dumps(out)
+    for secret in ("hunter2", "SEKRET", "pw123", "tok-123", '"p"', "a:b@"):
+        assert secret not in text, secret
+    assert out["ingest"]["sources"][0]["query"] == "cats" and "page=2" in out["ingest"]["sources"][0]["url"]
+    assert out["ingest"]["http"] == cfg["ingest"]["http"] and out["registry"]["token_path"] == "/x"
+    assert cfg["registry"]["api_token"] == "tok-123"  # a copy: the input is untouched
+
+
+def test_lineage_is_redacted(tmp_path):
+    from soraflow.storage.manifest import lineage
+
+    root = DataRoot(tmp_path)
+    path = write_manifest([new_row(video_id="v", source="pexels", status="rejected", error="x")], "download", root,
+                          extra={"source": "https://u:secretpw@h/x?token=abc"})
+    assert "secretpw" not in json.dumps(lineage(path)) and "abc" not in json.dumps(lineage(path))
+
+
+def test_mark_duplicates_keeps_the_first_ok_row():
+    from soraflow.storage.manifest import mark_duplicates
+
+    rows = [new_row(video_id="1", source="pexels", path="/a"), new_row(video_id="1", source="pexels", path="/a"),
+            new_row(video_id="2", source="hdvg", clip_id="c", path="/b"), new_row(video_id="2", source="hdvg", clip_id="c", path="/c"),
+            new_row(video_id="2", source="hdvg", clip_id="d", path="/d")]
+    out, n = mark_duplicates(rows)
+    assert n == 2 and [r["status"] for r in out] == ["ok", "rejected", "ok", "rejected", "ok"]
+    assert "row 0" in out[1]["error"] and "row 2" in out[3]["error"]
+
+
+def test_clip_paths_are_keyed_by_the_split_settings(tmp_path):
+    from soraflow.configs.schema import SplitConfig
+    from soraflow.tasks.ingest.scene_split import split_variant
+
+    root = DataRoot(tmp_path)
+    a, b = split_variant(SplitConfig()), split_variant(SplitConfig(fps=24.0))
+    assert a != b and a == split_variant(SplitConfig())
+    assert root.clip("hdvg", "v", "c", variant=a) != root.clip("hdvg", "v", "c", variant=b)
+
+
+def test_decode_caps_before_allocation(tmp_path, monkeypatch):
+    import soraflow.storage.video_io as vio
+
+    with pytest.raises(vio.VideoError, match="aspect ratio"):
+        vio.check_geometry("x.mp4", 2, 4096)
+    with pytest.raises(vio.VideoError, match="pixels"):
+        vio.check_geometry("x.mp4", 10000, 10000)
+    with pytest.raises(vio.VideoError, match="longer than"):
+        vio.check_geometry("x.mp4", 64, 96, fps=30.0, num_frames=30 * 3600 * 25)
+    with pytest.raises(vio.VideoError, match="GiB"):
+        vio.check_decode_bytes("x.mp4", 100_000, 1080, 1920)
+    frames = np.zeros((8, 16, 16, 3), np.uint8)
+    path = vio.write_video(tmp_path / "v.mp4", frames, 8.0)
+    monkeypatch.setattr(vio, "MAX_DECODE_BYTES", 16 * 16 * 3 * 4)  # room for 4 frames
+    assert vio.read_frames(path, [0, 1, 2, 3]).shape == (4, 16, 16, 3)
+    with pytest.raises(vio.VideoError, match="over the limit"):
+        vio.read_frames(path)  # all 8: refused as they are counted, not after
+    with pytest.raises(vio.VideoError, match="over the limit"):
+        vio.read_frames(path, list(range(6)))

@@ -6,9 +6,14 @@
 One module per source kind (hdvg, inter4k, pexels), each with the same two functions; this
 package dispatches on `source.kind`. All network traffic goes through tasks.http.
 
-* A single item that fails (404, unsafe id, not a video, malformed metadata) becomes a
-  rejected row whose `error` names the URL or id and what is wrong; it never fails the shard.
+* A single item that fails (404, unsafe id, not a video, malformed metadata, or any other
+  error while handling it) becomes a rejected row whose `error` names the URL or id and what
+  is wrong; it never fails the shard.
+* A source whose listing fails becomes one rejected row naming the source (`list_items_or_error`);
+  the other sources go on.
 * A network outage that outlasts the retries (TransientError) raises: Prefect retries the shard.
+* A fault of the machine (disk full, I/O error, out of memory: storage.faults) raises
+  EnvironmentFault: never a rejected row, never cached.
 * Idempotent: a raw file that exists and probes is not fetched again; partial files resume.
 * Ids from the source are checked with storage.layout.safe_id before they name a file.
 """
@@ -24,18 +29,19 @@ from typing import Any, Callable
 import requests
 
 from soraflow.configs.schema import HttpConfig, SourceConfig
-from soraflow.storage.layout import DataRoot, UnsafePathError
+from soraflow.storage.faults import raise_if_environment
+from soraflow.storage.layout import DataRoot, LockHeldError, UnsafePathError
 from soraflow.storage.manifest import new_row, reject
+from soraflow.storage.redact import redact_text, redact_url
 from soraflow.storage.video_io import VideoError, VideoInfo, probe_video, sha256_file
-from soraflow.tasks.ingest.http import BadInputError
+from soraflow.tasks.ingest.http import BadInputError, TransientError
 
-__all__ = ["list_items", "download_items"]
+__all__ = ["list_items", "list_items_or_error", "download_items"]
 
 log = logging.getLogger(__name__)
 
 _KINDS = ("hdvg", "inter4k", "pexels")
-# Per-item failures that become rejected rows (everything else, TransientError included, raises).
-_ITEM_ERRORS = (BadInputError, UnsafePathError, VideoError)
+LISTING_ERROR = "listing_error"  # the key of the one item a failed listing leaves
 
 
 def _module(kind: str):
@@ -62,6 +68,18 @@ def list_items(
     return items
 
 
+def list_items_or_error(source: SourceConfig, http: HttpConfig, root: DataRoot, **kw: Any) -> list[dict]:
+    """list_items, or, when listing the source fails for any reason but a machine fault, one
+    item that download_items turns into a rejected row naming the source and the reason."""
+    try:
+        return list_items(source, http, root, **kw)
+    except Exception as e:  # noqa: BLE001 - any failure of one source is reported, the others go on
+        raise_if_environment(e, f"listing {source.kind} source {redact_url(source.url)}")
+        reason = redact_text(describe(e) if isinstance(e, (BadInputError, TransientError, UnsafePathError)) else f"{type(e).__name__}: {e}")
+        log.warning("%s source %s could not be listed: %s", source.kind, redact_url(source.url), reason)
+        return [{"video_id": f"{source.kind}-source", "source_url": redact_url(source.url), LISTING_ERROR: f"listing the source failed: {reason}"}]
+
+
 def download_items(
     source: SourceConfig,
     items: list[dict],
@@ -76,11 +94,21 @@ def download_items(
     rows: list[dict] = []
     with _session(session) as sess:
         for item in items:
+            if isinstance(item, dict) and item.get(LISTING_ERROR):
+                rows.append(item_error_row(source.kind, item, str(item[LISTING_ERROR])))
+                continue
             try:
                 rows.extend(mod.download_item(source, item, root, http, session=sess, sleep=sleep))
-            except _ITEM_ERRORS as e:
+            except (TransientError, LockHeldError):
+                raise  # the network, or another run holding this file: not this item's fault; the shard is retried
+            except Exception as e:  # noqa: BLE001 - one item's failure is its row's rejection
+                raise_if_environment(e, f"{source.kind} item {_item_name(item)}")
                 rows.append(item_error_row(source.kind, item, e))
     return rows
+
+
+def _item_name(item: Any) -> str:
+    return str(item.get("video_id"))[:80] if isinstance(item, dict) else "?"
 
 
 # ---------------------------------------------------------------- helpers shared by the source modules
@@ -104,19 +132,22 @@ class _session:
 
 
 def describe(e: BaseException) -> str:
-    """An error for a row: 'unsafe id: ...' for ids that could escape the data root."""
+    """An error for a row: 'unsafe id: ...' for ids that could escape the data root; errors of
+    no expected kind (a bug, or input nobody foresaw) keep their type name."""
     if isinstance(e, UnsafePathError):
         return f"unsafe id: {e}"
-    return str(e)
+    if isinstance(e, (BadInputError, VideoError, TransientError)):
+        return str(e)
+    return f"{type(e).__name__}: {e}"
 
 
 def item_error_row(kind: str, item: Any, e: BaseException | str, **extra: Any) -> dict:
     """A rejected row for an item that failed as a whole."""
     item = item if isinstance(item, dict) else {}
-    video_id = str(item.get("video_id") or "unknown")[:200]
+    video_id = "".join(c if c.isprintable() else "?" for c in str(item.get("video_id") or "unknown"))[:200] or "unknown"
     url = item.get("page_url") or item.get("source_url") or item.get("url")
-    base = new_row(source=kind, video_id=video_id, source_url=str(url) if url else None, **extra)
-    return reject(base, e if isinstance(e, str) else describe(e))
+    base = new_row(source=kind, video_id=video_id, source_url=redact_url(str(url)) if url else None, **extra)
+    return reject(base, redact_text(e if isinstance(e, str) else describe(e)))
 
 
 def probe_or_none(path: Path) -> VideoInfo | None:
@@ -125,7 +156,8 @@ def probe_or_none(path: Path) -> VideoInfo | None:
         return None
     try:
         return probe_video(path)
-    except VideoError:
+    except VideoError as e:
+        raise_if_environment(e, f"probing {path}")
         return None
 
 
@@ -134,7 +166,7 @@ def video_row(kind: str, video_id: str, source_url: str | None, path: Path, info
     return new_row(
         source=kind,
         video_id=video_id,
-        source_url=source_url,
+        source_url=redact_url(source_url) if source_url else None,
         path=str(path),
         sha256=sha256_file(path),
         num_frames=info.num_frames,
@@ -151,6 +183,7 @@ def probe_downloaded(path: Path, url: str) -> VideoInfo:
     try:
         return probe_video(path)
     except VideoError as e:
+        raise_if_environment(e, f"probing {path}")
         path.unlink(missing_ok=True)
         reason = str(e).replace(f"{path}: ", "")
         raise VideoError(f"{url}: not a readable video ({reason})") from None

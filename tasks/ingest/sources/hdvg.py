@@ -18,6 +18,7 @@ all its spans are cut.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -30,15 +31,20 @@ import av
 import requests
 
 from soraflow.configs.schema import HttpConfig, SourceConfig
-from soraflow.storage.layout import DataRoot, UnsafePathError, atomic_output, safe_id, safe_join
+from soraflow.storage.faults import raise_if_environment
+from soraflow.storage.layout import DataRoot, UnsafePathError, atomic_output, file_lock, path_lock_file, safe_id, safe_join
 from soraflow.storage.manifest import new_row, reject
 from soraflow.storage.video_io import VideoError, VideoInfo
 from soraflow.tasks.ingest.sources import describe, probe_downloaded, probe_or_none, video_row
-from soraflow.tasks.ingest.http import BadInputError, TransientError, download_file, get_json
+from soraflow.tasks.ingest.http import BadInputError, TransientError, check_url, get_json
+from soraflow.tasks.ingest.resumable_download import download_file
 
 log = logging.getLogger(__name__)
 
 KIND = "hdvg"
+MAX_SECONDS = 7 * 24 * 3600.0  # no span of a real video is longer; bigger numbers are malformed metadata
+MAX_FPS = 1000.0
+MAX_FRAME = int(MAX_SECONDS * MAX_FPS)
 _TIMECODE = re.compile(r"^(\d+):([0-5]?\d):([0-5]?\d(?:\.\d+)?)$")
 _YOUTUBE_HOSTS = ("youtube.com", "youtu.be", "youtube-nocookie.com")
 
@@ -48,7 +54,7 @@ _YOUTUBE_HOSTS = ("youtube.com", "youtu.be", "youtube-nocookie.com")
 
 def list_items(source: SourceConfig, http: HttpConfig, root: DataRoot, *, session=None, sleep=time.sleep) -> list[dict]:
     """One item per video of the metadata file, in file order (at most source.max_videos)."""
-    data, _ = get_json(source.url, cfg=http, session=session, sleep=sleep)
+    data, _ = get_json(source.url, cfg=http, session=session, sleep=sleep, metadata_file=True)  # 234 MB for hdvg_0.json
     if not isinstance(data, dict):
         raise BadInputError(f"{source.url}: HD-VG metadata must be an object keyed by video id, got {type(data).__name__}")
     items = []
@@ -122,6 +128,7 @@ def ytdlp_fetch(url: str, dest: Path, http: HttpConfig, session=None, sleep=None
     """Fetch one video with the yt_dlp Python API into `dest`."""
     import yt_dlp
 
+    check_url(url, http)  # yt-dlp fetches by itself: at least the page URL goes through the URL policy
     try:
         with yt_dlp.YoutubeDL(ytdlp_options(dest, http)) as ydl:
             ydl.download([url])
@@ -148,11 +155,31 @@ def fetch_video(url: str, dest: Path, source: SourceConfig, http: HttpConfig, se
 def parse_timecode(value: Any) -> float:
     """'HH:MM:SS.mmm' (or a number of seconds) -> seconds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    m = _TIMECODE.match(str(value).strip())
-    if not m:
-        raise BadInputError(f"bad timecode {value!r} (expected HH:MM:SS.mmm)")
-    return int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+        seconds = finite_number(value, "timecode", 0, MAX_SECONDS)
+    else:
+        m = _TIMECODE.fullmatch(str(value).strip()[:40])
+        if not m or len(m.group(1)) > 6:
+            raise BadInputError(f"bad timecode {str(value)[:40]!r} (expected HH:MM:SS.mmm)")
+        seconds = int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+    if not 0 <= seconds <= MAX_SECONDS:
+        raise BadInputError(f"timecode {str(value)[:40]!r} is out of range (0 .. {MAX_SECONDS:g} s)")
+    return seconds
+
+
+def finite_number(value: Any, what: str, lo: float, hi: float) -> float:
+    """`value` as a float if it is a real, finite number in [lo, hi], else BadInputError naming it.
+
+    JSON gives 1e400 as inf and 10**400 as an int no float holds: both are refused here, before
+    any arithmetic can overflow."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadInputError(f"{what} must be a number, got {str(value)[:40]!r}")
+    try:
+        x = float(value)
+    except OverflowError:
+        raise BadInputError(f"{what} {str(value)[:40]}... is out of range") from None
+    if not math.isfinite(x) or not lo <= x <= hi:
+        raise BadInputError(f"{what} {str(value)[:40]} is out of range ({lo:g} .. {hi:g})")
+    return x
 
 
 def cut_span(src: Path, dest: Path, start_s: float, end_s: float, crf: int = 18) -> int:
@@ -201,7 +228,8 @@ def cut_span(src: Path, dest: Path, start_s: float, end_s: float, crf: int = 18)
                         out.mux(packet)
                 if n == 0:
                     raise VideoError(f"{src}: no frames between {start_s:.3f} s and {end_s:.3f} s")
-    except (av.error.FFmpegError, ValueError) as e:
+    except (av.error.FFmpegError, ValueError, OSError) as e:
+        raise_if_environment(e, f"cutting {src.name} to {dest}")  # disk full is not a bad video
         if isinstance(e, VideoError):
             raise
         raise VideoError(f"{src}: cutting {start_s:.3f}-{end_s:.3f} s failed: {e}") from e
@@ -228,7 +256,7 @@ def _plan_span(vid: str, clip: Any, root: DataRoot) -> _Span:
     clip = clip if isinstance(clip, dict) else {}
     name = str(clip.get("name"))
     fps = clip.get("fps")
-    span = _Span(name=name, fps=float(fps) if isinstance(fps, (int, float)) and fps > 0 else None, scenes=list(clip.get("scenes") or []))
+    span = _Span(name=name[:200], fps=None, scenes=list(clip.get("scenes") or []))
     try:
         stem = name[: -len(".mp4")] if name.endswith(".mp4") else name
         if not stem.startswith(vid + "."):
@@ -240,6 +268,8 @@ def _plan_span(vid: str, clip: Any, root: DataRoot) -> _Span:
         span.start_s, span.end_s = parse_timecode(s[0]), parse_timecode(s[1])
         if span.end_s <= span.start_s:
             raise BadInputError(f"clip {name!r}: span ends before it starts: {s!r}")
+        if fps is not None:
+            span.fps = finite_number(fps, f"clip {name!r}: fps", 1e-3, MAX_FPS)
     except (BadInputError, UnsafePathError) as e:
         span.error = describe(e)
     if not span.scenes:
@@ -270,12 +300,13 @@ def _scene_row(vid: str, url: str | None, span: _Span, scene: Any) -> dict:
     ok_cut = (
         isinstance(cut, (list, tuple))
         and len(cut) == 2
-        and all(isinstance(x, int) and not isinstance(x, bool) for x in cut)
+        and all(isinstance(x, int) and not isinstance(x, bool) and -1 <= x <= MAX_FRAME for x in cut)
         and cut[0] >= 0
         and (cut[1] == -1 or cut[1] > cut[0])
     )
     if not ok_cut:
-        return reject(base, f"{where}: scene {clip_id}: bad scene_cut {cut!r} (expected [start, end] frames, end -1 = to the end)")
+        shown = str(cut)[:80]
+        return reject(base, f"{where}: scene {clip_id}: bad scene_cut {shown} (expected [start, end] frames in 0 .. {MAX_FRAME}, end -1 = to the end)")
     assert span.info is not None and span.path is not None
     fps = span.fps or span.info.fps
     row = video_row(KIND, vid, url, span.path, span.info, clip_id=clip_id, text=base["text"], caption_source=base["caption_source"])
@@ -286,7 +317,7 @@ def _scene_row(vid: str, url: str | None, span: _Span, scene: Any) -> dict:
 
 def _scene_order(scene: Any) -> tuple:
     cut = scene.get("scene_cut") if isinstance(scene, dict) else None
-    first = cut[0] if isinstance(cut, (list, tuple)) and cut and isinstance(cut[0], int) else 1 << 62
+    first = cut[0] if isinstance(cut, (list, tuple)) and cut and isinstance(cut[0], int) and not isinstance(cut[0], bool) else 1 << 62
     return (first, str(scene.get("clip_id") if isinstance(scene, dict) else ""))
 
 
@@ -300,11 +331,25 @@ def download_item(source: SourceConfig, item: dict, root: DataRoot, http: HttpCo
     if not spans:
         raise BadInputError(f"{url or vid}: metadata lists no clips")
 
+    full = safe_join(root.tmp, KIND, f"{vid}.mp4")
+    # One process at a time per video: another ingest on this root waits here instead of
+    # cutting the same spans, or deleting the full video while this one still cuts it.
+    with file_lock(path_lock_file(f"{full}#video"), what=f"HD-VG video {vid}"):
+        _fetch_and_cut(vid, url, spans, full, source, http, session, sleep)
+    rows = []
+    for s in spans:
+        for scene in sorted(s.scenes, key=_scene_order):
+            rows.append(_scene_row(vid, url, s, scene))
+    return rows
+
+
+def _fetch_and_cut(vid: str, url: Any, spans: list[_Span], full: Path, source: SourceConfig, http: HttpConfig, session, sleep) -> None:
+    """Cut every usable span that is not on disk yet (fetching the full video if needed); drop
+    the full video once every span is cut. Failures are recorded on the spans."""
     usable = [s for s in spans if not s.error]
     for s in usable:  # idempotent: a span file that exists and probes is kept
         s.info = probe_or_none(s.path)
     todo = [s for s in usable if s.info is None]
-    full = safe_join(root.tmp, KIND, f"{vid}.mp4")
     if todo:
         try:
             if not isinstance(url, str) or not url:
@@ -325,9 +370,3 @@ def download_item(source: SourceConfig, item: dict, root: DataRoot, http: HttpCo
                     s.error = f"cutting the span failed: {e}"
     if all(s.info is not None for s in usable):
         full.unlink(missing_ok=True)  # every span is cut: the full video is no longer needed
-
-    rows = []
-    for s in spans:
-        for scene in sorted(s.scenes, key=_scene_order):
-            rows.append(_scene_row(vid, url, s, scene))
-    return rows

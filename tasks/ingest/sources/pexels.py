@@ -23,9 +23,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from soraflow.configs.schema import HttpConfig, SourceConfig
-from soraflow.storage.layout import DataRoot, safe_id
+from soraflow.storage.layout import DataRoot, file_lock, path_lock_file, safe_id
 from soraflow.tasks.ingest.sources import probe_downloaded, probe_or_none, video_row
-from soraflow.tasks.ingest.http import BadInputError, download_file, get_json, rate_limit_wait
+from soraflow.tasks.ingest.http import BadInputError, get_json, rate_limit_wait
+from soraflow.tasks.ingest.resumable_download import download_file
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ def list_items(source: SourceConfig, http: HttpConfig, root: DataRoot, *, sessio
     limit = source.max_videos
     items: list[dict] = []
     seen_pages: set[str] = set()
+    seen_ids: set[str] = set()
+    duplicates = 0
     for _ in range(MAX_PAGES):
         data, resp_headers = get_json(url, cfg=http, headers=headers, params=params, session=session, sleep=sleep)
         if not isinstance(data, dict):
@@ -114,9 +117,16 @@ def list_items(source: SourceConfig, http: HttpConfig, root: DataRoot, *, sessio
                 continue
             if source.min_width and isinstance(v.get("width"), int) and v["width"] < source.min_width:
                 continue
+            vid = str(v.get("id"))
+            if vid in seen_ids:  # the same video on two pages: listed once, counted
+                duplicates += 1
+                continue
+            seen_ids.add(vid)
             items.append(_item(v, source))
             if limit is not None and len(items) >= limit:
-                return items
+                break
+        if limit is not None and len(items) >= limit:
+            break
         nxt = data.get("next_page")
         if not isinstance(nxt, str) or not nxt or not videos:
             break
@@ -127,6 +137,8 @@ def list_items(source: SourceConfig, http: HttpConfig, root: DataRoot, *, sessio
         seen_pages.add(nxt)
         _respect_rate_limit(resp_headers, http, sleep)
         url, params = nxt, None
+    if duplicates:
+        log.warning("Pexels listing: %d duplicate video(s) across pages listed once", duplicates)
     return items
 
 
@@ -147,12 +159,15 @@ def download_item(source: SourceConfig, item: dict, root: DataRoot, http: HttpCo
     if item.get("error") or not f or not isinstance(f.get("link"), str):
         raise BadInputError(f"{page or vid}: {item.get('error') or 'no file link'}")
     dest = root.raw(KIND, vid)
-    info = probe_or_none(dest)  # idempotent: a file that exists and probes is kept
-    if info is None:
-        size = _size(f)
-        cap = max(source.max_file_bytes, size or 0)  # the smallest-file fallback may be larger
-        cfg = http.model_copy(update={"max_bytes": min(http.max_bytes, cap)})
-        dest.unlink(missing_ok=True)
-        download_file(f["link"], dest, cfg=cfg, session=session, sleep=sleep)  # a listed size is only a hint
-        info = probe_downloaded(dest, f["link"])
+    # One fetch per file at a time: the same video listed twice, or another ingest on this root,
+    # waits and then finds the file done instead of fetching it again.
+    with file_lock(path_lock_file(f"{dest}#item"), what=f"Pexels video {vid}"):
+        info = probe_or_none(dest)  # idempotent: a file that exists and probes is kept
+        if info is None:
+            size = _size(f)
+            cap = max(source.max_file_bytes, size or 0)  # the smallest-file fallback may be larger
+            cfg = http.model_copy(update={"max_bytes": min(http.max_bytes, cap)})
+            dest.unlink(missing_ok=True)
+            download_file(f["link"], dest, cfg=cfg, session=session, sleep=sleep)  # a listed size is only a hint
+            info = probe_downloaded(dest, f["link"])
     return [video_row(KIND, vid, page, dest, info)]

@@ -7,6 +7,7 @@ entry points against the loopback SampleServer with injected faults. Sleeps are 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -57,7 +58,7 @@ def files_under(path: Path) -> set[Path]:
 
 @pytest.fixture
 def http_cfg():
-    return HttpConfig(timeout_s=5, max_retries=3, backoff_base_s=1.0, backoff_max_s=30.0)
+    return HttpConfig(timeout_s=5, max_retries=3, backoff_base_s=1.0, backoff_max_s=30.0, allow_hosts=["127.0.0.1"])
 
 
 # ---------------------------------------------------------------- HD-VG: spans, routing, ids (no server)
@@ -387,10 +388,11 @@ class MiniSource:
             body = bytes(len(body) // 2) + body[len(body) // 2 :]  # the header boxes are zeros
         start = 0
         rng = h.headers.get("Range")
-        if rng:
+        etag = f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+        if rng and h.headers.get("If-Range", etag) == etag:  # a changed file is sent whole
             start = int(rng.split("=")[1].split("-")[0])
         part = body[start:]
-        headers = {"Accept-Ranges": "bytes"}
+        headers = {"Accept-Ranges": "bytes", "ETag": etag}
         if start:
             headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
         if fault in ("reset", "truncate"):
@@ -441,6 +443,7 @@ class MiniSource:
 
 
 def _fast_http(**kw) -> HttpConfig:
+    kw.setdefault("allow_hosts", ["127.0.0.1"])  # the test server is on loopback
     return HttpConfig(timeout_s=5, max_retries=3, backoff_base_s=1.0, backoff_max_s=30.0, **kw)
 
 
@@ -740,3 +743,128 @@ def test_pexels_unsafe_id_rejected(px, tmp_path):
     [row] = download_items(SourceConfig(kind="pexels", url=px.base_url), items, root, _fast_http())
     assert row["status"] == "rejected" and "unsafe id" in row["error"] and row["path"] is None
     assert files_under(tmp_path) == before and px.log_for("/files/") == []
+
+
+# ---------------------------------------------------------------- hostile metadata, failure isolation, duplicates
+
+
+def _raw_hdvg_meta(s: MiniSource, text: str) -> None:
+    """Serve `text` verbatim as the HD-VG metadata (numbers JSON allows but floats do not hold)."""
+    s.files["/metafiles/hdvg_0.json"] = (text.encode(), "application/json")
+
+
+def test_hdvg_overflowing_numbers_reject_only_their_rows(src, tmp_path):
+    """1e400 (inf), 10**400 (no float holds it), absurd fps and timecodes: those rows are rejected
+    with the reason; every other video of the file still gives its ok rows."""
+    for vid in ("vidX", "vidY", "vidZ", "vidW"):
+        src.add_hdvg(vid, {})
+    meta = json.loads(src.files["/metafiles/hdvg_0.json"][0])
+
+    def clip(vid, cut="[0, -1]", fps="30.0", span='["00:00:00.000", "00:00:01.000"]'):
+        return f'{{"{vid}.0.mp4": {{"span": {span}, "fps": {fps}, "scene_split": [{{"scene_cut": {cut}, "clip_id": "{vid}.0_0", "caption": "x"}}]}}}}'
+
+    entries = {vid: json.dumps(meta[vid]).replace('"clip": {}', '"clip": %s') for vid in meta}
+    text = "{" + ", ".join([
+        f'"vidA": {json.dumps(meta["vidA"])}',
+        f'"vidX": {entries["vidX"] % clip("vidX", cut="[1e400, -1]")}',
+        f'"vidY": {entries["vidY"] % clip("vidY", cut="[" + "9" * 400 + ", -1]")}',
+        f'"vidZ": {entries["vidZ"] % clip("vidZ", fps="1e400")}',
+        f'"vidW": {entries["vidW"] % clip("vidW", span=chr(91) + "0, 1e400" + chr(93))}',
+    ]) + "}"
+    _raw_hdvg_meta(src, text)
+    root = DataRoot(tmp_path / "data")
+    source = _hdvg_source(src)
+    items = list_items(source, _fast_http(), root, sleep=Sleeps())
+    rows = download_items(source, items, root, _fast_http(), sleep=Sleeps())
+    by_vid = {}
+    for r in rows:
+        by_vid.setdefault(r["video_id"], []).append(r)
+    validate_rows(rows)
+    assert set(by_vid) == {"vidA", "vidX", "vidY", "vidZ", "vidW"}
+    assert [r["status"] for r in by_vid["vidA"]] == ["ok"] * 3
+    assert "bad scene_cut" in by_vid["vidX"][0]["error"] and by_vid["vidX"][0]["status"] == "rejected"
+    assert "bad scene_cut" in by_vid["vidY"][0]["error"] and len(by_vid["vidY"][0]["error"]) < 400
+    assert "fps" in by_vid["vidZ"][0]["error"] and "out of range" in by_vid["vidZ"][0]["error"]
+    assert "out of range" in by_vid["vidW"][0]["error"]
+
+
+def test_any_error_in_one_item_is_its_rejection(src, tmp_path, monkeypatch):
+    """An error of no expected kind (here a RuntimeError in the cutter) rejects that item only."""
+    real = hdvg.cut_span
+
+    def flaky(s, dest, a, b, crf=18):
+        if "vidB" in str(s):
+            raise RuntimeError("cutter crashed")
+        return real(s, dest, a, b, crf)
+
+    monkeypatch.setattr(hdvg, "cut_span", flaky)
+    root = DataRoot(tmp_path / "data")
+    source = _hdvg_source(src)
+    rows = download_items(source, list_items(source, _fast_http(), root), root, _fast_http(), sleep=Sleeps())
+    bad = [r for r in rows if r["video_id"] == "vidB"]
+    assert len(bad) == 1 and bad[0]["status"] == "rejected" and "RuntimeError: cutter crashed" in bad[0]["error"]
+    assert all(r["status"] == "ok" for r in rows if r["video_id"] != "vidB")
+
+
+@pytest.mark.parametrize("fault", [
+    lambda: OSError(28, "No space left on device"),
+    lambda: __import__("av").error.FFmpegError(28, "No space left on device"),  # how PyAV reports it
+    lambda: OSError(5, "Input/output error"),
+    lambda: MemoryError(),
+])
+def test_machine_faults_are_never_rejected_rows(src, tmp_path, monkeypatch, fault):
+    from soraflow.storage.faults import EnvironmentFault
+
+    def full(*a, **k):
+        raise fault()
+
+    monkeypatch.setattr(hdvg, "cut_span", full)
+    root = DataRoot(tmp_path / "data")
+    source = _hdvg_source(src)
+    items = list_items(source, _fast_http(), root)
+    with pytest.raises(EnvironmentFault, match="environment fault"):
+        download_items(source, items, root, _fast_http(), sleep=Sleeps())
+
+
+def test_failing_source_listing_is_one_rejected_row(src, tmp_path):
+    from soraflow.tasks.ingest.sources import list_items_or_error
+
+    root = DataRoot(tmp_path / "data")
+    bad = SourceConfig(kind="hdvg", url=f"{src.base_url}/metafiles/missing.json", fetcher="http")
+    good = _hdvg_source(src)
+    rows = []
+    for source in (bad, good):
+        rows += download_items(source, list_items_or_error(source, _fast_http(), root, sleep=Sleeps()), root, _fast_http(), sleep=Sleeps())
+    assert rows[0]["status"] == "rejected" and "listing the source failed" in rows[0]["error"] and "404" in rows[0]["error"]
+    assert rows[0]["video_id"] == "hdvg-source"
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows[1:])
+
+
+def test_duplicates_end_as_one_ok_row(src, px, tmp_path):
+    """The same Pexels video on two pages is listed once; a duplicate HD-VG clip_id is rejected at the merge."""
+    from soraflow.storage.manifest import mark_duplicates
+
+    px.pexels_videos.insert(3, dict(px.pexels_videos[0]))  # video 101 again, on page 2
+    root = DataRoot(tmp_path / "data")
+    items = list_items(SourceConfig(kind="pexels", url=px.base_url, query="circle", per_page=2), _fast_http(), root)
+    ids = [i["video_id"] for i in items]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 7
+
+    clips = {"vidD.0.mp4": {"span": ["00:00:00.000", "00:00:02.000"], "fps": 30.0, "scene_split": [
+        {"scene_cut": [0, 20], "clip_id": "vidD.0_0", "caption": "first"},
+        {"scene_cut": [20, -1], "clip_id": "vidD.0_0", "caption": "same id again"}]}}
+    src.add_hdvg("vidD", clips)
+    source = _hdvg_source(src)
+    rows = download_items(source, list_items(source, _fast_http(), root), root, _fast_http(), sleep=Sleeps())
+    rows, n = mark_duplicates(rows)
+    d = [r for r in rows if r["video_id"] == "vidD"]
+    assert n == 1 and [r["status"] for r in d] == ["ok", "rejected"] and "duplicate" in d[1]["error"]
+
+
+def test_unsafe_ids_with_newlines_or_control_characters(tmp_path):
+    from soraflow.storage.layout import UnsafePathError, safe_id
+
+    for bad in ("77\n", "a\tb", "x\x00", "ok\r", None, "..", "a/b"):
+        with pytest.raises(UnsafePathError):
+            safe_id(bad)
+    assert safe_id("77") == "77" and safe_id(77) == "77"

@@ -8,6 +8,7 @@ Sleeps are recorded, never slept, so retries are instant.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -22,11 +23,13 @@ from soraflow.tasks.ingest.http import (
     BadInputError,
     TransientError,
     backoff_delay,
-    download_file,
     get_json,
     rate_limit_wait,
     redact_url,
 )
+from soraflow.tasks.ingest.resumable_download import download_file
+
+LOOPBACK = ["127.0.0.1"]  # the test servers are on loopback, which the URL policy refuses by default
 
 BODY = os.urandom(300_000)
 SHA = hashlib.sha256(BODY).hexdigest()
@@ -41,6 +44,7 @@ class ScriptedServer:
         self.faults: dict[str, list[tuple[str, dict]]] = {}
         self.log: list[dict] = []
         self.lock = threading.Lock()
+        self.no_validators = False  # True: answers carry no ETag (nothing to resume against)
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -103,6 +107,18 @@ class ScriptedServer:
     def _serve(self, h, path, fault, opts):
         if fault == "status":
             return self._send(h, opts["code"], b"nope", opts.get("headers"))
+        if fault == "trickle":  # headers, then one byte every `every` seconds, for ever (bounded by `n`)
+            h.send_response(200)
+            h.send_header("Content-Length", str(opts.get("n", 10_000)))
+            h.end_headers()
+            for _ in range(opts.get("n", 10_000)):
+                try:
+                    h.wfile.write(b" ")
+                    h.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(opts.get("every", 0.05))
+            return
         if fault == "redirect":
             h.send_response(302)
             h.send_header("Location", opts["to"])
@@ -131,13 +147,19 @@ class ScriptedServer:
             return
         rng = h.headers.get("Range")
         start = 0
-        if rng and fault != "ignore_range":
+        etag = f'"{hashlib.sha256(body).hexdigest()[:16]}"'  # strong validator of this version of the file
+        if_range = h.headers.get("If-Range")
+        if if_range is not None and if_range != etag:
+            rng = None  # RFC 9110: a validator that does not match gets the whole (new) file
+        if rng and fault != "ignore_range" and not opts.get("ignore_range"):
             start = int(rng.split("=")[1].split("-")[0])
             if start >= len(body):
                 return self._send(h, 416, b"", {"Content-Range": f"bytes */{len(body)}"})
         part = body[start:]
         code = 206 if start else 200
         headers = {"Content-Type": opts.get("ctype", "application/octet-stream"), "Accept-Ranges": "bytes"}
+        if not self.no_validators:
+            headers["ETag"] = etag
         if start:
             headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
         if fault in ("reset", "truncate"):
@@ -167,7 +189,7 @@ def server():
 
 @pytest.fixture
 def cfg():
-    return HttpConfig(timeout_s=5, max_retries=3, backoff_base_s=1.0, backoff_max_s=30.0, max_bytes=10_000_000)
+    return HttpConfig(timeout_s=5, max_retries=3, backoff_base_s=1.0, backoff_max_s=30.0, max_bytes=10_000_000, allow_hosts=LOOPBACK)
 
 
 class Sleeps(list):
@@ -214,11 +236,63 @@ def test_server_ignoring_range_restarts_from_zero(server, cfg, tmp_path):
     assert "Range" in server.requests_to("/f.bin")[1]["headers"]
 
 
+def _etag(body: bytes) -> str:
+    return f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+
+
+def _leave_part(tmp_path, url: str, body: bytes, validator: str | None) -> None:
+    """A part file as an earlier, killed download leaves it (with its validator sidecar)."""
+    (tmp_path / "f.bin.part").write_bytes(body)
+    if validator:
+        (tmp_path / "f.bin.part.json").write_text(json.dumps({"url": url, "validator": validator}))
+
+
 def test_existing_part_file_is_resumed(server, cfg, tmp_path):
-    (tmp_path / "f.bin.part").write_bytes(BODY[:1234])
-    res = download_file(f"{server.base_url}/f.bin", tmp_path / "f.bin", cfg=cfg, sleep=Sleeps())
+    url = f"{server.base_url}/f.bin"
+    _leave_part(tmp_path, url, BODY[:1234], _etag(BODY))
+    res = download_file(url, tmp_path / "f.bin", cfg=cfg, sleep=Sleeps())
     assert res.sha256 == SHA and res.resumed
     assert server.requests_to("/f.bin")[0]["headers"]["Range"] == "bytes=1234-"
+    assert server.requests_to("/f.bin")[0]["headers"]["If-Range"] == _etag(BODY)
+    assert not (tmp_path / "f.bin.part.json").exists() and not (tmp_path / "f.bin.part").exists()
+
+
+def test_part_without_validator_restarts_from_zero(server, cfg, tmp_path):
+    url = f"{server.base_url}/f.bin"
+    _leave_part(tmp_path, url, b"X" * 1234, None)  # nothing proves these bytes are this file's
+    res = download_file(url, tmp_path / "f.bin", cfg=cfg, sleep=Sleeps())
+    assert res.sha256 == SHA and not res.resumed
+    assert "Range" not in server.requests_to("/f.bin")[0]["headers"]
+
+
+def test_resume_after_the_file_changed_restarts_cleanly(server, cfg, tmp_path):
+    """The file changed between attempts: If-Range does not match, the server sends the new
+    file whole, and the result is the new file, never old prefix + new suffix."""
+    url = f"{server.base_url}/f.bin"
+    old = os.urandom(len(BODY))
+    _leave_part(tmp_path, url, old[:100_000], _etag(old))
+    res = download_file(url, tmp_path / "f.bin", cfg=cfg, sleep=Sleeps())
+    assert res.sha256 == SHA and not res.resumed
+    first = server.requests_to("/f.bin")[0]["headers"]
+    assert first["Range"] == "bytes=100000-" and first["If-Range"] == _etag(old)
+    assert (tmp_path / "f.bin").read_bytes() == BODY
+
+
+def test_no_validator_server_restarts_after_a_reset(server, cfg, tmp_path):
+    server.no_validators = True
+    server.inject("/f.bin", "reset", at=100_000)
+    res = download_file(f"{server.base_url}/f.bin", tmp_path / "f.bin", cfg=cfg, sleep=Sleeps())
+    assert res.sha256 == SHA and not res.resumed and res.attempts == 2
+    assert "Range" not in server.requests_to("/f.bin")[1]["headers"]
+
+
+def test_range_ignoring_server_that_drops_is_bounded(server, tmp_path):
+    """A server that ignores Range and drops every connection part-way: bounded bytes, a clear error."""
+    c = HttpConfig(max_retries=3, backoff_base_s=0, allow_hosts=LOOPBACK, max_transfer_factor=3.0)
+    server.inject("/f.bin", "reset", times=100, at=200_000, ignore_range=True)
+    with pytest.raises(BadInputError, match="gave up"):
+        download_file(f"{server.base_url}/f.bin", tmp_path / "f.bin", cfg=c, sleep=Sleeps())
+    assert len(server.requests_to("/f.bin")) <= 5  # 3 x 300 kB at 200 kB a try, not 30 full refetches
 
 
 def test_complete_part_file_416(server, cfg, tmp_path):
@@ -319,7 +393,7 @@ def test_size_cap_declared(server, cfg, tmp_path):
 
 
 def test_size_cap_streamed(server, tmp_path):
-    small = HttpConfig(max_bytes=200_000, backoff_base_s=0)
+    small = HttpConfig(max_bytes=200_000, backoff_base_s=0, allow_hosts=LOOPBACK)
     server.inject("/f.bin", "stream", n=1_000_000)
     with pytest.raises(BadInputError, match="over the limit"):
         download_file(f"{server.base_url}/f.bin", tmp_path / "f.bin", cfg=small, sleep=Sleeps())
@@ -420,8 +494,209 @@ def test_get_json_invalid_is_bad_input(server, cfg):
 
 
 def test_get_json_404_and_size_cap(server):
-    c = HttpConfig(max_bytes=5)
+    c = HttpConfig(max_bytes=5, allow_hosts=LOOPBACK)
     with pytest.raises(BadInputError, match="404"):
         get_json(f"{server.base_url}/nope.json", cfg=c, sleep=Sleeps())
     with pytest.raises(BadInputError, match="over the limit"):
         get_json(f"{server.base_url}/data.json", cfg=c, sleep=Sleeps())
+
+
+# ---------------------------------------------------------------- URL policy, deadlines, caps, concurrency
+
+
+def test_loopback_refused_without_allow_list(server, tmp_path):
+    """The default policy refuses loopback (and every other non-public) target before connecting."""
+    c = HttpConfig(backoff_base_s=0)
+    with pytest.raises(BadInputError, match="loopback"):
+        download_file(f"{server.base_url}/f.bin", tmp_path / "f.bin", cfg=c, sleep=Sleeps())
+    with pytest.raises(BadInputError, match="loopback"):
+        get_json(f"{server.base_url}/data.json", cfg=c, sleep=Sleeps())
+    assert server.log == []  # nothing was fetched
+
+
+@pytest.mark.parametrize("ips, allow, ok", [
+    (["10.1.2.3"], [], False),
+    (["93.184.216.34", "192.168.1.5"], [], False),  # one private answer among public ones is enough
+    (["169.254.169.254"], [], False),  # the cloud metadata endpoint
+    (["::ffff:127.0.0.1"], [], False),  # IPv4-mapped loopback
+    (["fd00::1"], [], False),
+    (["224.0.0.1"], [], False),
+    (["0.0.0.0"], [], False),
+    (["100.64.0.1"], [], False),  # shared address space
+    (["93.184.216.34"], [], True),
+    (["10.1.2.3"], ["10.0.0.0/8"], True),
+    (["10.1.2.3"], ["internal.example"], True),
+])
+def test_url_policy_after_dns_resolution(ips, allow, ok):
+    from soraflow.tasks.ingest.url_policy import UrlRefused, check_url
+
+    c = HttpConfig(allow_hosts=allow)
+    if ok:
+        assert check_url("https://internal.example/x", c, resolve=lambda h, p: ips)
+    else:
+        with pytest.raises(UrlRefused, match="refused"):
+            check_url("https://internal.example/x", c, resolve=lambda h, p: ips)
+
+
+@pytest.mark.parametrize("target", ["http://169.254.169.254/latest/meta-data", "http://10.0.0.1/admin", "http://[::1]:1/x", "http://0.0.0.0:1/"])
+def test_redirect_from_allowed_host_to_refused_one(server, cfg, tmp_path, target):
+    server.inject("/f.bin", "redirect", to=target)
+    with pytest.raises(BadInputError, match="refused"):
+        download_file(f"{server.base_url}/f.bin", tmp_path / "f.bin", cfg=cfg, sleep=Sleeps())
+    server.inject("/data.json", "redirect", to=target)
+    with pytest.raises(BadInputError, match="refused"):
+        get_json(f"{server.base_url}/data.json", cfg=cfg, sleep=Sleeps())
+    assert not (tmp_path / "f.bin").exists()
+
+
+def test_secret_headers_dropped_on_cross_origin_redirect(server, tmp_path):
+    """Authorization, X-API-Key and configured secret headers reach the first origin only."""
+    c = HttpConfig(backoff_base_s=0, allow_hosts=LOOPBACK, secret_headers=["X-Custom-Secret"])
+    headers = {"Authorization": SECRET, "X-API-Key": SECRET, "X-Custom-Secret": SECRET, "X-Plain": "kept"}
+    with ScriptedServer() as other:
+        other.files["/f.bin"] = BODY
+        other.files["/data.json"] = b"[1]"
+        server.inject("/f.bin", "redirect", to=f"{other.base_url}/f.bin")
+        res = download_file(f"{server.base_url}/f.bin", tmp_path / "f.bin", cfg=c, headers=headers, sleep=Sleeps())
+        server.inject("/data.json", "redirect", to=f"{other.base_url}/data.json")
+        assert get_json(f"{server.base_url}/data.json", cfg=c, headers=headers, sleep=Sleeps())[0] == [1]
+        assert res.sha256 == SHA
+        for r in server.log:
+            assert r["headers"]["X-API-Key"] == SECRET  # the first origin gets them
+        assert len(other.log) == 2
+        for r in other.log:
+            sent = {k.lower(): v for k, v in r["headers"].items()}
+            assert SECRET not in sent.values(), sent
+            assert sent["x-plain"] == "kept"
+
+
+def test_same_origin_redirect_keeps_headers(server, cfg, tmp_path):
+    server.inject("/short", "redirect", to="/f.bin")
+    download_file(f"{server.base_url}/short", tmp_path / "f.bin", cfg=cfg, headers={"X-API-Key": SECRET}, sleep=Sleeps())
+    assert server.requests_to("/f.bin")[0]["headers"]["X-API-Key"] == SECRET
+
+
+def test_redirect_hops_are_bounded(server, tmp_path):
+    c = HttpConfig(allow_hosts=LOOPBACK, max_redirects=3)
+    for i in range(5):
+        server.inject(f"/r{i}", "redirect", to=f"/r{i + 1}")
+    with pytest.raises(BadInputError, match="more than 3 redirects"):
+        download_file(f"{server.base_url}/r0", tmp_path / "f.bin", cfg=c, sleep=Sleeps())
+
+
+def test_trickling_server_hits_the_total_deadline(server, tmp_path):
+    """One byte every 50 ms never trips the per-read timeout; the total deadline ends it."""
+    from soraflow.tasks.ingest.http import DeadlineError
+
+    c = HttpConfig(timeout_s=5, deadline_s=0.6, listing_deadline_s=0.6, allow_hosts=LOOPBACK)
+    server.inject("/f.bin", "trickle", n=2000)
+    t0 = time.monotonic()
+    with pytest.raises(DeadlineError, match="deadline"):
+        download_file(f"{server.base_url}/f.bin", tmp_path / "f.bin", cfg=c, sleep=Sleeps())
+    server.inject("/data.json", "trickle", n=2000)
+    with pytest.raises(DeadlineError, match="deadline"):
+        get_json(f"{server.base_url}/data.json", cfg=c, sleep=Sleeps())
+    assert time.monotonic() - t0 < 4
+
+
+def test_json_bomb_stops_at_the_json_cap(server, tmp_path):
+    """30 MB of JSON in a ~30 kB gzip body: decompression stops at max_json_bytes."""
+    import gzip
+
+    c = HttpConfig(allow_hosts=LOOPBACK, max_json_bytes=1_000_000)
+    server.files["/bomb.json"] = b"[" + b" " * 30_000_000 + b"]"
+    server.inject("/bomb.json", "gzip_json")
+    assert len(gzip.compress(server.files["/bomb.json"])) < 100_000
+    with pytest.raises(BadInputError, match="over the limit"):
+        get_json(f"{server.base_url}/bomb.json", cfg=c, sleep=Sleeps())
+    with pytest.raises(BadInputError, match="over the limit"):  # plain, undeclared size: counted
+        get_json(f"{server.base_url}/bomb.json", cfg=c, sleep=Sleeps())
+    # a metadata file (HD-VG's is 234 MB) has its own, larger cap, bounded the same way
+    big = HttpConfig(allow_hosts=LOOPBACK, max_json_bytes=1_000_000, max_metadata_bytes=40_000_000)
+    assert get_json(f"{server.base_url}/bomb.json", cfg=big, sleep=Sleeps(), metadata_file=True)[0] == []
+    server.inject("/bomb.json", "gzip_json")
+    small_meta = HttpConfig(allow_hosts=LOOPBACK, max_metadata_bytes=2_000_000)
+    with pytest.raises(BadInputError, match="over the limit of 2000000"):
+        get_json(f"{server.base_url}/bomb.json", cfg=small_meta, sleep=Sleeps(), metadata_file=True)
+
+
+def test_two_concurrent_downloads_of_one_file(server, cfg, tmp_path):
+    """Two downloaders (two ingests on one root) of one file take turns: both end with the whole file."""
+    server.inject("/f.bin", "reset", times=2, at=150_000)
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(download_file(f"{server.base_url}/f.bin", tmp_path / "f.bin", cfg=cfg, sleep=lambda s: time.sleep(0.05)))
+        except Exception as e:  # noqa: BLE001 - the test reports it
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == [] and [r.sha256 for r in results] == [SHA, SHA]
+    assert (tmp_path / "f.bin").read_bytes() == BODY
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def test_dns_outage_is_retried_not_bad_input(tmp_path, monkeypatch):
+    """EAI_AGAIN is the network failing, so it is retried (TransientError), never a rejected row;
+    a name that does not exist (EAI_NONAME) is bad input."""
+    import socket as socket_module
+
+    from soraflow.tasks.ingest import url_policy
+
+    def again(host, port):
+        raise socket_module.gaierror(socket_module.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(url_policy, "_resolve", again)
+    monkeypatch.setattr(url_policy.check_url, "__defaults__", (again,))
+    sleeps = Sleeps()
+    c = HttpConfig(max_retries=2)
+    with pytest.raises(TransientError, match="name resolution"):
+        download_file("https://videos.example/f.bin", tmp_path / "f.bin", cfg=c, sleep=sleeps)
+    assert len(sleeps) == 2
+
+    def none(host, port):
+        raise socket_module.gaierror(socket_module.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(url_policy.check_url, "__defaults__", (none,))
+    with pytest.raises(BadInputError, match="does not resolve"):
+        get_json("https://nowhere.example/x.json", cfg=c, sleep=Sleeps())
+
+
+def test_dns_rebinding_caught_at_connect(server, tmp_path, monkeypatch):
+    """The name resolved to a public address when checked, then to loopback when requests
+    connected: the address actually reached is checked too, and refused."""
+    import socket as socket_module
+
+    from soraflow.tasks.ingest import url_policy
+
+    real = socket_module.getaddrinfo
+    port = int(server.base_url.rsplit(":", 1)[1])
+
+    def rebinding(host, *a, **k):
+        return real("127.0.0.1" if host == "rebind.example" else host, *a, **k)
+
+    monkeypatch.setattr(url_policy.check_url, "__defaults__", (lambda h, p: ["93.184.216.34"],))
+    monkeypatch.setattr(socket_module, "getaddrinfo", rebinding)
+    with pytest.raises(BadInputError, match="loopback"):
+        download_file(f"http://rebind.example:{port}/f.bin", tmp_path / "f.bin", cfg=HttpConfig(), sleep=Sleeps())
+    assert not (tmp_path / "f.bin").exists()
+
+
+def test_allow_list_entry_with_a_port_allows_that_port_only(server, tmp_path):
+    """`127.0.0.1:<port>` (what the sample source allow-lists) does not open other local ports."""
+    from soraflow.tasks.ingest.url_policy import UrlRefused, check_url
+
+    hostport = server.base_url.split("://", 1)[1]
+    c = HttpConfig(allow_hosts=[hostport], backoff_base_s=0)
+    assert download_file(f"{server.base_url}/f.bin", tmp_path / "f.bin", cfg=c, sleep=Sleeps()).sha256 == SHA
+    with pytest.raises(UrlRefused, match="loopback"):
+        check_url("http://127.0.0.1:1/admin", c)
+    server.inject("/data.json", "redirect", to="http://127.0.0.1:1/admin")
+    with pytest.raises(BadInputError, match="loopback"):
+        get_json(f"{server.base_url}/data.json", cfg=c, sleep=Sleeps())
+    assert check_url("http://[::1]:8080/x", HttpConfig(allow_hosts=["[::1]:8080"]))

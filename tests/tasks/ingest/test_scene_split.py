@@ -12,6 +12,7 @@ from soraflow.storage.layout import DataRoot
 from soraflow.storage.manifest import lineage, new_row, read_rows, write_manifest
 from soraflow.storage.video_io import probe_video, read_frames, sha256_file
 from soraflow.tasks.ingest.scene_split import (
+    split_variant,
     clip_size,
     detect_scenes,
     split_manifest,
@@ -68,7 +69,7 @@ def test_clips_are_frame_accurate(root, tmp_path):
         assert r["aspect_ratio"] == pytest.approx(64 / 96) and r["resolution"] == 64 * 96
         assert r["sha256"] == sha256_file(r["path"])
         assert (r["text"], r["caption_source"], r["video_id"], r["source"]) == ("shapes", "source", "v", "hdvg")
-        assert Path(r["path"]) == root.clip("hdvg", "v", r["clip_id"])
+        assert Path(r["path"]) == root.clip("hdvg", "v", r["clip_id"], variant=split_variant(cfg))
 
 
 def test_resampled_and_scaled_clips(root, tmp_path):
@@ -115,7 +116,7 @@ def test_short_scenes_rejected_long_scenes_truncated(root, tmp_path):
     assert [r["status"] for r in rows] == ["ok", "rejected", "ok"]
     assert rows[1]["error"].endswith("scene too short: 1.5 s < min 2.0 s")
     assert str(video.path) in rows[1]["error"]
-    assert rows[1]["clip_id"] == "v-scene-1" and not root.clip("hdvg", "v", "v-scene-1").exists()
+    assert rows[1]["clip_id"] == "v-scene-1" and not root.clip("hdvg", "v", "v-scene-1", variant=split_variant(cfg)).exists()
     # Truncated to the first 1.25 s = 30 frames of each long scene.
     assert [r["num_frames"] for r in (rows[0], rows[2])] == [30, 30]
     assert (rows[2]["start_s"], rows[2]["end_s"]) == (4.0, 4.0 + 1.25)
