@@ -253,12 +253,12 @@ def explain_generation(cfg: SoraFlowConfig, root: DataRoot, prompt: str, out_dir
         rows.append(Stage("video", "VideoVAE.decode", _fmt([tuple(video.shape)]), "the video (B, 3, T, H, W) in [-1, 1]"))
         attention = _attention_map(tracer, q_name, kv_name, len(steps_seen) - 1, 0, facts["heads"], facts["grid_t"])
     picks = sorted({round(i * (len(steps_seen) - 1) / max(1, snapshots - 1)) for i in range(snapshots)})
-    strip = []
-    for i in picks:  # decode the guided x0 prediction of step i (cond row 0, uncond row 1)
+    x0s = []
+    for i in picks:  # the guided x0 prediction of step i (cond row 0, uncond row 1)
         x_t, t, o = steps_seen[i]
         guided = o[1:2] + cfg_scale * (o[0:1] - o[1:2]) if o.shape[0] == 2 else o[:1]
-        strip.append(to_uint8_frames(pipe.vae.decode(predicted_x0(scheduler, x_t[:1], t[:1], guided)).clamp(-1, 1)[0]))
-    strip.append(to_uint8_frames(video[0]))
+        x0s.append(predicted_x0(scheduler, x_t[:1], t[:1], guided))
+    strip = [to_uint8_frames(v) for v in pipe.vae.decode(torch.cat(x0s)).clamp(-1, 1)] + [to_uint8_frames(video[0])]
     images = {
         "denoising": _save_strip_png(strip, out / "denoising.png"),
         "cross_attention": _save_attention_png(attention, tokens, out / "cross_attention.png",
@@ -331,7 +331,7 @@ def explain_training(cfg: SoraFlowConfig, root: DataRoot, prompt: str, out_dir: 
     stdit.eval()
     with torch.no_grad():
         pred = predicted_x0(scheduler, x_t, t, seen[0])
-        strip = [clip] + [to_uint8_frames(pipe.vae.decode(z).clamp(-1, 1)[0]) for z in (x0, x_t, pred)]
+        strip = [clip] + [to_uint8_frames(v) for v in pipe.vae.decode(torch.cat([x0, x_t, pred])).clamp(-1, 1)]
     images = {
         "training_step": _save_strip_png(strip, out / "training_step.png"),
         "cross_attention": _save_attention_png(attention, tokens, out / "cross_attention_train.png",
