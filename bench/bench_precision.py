@@ -117,8 +117,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--modes", nargs="+", default=["fp32", "autocast", "bf16"])
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's, = the cores)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "precision.json"))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)  # on a machine shared with other jobs, fewer threads can win
     if "fp32" not in args.modes:
         args.modes = ["fp32", *args.modes]  # the baseline of every ratio
     machine = matmul_rates()
