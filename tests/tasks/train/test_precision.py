@@ -11,7 +11,16 @@ from soraflow.tasks.train.precision import Precision
 KW = dict(depth=2, hidden_size=64, num_heads=4, input_size=[4, 8, 8], caption_channels=32, model_max_length=8, pred_sigma=False)
 
 
-def _train(mode: str, steps: int = 15) -> tuple[list[float], Precision, torch.optim.Optimizer]:
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Many tiny ops: on a shared 2-core machine one thread is several times faster than two (OpenMP barriers)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _train(mode: str, steps: int = 12) -> tuple[list[float], Precision, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = build_stdit("STDiT-Tiny", **KW).train()
     model.y_embedder.uncond_prob = 0.0
