@@ -72,11 +72,13 @@ def main() -> None:
     print(" | ".join(f"{x:>13}" for x in ["VAE ceiling", "", "", "", *(ceiling[a] for a in ATTRS)]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from machine import matmul_rates  # bench/ is sys.path[0] when a bench runs as a script
     out.write_text(json.dumps({
         "bench": "adherence", "config": args.config, "overrides": overrides, "manifest": args.manifest,
         "workers": cfg.train.num_workers, "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,
         "rows": rows, "chance": chance, "vae_ceiling": ceiling,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "matmul_rates": matmul_rates(),  # bench/machine.py: this machine's fp32 / bf16 GFLOP/s
     }, indent=1))
     print(f"wrote {out}")
 

@@ -186,6 +186,7 @@ def main() -> None:
         print(f"{s['run']}: {s['clips']} clips in {s['seconds']:.1f} s = {s['clips_per_s']:.2f} clips/s; true captions {s['true_captions']}/{s['clips']}; "
               f"rejected {s['rejected']}; dataset version {s['dataset_version']}")
 
+    from machine import matmul_rates  # bench/ is sys.path[0] when a bench runs as a script
     meta = {
         "machine": f"{platform.machine()} {os.cpu_count()} CPU(s), {platform.platform()}",
         "python": platform.python_version(),
@@ -198,6 +199,7 @@ def main() -> None:
         "scenes": scenes,
         "prefect_start_s": round(prefect_start, 3),
         "command": "python bench/bench_ingest.py " + " ".join(sys.argv[1:]),
+        "matmul_rates": matmul_rates(),  # bench/machine.py: this machine's fp32 / bf16 GFLOP/s
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

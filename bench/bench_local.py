@@ -61,10 +61,12 @@ def main() -> None:
         print(f"{k}: {v}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from machine import matmul_rates  # bench/ is sys.path[0] when a bench runs as a script
     out.write_text(json.dumps({
         "bench": "local_flow", "budget": args.budget, "overrides": args.overrides, "stages_s": stages,
         "results": {k: str(v) for k, v in results.items()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "matmul_rates": matmul_rates(),  # bench/machine.py: this machine's fp32 / bf16 GFLOP/s
     }, indent=1))
     print(f"wrote {out}")
 

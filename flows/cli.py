@@ -264,3 +264,45 @@ def main() -> None:  # pragma: no cover - console entry point
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
+
+
+# ---------------------------------------------------------------- explain
+
+
+@app.command()
+def explain(
+    prompt: Annotated[str, typer.Argument(help="A prompt, e.g. 'a red circle moving left'.")],
+    train: Annotated[bool, typer.Option("--train", help="Trace one training step on the prompt's sample-world clip instead.")] = False,
+    model: Annotated[str, typer.Option(help="Registry reference to explain (random weights if the registry has none).")] = "champion",
+    ckpt: Annotated[Optional[str], typer.Option(help="A model folder or checkpoint instead of the registry.")] = None,
+    steps: Annotated[int, typer.Option(help="Sampling steps (generation).")] = 8,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    out: Annotated[Optional[str], typer.Option(help="Folder for the PNGs (default: <data root>/outputs/explain).")] = None,
+    config: ConfigOpt = "local",
+    set_: SetOpt = None,
+    root: RootOpt = None,
+) -> None:
+    """Run one generation (or one training step) and print every stage's tensor shape, from hooks on the live modules."""
+    cfg, data_root = _load(config, set_, root)
+    from soraflow.tasks.explain import explain_generation, explain_training
+
+    folder = Path(out) if out else data_root.samples.parent / "explain"
+    try:
+        if train:
+            result = explain_training(cfg, data_root, prompt, folder, model_ref=model, ckpt=ckpt, seed=seed)
+        else:
+            result = explain_generation(cfg, data_root, prompt, folder, model_ref=model, ckpt=ckpt, steps=steps, seed=seed)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    f = result.facts
+    console.print(f"weights: {result.weights}")
+    console.print(f"{result.mode}: {prompt!r}; video (T, H, W) = ({f['T']}, {f['H']}, {f['W']}), latents (C, T, H/f, W/f) = "
+                  f"({f['C']}, {f['T']}, {f['h']}, {f['w']}) with f = {f['f']}; token grid {f['grid_t']}x{f['grid_h']}x{f['grid_w']}, "
+                  f"S = {f['S']} tokens per frame; D = {f['D']}, {f['heads']} heads, {f['depth']} blocks; L = {f['L']} text tokens")
+    rows = [(s.stage, s.module, s.shape, s.meaning) for s in result.stages]
+    widths = [max(len(r[k]) for r in rows) for k in range(2)]
+    console.print(f"{'stage':<{widths[0]}}  {'module':<{widths[1]}}  shape  |  meaning", markup=False)
+    for stage, module, shape, meaning in rows:  # shapes measured by forward hooks on the live modules
+        console.print(f"{stage:<{widths[0]}}  {module:<{widths[1]}}  {shape}  |  {meaning}", markup=False, highlight=False)
+    for name, path in result.images.items():
+        console.print(f"{name}: {path}", markup=False)
