@@ -47,7 +47,7 @@ def sample_source(cfg: SoraFlowConfig, root: DataRoot) -> Iterator[SoraFlowConfi
         with SampleServer(root.root / "sample_source", cfg.ingest.sample_source, api_key=key, port=stable_port(root)) as server:
             cfg = cfg.model_copy(deep=True)
             for source in cfg.ingest.sources:
-                source.url = source.url.replace(SAMPLE_TOKEN, server.base_url)
+                source.url = source.url and source.url.replace(SAMPLE_TOKEN, server.base_url)  # folder/csv sources may have no url
             yield cfg
     finally:
         if previous is None:
