@@ -359,7 +359,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
         problems = []
         for err in e.errors():
             key = ".".join(str(x) for x in err["loc"]) or "<top level>"
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
             problems.append(f"{source}: key '{key}': {msg}")
         raise ConfigError("\n".join(problems)) from None
 
