@@ -285,6 +285,14 @@ class SoraFlowConfig(Section):
         return v
 
     @model_validator(mode="after")
+    def _adherence_needs_synthetic_captions(self) -> "SoraFlowConfig":
+        own = [s.kind for s in self.ingest.sources if s.kind in ("folder", "csv", "parquet")]
+        if "adherence" in self.eval.scorers and own and len(own) == len(self.ingest.sources) and not self.ingest.sample_source.enabled:
+            raise ValueError(f"eval.scorers 'adherence' scores only the synthetic sample's captions, and every source here is your own "
+                             f"footage ({', '.join(own)}): set eval.scorers to [] (or [clip_similarity]) and eval.metric to val_loss")
+        return self
+
+    @model_validator(mode="after")
     def _sigma_matches_scheduler(self) -> "SoraFlowConfig":
         if self.scheduler.type == "rflow" and self.model.pred_sigma:
             raise ValueError("model.pred_sigma must be false with scheduler.type 'rflow' (it predicts a velocity only)")

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from soraflow.flows.console import DEBUG_ENV, UsageError, cli_errors, quiet_libraries, show, stdout_for
+from soraflow.flows.console import DEBUG_ENV, UsageError, cli_errors, quiet_libraries, quiet_tracebacks, show, stdout_for
 from soraflow.flows.console import console as _console
 
 app = typer.Typer(help="SoraFlow: Open-Sora v1.0 text-to-video, from data to model, as Prefect flows.", no_args_is_help=True,
@@ -169,6 +169,8 @@ def ingest(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = Non
     params = _params(config, set_, root)
     from soraflow.flows.ingest import run_ingest
 
+    quiet_tracebacks()
+
     with stdout_for(as_json):
         result = run_ingest(params)
     _show("ingest", result, as_json, paths=[result["manifest"]])
@@ -192,6 +194,8 @@ def stage(
         manifest = _existing("--manifest", manifest)
     from soraflow.flows.ingest import run_single_stage
 
+    quiet_tracebacks()
+
     with stdout_for(as_json):
         result = run_single_stage(name.value, params, manifest)
     _show(f"stage {name.value}", result, as_json, paths=[result["manifest"]])
@@ -210,6 +214,8 @@ def train(
     manifest = _existing("--manifest", manifest)
     params = _params(config, set_, root)
     from soraflow.flows.train import train_flow
+
+    quiet_tracebacks()
 
     with stdout_for(as_json):
         result = train_flow(manifest, params)
@@ -248,6 +254,8 @@ def run_local(
     params = _params(config, set_, root)
     from soraflow.flows.local import local_flow
 
+    quiet_tracebacks()
+
     with stdout_for(as_json):
         summary = local_flow(params, budget=budget.value)
     _show("SoraFlow local run", summary, as_json)
@@ -259,6 +267,8 @@ def run_pipeline(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt
     """Ingest then train (no generation), as one Prefect flow."""
     params = _params(config, set_, root)
     from soraflow.flows.pipeline import pipeline_flow
+
+    quiet_tracebacks()
 
     with stdout_for(as_json):
         result = pipeline_flow(params)
@@ -276,6 +286,8 @@ def serve(
     """Serve the pipeline deployment (cron) and the train deployment (new-dataset trigger) until stopped."""
     params = _params(config, set_, root)
     from soraflow.flows.deploy import serve_deployments
+
+    quiet_tracebacks()
 
     serve_deployments(params, cron=cron)
 

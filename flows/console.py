@@ -6,8 +6,9 @@
 * Errors: one line naming the input and what to do; exit 2 for usage errors (a bad config key
   or value, a missing input file, a bad choice), 1 for run failures (too little data, no
   champion, an unreachable source). --debug or SORAFLOW_DEBUG=1 re-raises for the traceback.
-* Quiet by default: PySceneDetect's per-video lines, transformers' loading bars and Ray's
-  banners are turned down unless --verbose.
+* Quiet by default: PySceneDetect's per-video lines, transformers' loading bars, Ray's
+  banners and the tracebacks in Prefect's console log are turned down unless --verbose
+  (tracebacks: --debug).
 """
 
 from __future__ import annotations
@@ -130,6 +131,31 @@ def quiet_libraries(verbose: bool) -> None:
         hf_logging.disable_progress_bar()  # "Loading weights" bars
     except ImportError:  # pragma: no cover - transformers is a dependency
         pass
+
+
+def quiet_tracebacks() -> None:
+    """Prefect's console log shows a failed task's message without its traceback (the error
+    line that follows says it all); the traceback still goes to the Prefect API (the UI's
+    logs), and to the console with --debug. Call after Prefect has set up its logging."""
+    if debug_enabled():
+        return
+    for name in ("", "prefect", "prefect.flow_runs", "prefect.task_runs"):  # Prefect's console handler sits on the root
+        for handler in logging.getLogger(name or None).handlers:
+            if isinstance(handler, logging.StreamHandler) and not getattr(handler, "_soraflow_quiet", False):
+                handler.format = _without_traceback(handler.format)
+                handler._soraflow_quiet = True
+
+
+def _without_traceback(fmt: Callable[[logging.LogRecord], str]) -> Callable[[logging.LogRecord], str]:
+    def format(record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text
+        record.exc_info = record.exc_text = None
+        try:
+            return fmt(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+    return format
 
 
 @contextlib.contextmanager

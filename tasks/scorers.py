@@ -75,6 +75,11 @@ def calibrated_round_below(pipe, clips: VideoClipDataset) -> float:
 def adherence(cfg, pipe, frames, prompts, val_clips, train_clips) -> Scores:
     from soraflow.tasks.sample_world.adherence import ROUND_BELOW, score_videos
 
+    try:
+        result = score_videos(frames, prompts)
+    except ValueError as e:  # captions that are not the synthetic world's: say what to configure
+        raise ValueError(f"{e}; the 'adherence' scorer reads only the synthetic sample's captions: remove it from "
+                         f"eval.scorers and set eval.metric to val_loss (or use clip_similarity)") from None
     round_below = calibrated_round_below(pipe, train_clips())
     result = score_videos(frames, prompts, round_below=round_below)
     accuracy, chance = result["accuracy"], result["chance"]
