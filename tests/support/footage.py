@@ -68,3 +68,24 @@ def write_noise_video(path: Path, frames: int, height: int, width: int, fps: flo
         y, x = (t * 3) % max(1, height - 8), (t * 5) % max(1, width - 8)
         video[t, y : y + 8, x : x + 8] = 255
     return write_video(path, video, fps)
+
+
+def write_vfr_video(path: Path, frames: int = 60, height: int = 48, width: int = 64) -> Path:
+    """Variable frame rate, as phones record: frame durations alternate 66 ms and 33 ms."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+        s.codec_context.time_base = Fraction(1, 1000)
+        t = 0
+        for i in range(frames):
+            img = np.full((height, width, 3), (i * 4) % 255, np.uint8)
+            img[10:20, i % (width - 14) : i % (width - 14) + 10] = 255
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts, f.time_base = t, Fraction(1, 1000)
+            t += 33 if i % 2 else 66
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path

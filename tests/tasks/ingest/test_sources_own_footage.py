@@ -9,7 +9,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from footage import copy_real, write_audio_only, write_noise_video
+from footage import copy_real, write_audio_only, write_noise_video, write_vfr_video
 from soraflow.configs.schema import CaptionConfig, ConfigError, HttpConfig, SourceConfig, SplitConfig, load_config
 from soraflow.storage.layout import DataRoot
 from soraflow.tasks.ingest.caption import caption_rows
@@ -163,12 +163,13 @@ def test_remote_list_may_not_name_local_paths(tmp_path, monkeypatch):
 
 def test_footage_as_it_comes_through_scene_split(tmp_path):
     """Portrait, odd sizes and 4K-wide aspect work (short side scaled, aspect kept); a one-frame
-    video is rejected at split with the reason."""
+    video is rejected at split with the reason; variable frame rate is resampled to split.fps."""
     d = tmp_path / "odd"
     write_noise_video(d / "portrait.mp4", 30, 160, 90)
     write_noise_video(d / "odd.mp4", 30, 61, 97)
     write_noise_video(d / "wide.mp4", 30, 54, 256)
     write_noise_video(d / "one.mp4", 1, 64, 64)
+    write_vfr_video(d / "vfr.mp4")  # 60 frames over 2.97 s, alternating 15 and 30 fps
     root = DataRoot(tmp_path / "data")
     rows = ingest(SourceConfig(kind="folder", path=str(d)), root)
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
@@ -177,3 +178,4 @@ def test_footage_as_it_comes_through_scene_split(tmp_path):
     assert out["odd.mp4"]["status"] == "ok" and out["odd.mp4"]["height"] == 32
     assert out["wide.mp4"]["status"] == "ok" and out["wide.mp4"]["height"] == 32 and out["wide.mp4"]["width"] > 140
     assert out["one.mp4"]["status"] == "rejected" and "scene too short" in out["one.mp4"]["error"]
+    assert out["vfr.mp4"]["status"] == "ok" and out["vfr.mp4"]["num_frames"] == 24 and out["vfr.mp4"]["fps"] == 8.0, out["vfr.mp4"]["error"]
