@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from soraflow.flows.console import DEBUG_ENV, UsageError, cli_errors, quiet_libraries, quiet_tracebacks, show, stdout_for
+from soraflow.flows.console import DEBUG_ENV, UsageError, cli_errors, quiet_libraries, quiet_tracebacks, set_debug, show, stdout_for
 from soraflow.flows.console import console as _console
 
 app = typer.Typer(help="SoraFlow: Open-Sora v1.0 text-to-video, from data to model, as Prefect flows.", no_args_is_help=True,
@@ -73,8 +73,7 @@ def main_options(
     debug: Annotated[bool, typer.Option("--debug", help=f"Full tracebacks on errors (or set {DEBUG_ENV}=1).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Let scene detection, transformers and Ray print their progress.")] = False,
 ) -> None:
-    if debug:
-        os.environ[DEBUG_ENV] = "1"
+    set_debug(debug)
     quiet_libraries(verbose)
 
 

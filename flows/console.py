@@ -37,8 +37,15 @@ class UsageError(ValueError):
     """A bad command-line input (a missing file, an option that does not fit): exit code 2."""
 
 
+_flags = {"debug": False}  # set by the command line's --debug on every invocation
+
+
+def set_debug(on: bool) -> None:
+    _flags["debug"] = bool(on)
+
+
 def debug_enabled() -> bool:
-    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    return _flags["debug"] or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def _is_usage(e: BaseException) -> bool:

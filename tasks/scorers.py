@@ -76,14 +76,13 @@ def adherence(cfg, pipe, frames, prompts, val_clips, train_clips) -> Scores:
     from soraflow.tasks.sample_world.adherence import ROUND_BELOW, score_videos
 
     try:
-        result = score_videos(frames, prompts)
+        fixed = score_videos(frames, prompts, round_below=ROUND_BELOW)["accuracy"]
     except ValueError as e:  # captions that are not the synthetic world's: say what to configure
         raise ValueError(f"{e}; the 'adherence' scorer reads only the synthetic sample's captions: remove it from "
                          f"eval.scorers and set eval.metric to val_loss (or use clip_similarity)") from None
     round_below = calibrated_round_below(pipe, train_clips())
     result = score_videos(frames, prompts, round_below=round_below)
     accuracy, chance = result["accuracy"], result["chance"]
-    fixed = score_videos(frames, prompts, round_below=ROUND_BELOW)["accuracy"]
     recon = score_videos(reconstruct(pipe, val_clips), [r["text"] for r in val_clips.rows], round_below=round_below)["accuracy"]
     metrics = {
         **{f"adherence_{a}": float(accuracy[a]) for a in ATTRS},

@@ -113,3 +113,13 @@ def test_config_refuses_a_champion_metric_no_scorer_produces():
     assert load_config("local").eval.metric == "adherence_all"
     assert load_config("opensora-v1-16x256x256").eval.scorers == [] and load_config("opensora-v1-16x256x256").eval.metric == "val_loss"
     assert load_config(None).eval.scorers == []
+
+
+def test_adherence_on_captions_outside_the_vocabulary_says_what_to_configure():
+    from soraflow.tasks.scorers import adherence
+
+    cfg = load_config("local")
+    with pytest.raises(ValueError, match="remove it from eval.scorers and set eval.metric to val_loss"):
+        adherence(cfg, None, [_video(0)], ["a blurry man talking on a phone in a car"], None, lambda: pytest.fail("not reached"))
+    with pytest.raises(ConfigError, match="every source here is your own footage"):
+        load_config("local", {"ingest.sample_source.enabled": False, "ingest.sources": [{"kind": "folder", "path": "/tmp"}]})
