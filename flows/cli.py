@@ -172,7 +172,7 @@ def ingest(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = Non
 
     with stdout_for(as_json):
         result = run_ingest(params)
-    _show("ingest", result, as_json, paths=[result["manifest"]])
+    _show("ingest", result, as_json, paths=[*result["stage_manifests"].values(), result["manifest"]])  # the final one last
 
 
 @app.command()

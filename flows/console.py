@@ -121,11 +121,20 @@ def cli_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
 def quiet_libraries(verbose: bool) -> None:
     """Turn down the libraries' chatter unless --verbose."""
     if verbose:
         return
-    logging.getLogger("pyscenedetect").setLevel(logging.WARNING)  # "Detecting scenes..." per video
+    # "Detecting scenes..." per video: scenedetect resets its logger's level when it is imported,
+    # so a filter (which it keeps) rather than a level
+    scenes = logging.getLogger("pyscenedetect")
+    if not any(isinstance(f, _BelowWarning) for f in scenes.filters):
+        scenes.addFilter(_BelowWarning())
     for name in ("ray", "mlflow", "alembic"):  # Ray's banners, MLflow's "Creating initial MLflow database tables"
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -204,6 +213,8 @@ def show(title: str, data: dict, as_json: bool, paths: list[str] | None = None, 
             v = f"{v:.4g}"
         elif isinstance(v, (list, tuple)):
             v = "\n".join(str(x) for x in v) if v else "-"
+        elif isinstance(v, dict) and any(os.sep in str(b) for b in v.values()):
+            v = "\n".join(f"{a}: {b}" for a, b in v.items())  # paths: one per line
         elif isinstance(v, dict):
             v = ", ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items()) or "-"
         table.add_row(str(k), str(v))
