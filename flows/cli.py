@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from soraflow.flows.console import DEBUG_ENV, UsageError, cli_errors, quiet_libraries, quiet_tracebacks, set_debug, show, stdout_for
+from soraflow.flows.console import DEBUG_ENV, UsageError, cli_errors, quiet_libraries, quiet_ray, quiet_tracebacks, set_debug, show, stdout_for
 from soraflow.flows.console import console as _console
 
 app = typer.Typer(help="SoraFlow: Open-Sora v1.0 text-to-video, from data to model, as Prefect flows.", no_args_is_help=True,
@@ -215,6 +215,7 @@ def train(
     from soraflow.flows.train import train_flow
 
     quiet_tracebacks()
+    quiet_ray()
 
     with stdout_for(as_json):
         result = train_flow(manifest, params)
@@ -254,6 +255,7 @@ def run_local(
     from soraflow.flows.local import local_flow
 
     quiet_tracebacks()
+    quiet_ray()
 
     with stdout_for(as_json):
         summary = local_flow(params, budget=budget.value)
@@ -268,6 +270,7 @@ def run_pipeline(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt
     from soraflow.flows.pipeline import pipeline_flow
 
     quiet_tracebacks()
+    quiet_ray()
 
     with stdout_for(as_json):
         result = pipeline_flow(params)

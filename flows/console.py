@@ -128,8 +128,10 @@ class _BelowWarning(logging.Filter):
 
 def quiet_libraries(verbose: bool) -> None:
     """Turn down the libraries' chatter unless --verbose."""
+    _flags["verbose"] = bool(verbose)
     if verbose:
         return
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating initial MLflow database tables..."
     # "Detecting scenes..." per video: scenedetect resets its logger's level when it is imported,
     # so a filter (which it keeps) rather than a level
     scenes = logging.getLogger("pyscenedetect")
@@ -160,6 +162,16 @@ def quiet_tracebacks() -> None:
             if isinstance(handler, logging.StreamHandler) and not getattr(handler, "_soraflow_quiet", False):
                 handler.format = _without_traceback(handler.format)
                 handler._soraflow_quiet = True
+
+
+def quiet_ray() -> None:
+    """Ray sets its logger to INFO when imported ("Running in local mode ..."): for the commands
+    that train, import it now and turn it down, unless --verbose."""
+    if _flags.get("verbose"):
+        return
+    import ray  # noqa: F401 - its import configures the "ray" logger; we adjust it afterwards
+
+    logging.getLogger("ray").setLevel(logging.WARNING)
 
 
 def _without_traceback(fmt: Callable[[logging.LogRecord], str]) -> Callable[[logging.LogRecord], str]:
