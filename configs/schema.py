@@ -40,10 +40,12 @@ class SampleSourceConfig(Section):
 
 
 class SourceConfig(Section):
-    """One real data source. `url` is the metadata file, the zip link or the API base."""
+    """One data source. `url` is the metadata file, the zip link or the API base (hdvg, inter4k,
+    pexels) or a remote list (csv, parquet); `path` is a local folder (folder) or list (csv, parquet)."""
 
-    kind: Literal["hdvg", "inter4k", "pexels"]
-    url: str
+    kind: Literal["hdvg", "inter4k", "pexels", "folder", "csv", "parquet"]
+    url: str | None = None
+    path: str | None = None
     max_videos: int | None = None  # None = all the source lists
     # hdvg: which video fetcher to use for a video URL ("auto": yt-dlp for YouTube, HTTP otherwise)
     fetcher: Literal["auto", "http", "yt-dlp"] = "auto"
@@ -53,6 +55,21 @@ class SourceConfig(Section):
     min_width: int = 0
     max_file_bytes: int = 200_000_000  # choose the best file that is no larger than this
     quality: Literal["sd", "hd", "uhd"] = "hd"  # preferred quality; falls back to what exists
+    # csv / parquet: column names. The defaults read Open-Sora's CSV (path, text, ...; v1.0's
+    # headerless path, caption, num_frames too) and video2dataset's lists (url, caption) as they are.
+    path_column: str = "path"
+    url_column: str = "url"
+    caption_column: str | None = None  # None = "text", else "caption", whichever the file has
+
+    @model_validator(mode="after")
+    def _location_fits_kind(self) -> "SourceConfig":
+        if self.kind in ("hdvg", "inter4k", "pexels") and not self.url:
+            raise ValueError(f"source kind {self.kind!r} needs url")
+        if self.kind == "folder" and (not self.path or self.url):
+            raise ValueError("source kind 'folder' needs path (a local folder of videos) and no url")
+        if self.kind in ("csv", "parquet") and bool(self.path) == bool(self.url):
+            raise ValueError(f"source kind {self.kind!r} needs exactly one of path (a local file) or url (a remote one)")
+        return self
 
 
 class HttpConfig(Section):
@@ -217,13 +234,38 @@ class TrainConfig(Section):
     dataloader_workers: int = 0
 
 
+# The metrics each evaluation scorer adds (tasks/scorers.py); val_loss is always computed.
+ALWAYS_METRICS = ("val_loss",)
+SCORER_METRICS: dict[str, tuple[str, ...]] = {
+    # the synthetic world's prompt adherence (captions from its colour/shape/direction vocabulary)
+    "adherence": tuple(f"{p}_{a}" for p in ("adherence", "recon_adherence") for a in ("color", "shape", "direction", "all"))
+    + ("adherence_shape_fixed", "adherence_all_fixed"),
+    # open_clip text-video similarity (cosine x 100, CLIPScore's scale) of samples to their prompts
+    "clip_similarity": ("clip_score", "recon_clip_score"),
+}
+
+
 class EvalConfig(Section):
     num_prompts: int = 8
     samples_per_prompt: int = Field(1, ge=1)  # seeds per prompt; adherence is averaged over all samples
     sampling_steps: int | None = None  # None = scheduler.num_sampling_steps
+    scorers: list[Literal["adherence", "clip_similarity"]] = []  # beyond val loss and samples, which always run
+    clip_path: str | None = None  # clip_similarity: local open_clip weights (.safetensors or .pt state dict)
+    clip_model: str = "ViT-B-32"  # clip_similarity: the open_clip model name the weights are for
     metric: str = "val_loss"  # compared against the champion's
     higher_is_better: bool = False
     seed: int = 1234
+
+    @model_validator(mode="after")
+    def _scorers_produce_metric(self) -> "EvalConfig":
+        if "clip_similarity" in self.scorers and not self.clip_path:
+            raise ValueError("scorer 'clip_similarity' needs eval.clip_path (local open_clip weights)")
+        produced = [*ALWAYS_METRICS, *(m for s in self.scorers for m in SCORER_METRICS[s])]
+        if self.metric not in produced:
+            owner = next((s for s, ms in SCORER_METRICS.items() if self.metric in ms), None)
+            hint = f"add {owner!r} to eval.scorers" if owner else f"use one of {', '.join(produced)}"
+            raise ValueError(f"champion metric {self.metric!r} is not produced by the configured scorers {self.scorers}: {hint}")
+        return self
 
 
 class RegistryConfig(Section):
@@ -261,6 +303,14 @@ class SoraFlowConfig(Section):
         return v
 
     @model_validator(mode="after")
+    def _adherence_needs_synthetic_captions(self) -> "SoraFlowConfig":
+        own = [s.kind for s in self.ingest.sources if s.kind in ("folder", "csv", "parquet")]
+        if "adherence" in self.eval.scorers and own and len(own) == len(self.ingest.sources) and not self.ingest.sample_source.enabled:
+            raise ValueError(f"eval.scorers 'adherence' scores only the synthetic sample's captions, and every source here is your own "
+                             f"footage ({', '.join(own)}): set eval.scorers to [] (or [clip_similarity]) and eval.metric to val_loss")
+        return self
+
+    @model_validator(mode="after")
     def _sigma_matches_scheduler(self) -> "SoraFlowConfig":
         if self.scheduler.type == "rflow" and self.model.pred_sigma:
             raise ValueError("model.pred_sigma must be false with scheduler.type 'rflow' (it predicts a velocity only)")
@@ -278,14 +328,20 @@ CONFIG_DIR = Path(__file__).resolve().parent
 
 
 def resolve_config_path(path: str | Path) -> Path:
-    """A path as given, or the name of a preset in configs/ ("local" -> configs/local.yaml)."""
+    """A preset name in configs/ ("local" -> configs/local.yaml), else a YAML file path.
+
+    A bare name is looked up among the presets first, so a folder or file called `local` in the
+    working directory does not shadow the `local` preset (write ./local to mean that file)."""
+    text = str(path)
+    presets = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    if "/" not in text and "\\" not in text and (CONFIG_DIR / f"{Path(text).stem}.yaml").exists() and Path(text).suffix in ("", ".yaml"):
+        return CONFIG_DIR / f"{Path(text).stem}.yaml"
     p = Path(path)
-    if p.exists():
+    if p.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file (give a YAML file or a preset: {', '.join(presets)})")
+    if p.is_file():
         return p
-    for candidate in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml"):
-        if candidate.exists():
-            return candidate
-    raise ConfigError(f"{path}: no such config file (presets: {', '.join(sorted(q.stem for q in CONFIG_DIR.glob('*.yaml')))})")
+    raise ConfigError(f"{path}: no such config file (give a YAML file or a preset: {', '.join(presets)})")
 
 
 def _set_dotted(data: dict, dotted: str, value: Any, source: str) -> None:
@@ -329,7 +385,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
         problems = []
         for err in e.errors():
             key = ".".join(str(x) for x in err["loc"]) or "<top level>"
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
             problems.append(f"{source}: key '{key}': {msg}")
         raise ConfigError("\n".join(problems)) from None
 

@@ -1,4 +1,4 @@
-"""Evaluate a trained model folder on the held-out clips: validation loss, samples, prompt adherence.
+"""Evaluate a trained model folder on the held-out clips: validation loss, samples, the configured scorers.
 
     manifest --split_rows--> held-out clips (training never saw them; storage.latent_cache)
       val loss : each clip's centred window, posterior mean (VAE) and caption (T5) ->
@@ -7,17 +7,11 @@
       samples  : up to eval.num_prompts distinct held-out captions -> the model folder loaded
                  with tasks.components.load_pipeline -> (B, 3, T, H, W) -> one mp4 per prompt
                  and one GIF grid
-      adherence: tasks.adherence.score_videos on the generated videos (colour, shape,
-                 direction, all three) next to each attribute's chance level; the same score
-                 on the VAE reconstructions of the held-out clips tells the ceiling the
-                 VAE and the detector leave at this resolution. The detector's circle
-                 threshold is first calibrated on the VAE reconstructions of (up to
-                 CALIBRATION_CLIPS) training clips with their true shapes: a VAE draws
-                 circles with a 4-fold part that a fixed threshold would call squares.
+      scorers  : eval.scorers (tasks/scorers.py) on the samples: prompt adherence for the
+                 synthetic world's captions, open_clip text-video similarity for any captions
 
-Metric keys: val_loss, adherence_{color,shape,direction,all}, chance_{...},
-recon_adherence_{...}, shape_round_below (the calibrated threshold), adherence_{shape,all}_fixed
-(scored at the fixed default threshold instead), num_prompts, val_clips.
+Metric keys: val_loss, num_prompts, num_samples, val_clips, sampling figures, and each
+configured scorer's (configs.schema.SCORER_METRICS).
 """
 
 from __future__ import annotations
@@ -28,7 +22,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from prefect import task
 
@@ -38,11 +31,10 @@ from soraflow.storage.latent_cache import clip_fraction, rows_for, split_rows
 from soraflow.storage.layout import DataRoot, atomic_write_text
 from soraflow.storage.video_io import tile_grid, to_uint8_frames, write_gif, write_video
 from soraflow.tasks.generate import slug
+from soraflow.tasks.scorers import run_scorers
 from soraflow.tasks.task_policy import STAGE_RETRIES
 
-ATTRS = ("color", "shape", "direction", "all")
 VAL_REPEATS = 4  # (timestep, noise) draws per held-out clip
-CALIBRATION_CLIPS = 96  # training clips whose VAE reconstructions calibrate the shape detector
 
 
 @dataclass
@@ -89,34 +81,6 @@ def validation_loss(pipe, clips: VideoClipDataset, seed: int, repeats: int = VAL
     return total / max(n, 1)
 
 
-def _adherence(videos: list[np.ndarray], prompts: list[str], round_below: float) -> tuple[dict, dict, list[dict]]:
-    from soraflow.tasks.sample_world.adherence import score_videos
-
-    result = score_videos(videos, prompts, round_below=round_below)
-    return result["accuracy"], result["chance"], result["rows"]
-
-
-@torch.no_grad()
-def reconstruct(pipe, clips: VideoClipDataset, limit: int | None = None) -> list[np.ndarray]:
-    """The first `limit` clips after a VAE round trip (posterior mean): (T, H, W, 3) uint8 each."""
-    out = []
-    for i in range(len(clips) if limit is None else min(limit, len(clips))):
-        mean, _ = pipe.vae.encode_moments(clips[i]["video"][None])  # (1, C, T, h, w)
-        out.append(to_uint8_frames(pipe.vae.decode(mean)[0].clamp(-1, 1)))
-    return out
-
-
-def calibrated_round_below(pipe, clips: VideoClipDataset) -> float:
-    """The shape detector's circle threshold, fitted on VAE reconstructions of labelled clips."""
-    from soraflow.tasks.sample_world.adherence import analyze_video, calibrate_round_below, default_vocab, parse_prompt
-
-    vocab = default_vocab()
-    recon = reconstruct(pipe, clips, CALIBRATION_CLIPS)
-    feats = [analyze_video(f).shape_features for f in recon]
-    shapes = [parse_prompt(r["text"], vocab)["shape"] for r in clips.rows[: len(recon)]]
-    return calibrate_round_below(feats, shapes)
-
-
 def evaluate(
     cfg: SoraFlowConfig,
     manifest_path: str | Path,
@@ -125,7 +89,7 @@ def evaluate(
     out_dir: str | Path,
     progress: bool = True,
 ) -> EvalResult:
-    """Validation loss, samples and prompt adherence of `model_dir` on the held-out clips."""
+    """Validation loss, samples and the configured scorers of `model_dir` on the held-out clips."""
     from soraflow.tasks.train.model_factory import load_pipeline
 
     t0 = time.perf_counter()
@@ -159,22 +123,12 @@ def evaluate(
     for k, (prompt, f) in enumerate(zip(prompts, frames)):
         mp4s.append(write_video(out_dir / f"{k // reps:02d}-{k % reps}-{slug(prompt)}.mp4", f, fps=v.fps))
     gif = write_gif(out_dir / "samples_grid.gif", tile_grid(frames, cols=reps if reps > 1 else None), fps=v.fps, scale=3)  # a row per prompt
-    from soraflow.tasks.sample_world.adherence import ROUND_BELOW
-
-    round_below = calibrated_round_below(pipe, VideoClipDataset(train_rows, v.num_frames, v.frame_interval, tuple(v.image_size), train=False))
-    accuracy, chance, rows = _adherence(frames, prompts, round_below)
-    fixed, _, _ = _adherence(frames, prompts, ROUND_BELOW)
-    # The ceiling: the same detector on the held-out clips after a VAE round trip.
-    recon_accuracy, _, _ = _adherence(reconstruct(pipe, clips), [r["text"] for r in clips.rows], round_below)
+    train_clips = lambda: VideoClipDataset(train_rows, v.num_frames, v.frame_interval, tuple(v.image_size), train=False)  # noqa: E731
+    scores = run_scorers(cfg, pipe, frames, prompts, clips, train_clips)  # eval.scorers (tasks/scorers.py)
 
     metrics = {
         "val_loss": val_loss,
-        **{f"adherence_{a}": float(accuracy[a]) for a in ATTRS},
-        **{f"chance_{a}": float(chance[a]) for a in ATTRS},
-        **{f"recon_adherence_{a}": float(recon_accuracy[a]) for a in ATTRS},
-        "shape_round_below": round_below,
-        "adherence_shape_fixed": float(fixed["shape"]),
-        "adherence_all_fixed": float(fixed["all"]),
+        **scores.metrics,
         "num_prompts": len(distinct),
         "num_samples": len(prompts),
         "val_clips": len(clips),
@@ -183,14 +137,12 @@ def evaluate(
         "sample_seconds": sample_s,
         "seconds": time.perf_counter() - t0,
     }
-    per_prompt = [{**r, "mp4": str(p)} for r, p in zip(rows, mp4s)]
+    per_prompt = [{**r, "mp4": str(p)} for r, p in zip(scores.per_sample, mp4s)]
     atomic_write_text(out_dir / "metrics.json", json.dumps({"metrics": metrics, "weights": source, "per_prompt": per_prompt},
                                                            indent=1, default=str))
     if progress:
-        line = ", ".join(f"{a} {metrics[f'adherence_{a}']:.2f} (chance {metrics[f'chance_{a}']:.2f})" for a in ATTRS)
-        print(f"evaluate: val loss {val_loss:.4f}; adherence on {len(prompts)} samples of {len(distinct)} held-out prompts: {line} "
-              f"(shape detector's circle threshold {round_below:.2f}, calibrated on VAE reconstructions of training clips; "
-              f"at the fixed {ROUND_BELOW}: shape {fixed['shape']:.2f}, all {fixed['all']:.2f})", flush=True)
+        print(f"evaluate: val loss {val_loss:.4f} on {len(clips)} held-out clips; {len(prompts)} samples of {len(distinct)} "
+              f"held-out prompts" + "".join(f"; {line}" for line in scores.summary), flush=True)
     for key in ("val_loss",):
         if not math.isfinite(metrics[key]):
             raise FloatingPointError(f"evaluate: {key} is {metrics[key]} for {model_dir}")

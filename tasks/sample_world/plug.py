@@ -46,7 +46,7 @@ def sample_source(cfg: SoraFlowConfig, root: DataRoot) -> Iterator[SoraFlowConfi
             # this server's port only, so metadata cannot point at other local services.
             cfg.ingest.http.allow_hosts = [*cfg.ingest.http.allow_hosts, running.base_url.split("://", 1)[1]]
             for source in cfg.ingest.sources:
-                source.url = source.url.replace(SAMPLE_TOKEN, running.base_url)
+                source.url = source.url and source.url.replace(SAMPLE_TOKEN, running.base_url)  # folder/csv sources may have no url
             yield cfg
     finally:
         if previous is None:

@@ -40,14 +40,14 @@ __all__ = ["list_items", "list_items_or_error", "download_items"]
 
 log = logging.getLogger(__name__)
 
-_KINDS = ("hdvg", "inter4k", "pexels")
+_KINDS = {"hdvg": "hdvg", "inter4k": "inter4k", "pexels": "pexels", "folder": "folder", "csv": "listfile", "parquet": "listfile"}
 LISTING_ERROR = "listing_error"  # the key of the one item a failed listing leaves
 
 
 def _module(kind: str):
     if kind not in _KINDS:
-        raise BadInputError(f"unknown source kind {kind!r} (expected one of {_KINDS})")
-    return importlib.import_module(f"soraflow.tasks.ingest.sources.{kind}")
+        raise BadInputError(f"unknown source kind {kind!r} (expected one of {tuple(_KINDS)})")
+    return importlib.import_module(f"soraflow.tasks.ingest.sources.{_KINDS[kind]}")
 
 
 def list_items(
