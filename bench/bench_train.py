@@ -26,8 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "support"))  # the synthetic clip writer the tests use
 
 from soraflow.configs.schema import load_config  # noqa: E402
+from soraflow.storage.holdout import DatasetSplit  # noqa: E402
 from soraflow.storage.layout import DataRoot  # noqa: E402
-from test_latent_cache import make_clip_manifest  # noqa: E402
+from training_data import make_clip_manifest  # noqa: E402
 
 
 def main() -> None:
@@ -48,12 +49,13 @@ def main() -> None:
         base = {"data.root": str(root.root), "train.steps": args.steps, "train.batch_size": args.batch,
                 "train.num_workers": 0, "train.log_every": 10, "train.ckpt_every": args.steps, "vae.fit.steps": 50}
         cfg = load_config("local", base)
-        vae = fit_vae(cfg, manifest, root, progress=False)
+        split = DatasetSplit.read(manifest, cfg.train.val_fraction)
+        vae = fit_vae(cfg, split, root, progress=False)
         rows = []
         for mode, use_cache in (("cache", True), ("online", False)):
             cfg = load_config("local", {**base, "train.use_latent_cache": use_cache})
             t = time.perf_counter()
-            result = train(cfg, manifest, root, run_name=f"bench-{mode}", vae_dir=vae.path)
+            result = train(cfg, split, root, run_name=f"bench-{mode}", vae_dir=vae.path)
             m = result.metrics
             rows.append({
                 "mode": mode,

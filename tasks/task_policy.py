@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 from prefect.tasks import exponential_backoff
+from pydantic import BaseModel
 
 from soraflow.configs.schema import ConfigError
 from soraflow.storage.checkpoints import CheckpointError
@@ -56,7 +57,9 @@ def stage_cache_key(context, parameters: dict) -> str | None:
         source = inspect.getsource(context.task.fn)
     except (OSError, TypeError):
         return None
-    blob = json.dumps(parameters, sort_keys=True, default=str) + source + root_instance_id(root)
+    # Pydantic arguments (the config, the dataset split) by their JSON form: their str() is not a stable key.
+    values = {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in parameters.items()}
+    blob = json.dumps(values, sort_keys=True, default=str) + source + root_instance_id(root)
     return f"{context.task.name}-{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
 
 
