@@ -44,3 +44,14 @@ def test_cache_key_depends_on_inputs_source_and_root_instance(tmp_path):
     assert root_instance_id(root) != first_id
     assert stage_cache_key(ctx, {"a": 1, "data_root": str(root)}) != k1
     assert stage_cache_key(ctx, {"a": 1}) is None  # no data root: no cross-run caching
+
+
+def test_cache_key_hashes_pydantic_arguments_by_their_json(tmp_path):
+    from soraflow.configs.schema import load_config
+
+    ctx = SimpleNamespace(task=SimpleNamespace(fn=_task_fn, name="t"))
+    root = str(tmp_path / "root")
+    key = stage_cache_key(ctx, {"a": load_config("local"), "data_root": root})
+    assert key == stage_cache_key(ctx, {"a": load_config("local"), "data_root": root})  # equal configs, one key
+    assert key == stage_cache_key(ctx, {"a": load_config("local").model_dump(mode="json"), "data_root": root})
+    assert key != stage_cache_key(ctx, {"a": load_config("local", {"train.steps": 7}), "data_root": root})
