@@ -40,6 +40,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    from soraflow.storage.holdout import DatasetSplit
     from soraflow.tasks.evaluate import evaluate
     from soraflow.tasks.train.driver import train
     from soraflow.tasks.train.vae_fit import fit_vae
@@ -48,14 +49,15 @@ def main() -> None:
     overrides = dict(kv.split("=", 1) for kv in args.overrides)
     root = DataRoot(args.root)
     cfg = load_config(args.config, {**overrides, "data.root": str(root.root)})
-    vae = fit_vae(cfg, args.manifest, root, progress=True)
+    split = DatasetSplit.read(args.manifest, cfg.train.val_fraction)
+    vae = fit_vae(cfg, split, root, progress=True)
     rows, elapsed = [], 0.0
     for n in steps:
         cfg = load_config(args.config, {**overrides, "data.root": str(root.root), "train.steps": n})
         t = time.perf_counter()
-        result = train(cfg, args.manifest, root, run_name=args.run_name, vae_dir=vae.path)
+        result = train(cfg, split, root, run_name=args.run_name, vae_dir=vae.path)
         elapsed += time.perf_counter() - t
-        ev = evaluate(cfg, args.manifest, result.model_dir, root, result.run_dir / f"eval-{n}", progress=True)
+        ev = evaluate(cfg, split, result.model_dir, root, result.run_dir / f"eval-{n}", progress=True)
         m = ev.metrics
         rows.append({"steps": result.metrics["steps"], "train_seconds": round(elapsed, 1),
                      "final_loss": round(result.metrics["final_loss"], 4), "val_loss": round(m["val_loss"], 4),

@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO / "tests" / "support"))  # the synthetic clip writer
 from machine import achieved, count_flops, describe, matmul_rates  # noqa: E402  (bench/ is sys.path[0])
 
 from soraflow.configs.schema import load_config  # noqa: E402
+from soraflow.storage.holdout import DatasetSplit  # noqa: E402
 from soraflow.storage.layout import DataRoot  # noqa: E402
 from training_data import make_clip_manifest  # noqa: E402
 
@@ -74,13 +75,14 @@ def main() -> None:
         base = {"data.root": str(root.root), "train.steps": args.steps, "train.batch_size": args.batch,
                 "train.num_workers": 0, "train.log_every": 10, "train.ckpt_every": args.steps, "vae.fit.steps": 50}
         cfg = load_config("local", base)
-        vae = fit_vae(cfg, manifest, root, progress=False)
+        split = DatasetSplit.read(manifest, cfg.train.val_fraction)
+        vae = fit_vae(cfg, split, root, progress=False)
         flops_per_sample = stdit_step_flops(cfg, root, vae.path, args.batch) / args.batch
         rows = []
         for mode, use_cache in (("cache", True), ("online", False)):
             cfg = load_config("local", {**base, "train.use_latent_cache": use_cache})
             t = time.perf_counter()
-            result = train(cfg, manifest, root, run_name=f"bench-{mode}", vae_dir=vae.path)
+            result = train(cfg, split, root, run_name=f"bench-{mode}", vae_dir=vae.path)
             m = result.metrics
             rows.append({
                 "mode": mode,

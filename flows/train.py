@@ -9,6 +9,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.concurrency.sync import concurrency
 
 from soraflow.flows.params import RunParams
+from soraflow.storage.holdout import DatasetSplit
 from soraflow.tasks.evaluate import evaluate_task
 from soraflow.tasks.register import register_task
 from soraflow.tasks.train.driver import run_name_for, train_task
@@ -24,57 +25,62 @@ def train_flow(manifest: str, params: RunParams = RunParams()) -> dict:
     """Train on `manifest` (an ingest output), evaluate, register; `champion` only if better."""
     log = get_run_logger()
     cfg, root = params.load()
-    config, data_root = cfg.model_dump(mode="json"), str(root.root)
-    run_name = run_name_for(cfg, manifest)
+    data_root = str(root.root)
+    # The manifest is read, hashed and split here once; every stage gets the result.
+    data = DatasetSplit.read(manifest, cfg.train.val_fraction)
+    run_name = run_name_for(cfg, data.version)
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    vae = fit_vae_task(manifest, config, data_root)
+    vae = fit_vae_task(cfg, data, data_root)
     timings["vae fit"] = time.perf_counter() - t
+    cache = None
     if cfg.train.use_latent_cache:
         t = time.perf_counter()
-        cache = latent_cache_task(manifest, vae["path"], config, data_root)
+        cache = latent_cache_task(cfg, data, str(vae.path), data_root)
         timings["latent cache"] = time.perf_counter() - t
-        log.info("latent cache: %s (%d clips)", cache["path"], cache["clips"])
+        log.info("latent cache: %s (%d clips)", cache.path, cache.clips)
 
     t = time.perf_counter()
     with concurrency(TRAINING_LIMIT, occupy=1, strict=False):  # created by `soraflow serve`; absent = no limit
-        trained = train_task(manifest, vae["path"], config, data_root, run_name)
+        trained = train_task(cfg, data, str(vae.path), data_root, run_name, cache)
     timings["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    evaluated = evaluate_task(manifest, trained["model_dir"], config, data_root)
+    evaluated = evaluate_task(cfg, data, str(trained.model_dir), data_root)
     timings["evaluate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    registered = register_task(manifest, trained, evaluated, vae, config, data_root, run_name)
+    registered = register_task(cfg, data, trained, evaluated, vae, data_root, run_name)
     timings["register"] = time.perf_counter() - t
 
-    metrics = evaluated["metrics"]
+    metrics = evaluated.metrics
+    loss_curve = str(trained.loss_curve_png) if trained.loss_curve_png else None
+    grid = str(evaluated.samples_gif) if evaluated.samples_gif else None
     create_table_artifact(
-        [{"metric": k, "value": f"{v:.4f}" if isinstance(v, float) else str(v)} for k, v in {**trained["metrics"], **metrics}.items()],
+        [{"metric": k, "value": f"{v:.4f}" if isinstance(v, float) else str(v)} for k, v in {**trained.metrics, **metrics}.items()],
         key="eval-metrics",
         description=f"{cfg.registry.model_name} v{registered['version']} on dataset {manifest}",
     )
     create_markdown_artifact(
         f"## {registered['name']} v{registered['version']}\n\n"
         f"* champion: {'yes' if registered['promoted'] else 'no'} ({registered['reason']})\n"
-        f"* model folder: `{trained['model_dir']}`\n* loss curve: `{trained['loss_curve']}`\n"
-        f"* samples (GIF grid): `{evaluated['grid']}`\n* run: `{trained['run_dir']}`\n",
+        f"* model folder: `{trained.model_dir}`\n* loss curve: `{loss_curve}`\n"
+        f"* samples (GIF grid): `{grid}`\n* run: `{trained.run_dir}`\n",
         key="model-card",
         description="The registered model version",
     )
     return {
-        "run_dir": trained["run_dir"],
-        "model_dir": trained["model_dir"],
-        "steps": trained["metrics"].get("steps"),
-        "final_loss": trained["metrics"].get("final_loss"),
-        "resumed_from_step": trained["resumed_from_step"],
-        "loss_curve": trained["loss_curve"],
-        "vae": vae["metrics"],
+        "run_dir": str(trained.run_dir),
+        "model_dir": str(trained.model_dir),
+        "steps": trained.metrics.get("steps"),
+        "final_loss": trained.metrics.get("final_loss"),
+        "resumed_from_step": trained.resumed_from_step,
+        "loss_curve": loss_curve,
+        "vae": vae.metrics,
         "metrics": metrics,
-        "eval_prompts": list(dict.fromkeys(row["prompt"] for row in evaluated["per_prompt"])),
-        "eval_grid": evaluated["grid"],
+        "eval_prompts": list(dict.fromkeys(row["prompt"] for row in evaluated.per_prompt)),
+        "eval_grid": grid,
         "registered_version": registered["version"],
         "promoted": registered["promoted"],
         "promotion_reason": registered["reason"],

@@ -6,11 +6,15 @@ Three kinds of files go through here:
 * an Open-Sora v1.0 `.pth` (flat state dict, or one under an `ema`/`state_dict` key), read with
   `torch.load(weights_only=True)` so no code in the file can run;
 * a training state folder: model, EMA and optimizer tensors as safetensors with the nested
-  optimizer structure, step and data position in JSON, so a run can resume exactly.
+  optimizer structure, step and data position in JSON, so a run can resume exactly. Its
+  completion marker (`complete.json`, the sha256 of every other file) is written last: a
+  folder without it, or whose files no longer match it, is not a checkpoint (a save that was
+  killed, a truncated copy) and `load_training_state` refuses it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -18,13 +22,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from soraflow.models.stdit import POSITIONAL_BUFFERS
 from soraflow.storage.layout import atomic_output, atomic_write_text
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-# Open-Sora's loader drops these and recomputes them from the config (reference Q8).
-POSITIONAL_BUFFERS = ("pos_embed", "pos_embed_temporal")
-_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
+# File suffixes of pickle-based formats (torch.save, pickle, joblib), compared case-insensitively.
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".joblib")
+STATE_FILES = ("state.safetensors", "state.json")
+COMPLETE_MARKER = "complete.json"
 
 
 class CheckpointError(ValueError):
@@ -128,7 +134,7 @@ def read_model_config(folder: str | Path) -> dict[str, Any]:
 
 def refuse_pickles(folder: str | Path) -> None:
     """A model folder we publish or load must hold no pickled files."""
-    bad = [p.name for p in Path(folder).rglob("*") if p.suffix in _PICKLE_SUFFIXES]
+    bad = [p.name for p in Path(folder).rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES]
     if bad:
         raise CheckpointError(f"{folder}: holds pickle-based files {bad}; only safetensors and JSON are allowed")
 
@@ -174,19 +180,58 @@ def save_training_state(folder: str | Path, model: dict, ema: dict | None, optim
     }
     save_tensors(folder / "state.safetensors", tensors)
     atomic_write_text(folder / "state.json", json.dumps({"structure": structure, "meta": meta}, indent=1))
+    write_complete_marker(folder)
     return folder
 
 
-def load_training_state(folder: str | Path) -> dict[str, Any]:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_complete_marker(folder: str | Path) -> Path:
+    """The last file of a training state: the sha256 of each state file (both already fsynced)."""
     folder = Path(folder)
+    files = {name: _sha256(folder / name) for name in STATE_FILES}
+    return atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"files": files}, indent=1))
+
+
+def verify_training_state(folder: str | Path) -> None:
+    """Raise CheckpointError saying why `folder` is not a complete, intact training state."""
+    folder = Path(folder)
+    marker = folder / COMPLETE_MARKER
+    if not marker.exists():
+        raise CheckpointError(f"{folder}: no {COMPLETE_MARKER} (the save did not finish)")
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{marker}: unreadable completion marker: {e}") from e
+    for name in STATE_FILES:
+        path = folder / name
+        if not path.exists():
+            raise CheckpointError(f"{path}: missing (listed in {COMPLETE_MARKER})")
+        if _sha256(path) != files.get(name):
+            raise CheckpointError(f"{path}: content does not match the sha256 in {COMPLETE_MARKER} (truncated or changed)")
+
+
+def load_training_state(folder: str | Path) -> dict[str, Any]:
+    """A training state saved by save_training_state, after checking it against its completion marker."""
+    folder = Path(folder)
+    verify_training_state(folder)
     try:
         doc = json.loads((folder / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{folder}: no readable state.json: {e}") from e
     tensors = load_tensors(folder / "state.safetensors")
-    out = {k: _unflatten(v, tensors) for k, v in doc["structure"].items()}
+    try:
+        out = {k: _unflatten(v, tensors) for k, v in doc["structure"].items()}
+        out["meta"] = doc["meta"]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{folder}: state.json does not match state.safetensors: {e!r}") from e
     opt = out.get("optimizer")
     if opt and isinstance(opt.get("state"), dict):
         opt["state"] = {int(k) if k.isdigit() else k: v for k, v in opt["state"].items()}
-    out["meta"] = doc["meta"]
     return out

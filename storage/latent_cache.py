@@ -1,7 +1,7 @@
 """The latent cache: every clip through the VAE once, every caption through T5 once.
 
-Open-Sora v1.0 runs the VAE and T5 inside every training step (reference section 6, step
-12.2). Both are frozen, so SoraFlow can run them once per dataset version instead:
+Open-Sora v1.0 runs the VAE and T5 inside every training step (scripts/train.py, v1.0.0).
+Both are frozen, so SoraFlow can run them once per dataset version instead:
 
     ok clip (all its frames) --resize + crop--> (3, T_all, H, W) in [-1, 1]
         --VAE encode_moments--> mean, std        each (C, T_all, H/f, W/f), already scaled
@@ -25,7 +25,7 @@ Both training datasets give the loss the same batch, {"x0": (B, C, T, h, w), "y"
 L, C_text), "mask": (B, L)}: `LatentCacheDataset` directly, and the online path
 (`VideoClipDataset` + `OnlineEncoder`, as v1.0 does) after encoding in the training step.
 
-The held-out split (`split_rows`) lives here too, so training and evaluation use one rule.
+The held-out split lives in storage/holdout.py.
 """
 
 from __future__ import annotations
@@ -43,11 +43,12 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from soraflow.storage.dataset import VideoClipDataset, frame_indices, to_model_input
 from soraflow.storage.layout import DataRoot, atomic_write_text
-from soraflow.storage.manifest import dataset_version, ok_rows, read_rows
+from soraflow.storage.manifest import dataset_version
 from soraflow.storage.video_io import read_frames
 
 INDEX = "index.json"
@@ -58,34 +59,6 @@ FORMAT_VERSION = 1  # bump when the layout changes: old caches then get new keys
 
 class LatentCacheError(ValueError):
     """A cache folder that is missing, incomplete or does not match what was asked for."""
-
-
-# ---------------------------------------------------------------- held-out split
-
-
-def clip_fraction(clip_id: str) -> float:
-    """A stable number in [0, 1) per clip id (sha256), the same on every machine and run."""
-    return int(hashlib.sha256(str(clip_id).encode()).hexdigest()[:12], 16) / float(16**12)
-
-
-def split_rows(rows: list[dict[str, Any]], val_fraction: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train rows, held-out rows): a clip is held out when clip_fraction(clip_id) < val_fraction.
-
-    The rule looks at each clip alone, so adding clips never moves an old clip across the
-    split. Two guards for small data: with val_fraction > 0 and at least two clips, at least
-    one clip is held out (the one with the smallest fraction) and at least one trains.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"train.val_fraction must be in [0, 1), got {val_fraction}")
-    for r in rows:
-        if not r.get("clip_id"):
-            raise ValueError(f"row with path {r.get('path')!r} has no clip_id: the held-out split needs one")
-    keyed = sorted(rows, key=lambda r: clip_fraction(r["clip_id"]))
-    n_val = sum(1 for r in keyed if clip_fraction(r["clip_id"]) < val_fraction)
-    if val_fraction > 0 and len(keyed) >= 2:
-        n_val = min(max(n_val, 1), len(keyed) - 1)
-    held = {r["clip_id"] for r in keyed[:n_val]}
-    return [r for r in rows if r["clip_id"] not in held], [r for r in rows if r["clip_id"] in held]
 
 
 # ---------------------------------------------------------------- identities and the key
@@ -206,8 +179,6 @@ def build_latent_cache(
             enc = text_encoder.encode(captions[i : i + 32])  # y (b, 1, L, C), mask (b, L)
             ys.append(enc["y"].float().cpu())
             masks.append(enc["mask"].cpu())
-        from safetensors.torch import save_file
-
         save_file({"y": torch.cat(ys).contiguous(), "mask": torch.cat(masks).to(torch.int64).contiguous()}, str(tmp / TEXT_SHARD))
 
         entries, skipped, shard, shard_no = [], list(clips.skipped), {}, 0
@@ -383,7 +354,3 @@ class OnlineEncoder:
         enc = self.text_encoder.encode(list(batch["text"]))  # y (B, 1, L, C), mask (B, L)
         return {**{k: v for k, v in batch.items() if k != "video"}, "x0": x0, "y": enc["y"].float(), "mask": enc["mask"]}
 
-
-def rows_for(source: str | Path | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The ok rows of a manifest path or a row list."""
-    return ok_rows(read_rows(source) if isinstance(source, (str, Path)) else list(source))

@@ -61,7 +61,14 @@ def atomic_output(path: str | Path, suffix: str | None = None) -> Iterator[Path]
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        with open(tmp_path, "rb+") as f:  # the bytes reach the disk before the name does
+            os.fsync(f.fileno())
         os.replace(tmp_path, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)  # and the rename itself survives a crash
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from soraflow.configs.schema import RegistryConfig
+from soraflow.storage.checkpoints import PICKLE_SUFFIXES
 from soraflow.storage.layout import DataRoot
 
 # No network from MLflow: no usage telemetry, no artifact progress bars on stderr.
@@ -40,7 +41,6 @@ CHAMPION = "champion"
 MODEL_ARTIFACT = "model"  # the run-artifact folder a version points at
 METRIC_TAG = "metric."
 LINEAGE_TAGS = ("dataset_version", "config_hash")  # required in register(tags=...)
-PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".joblib")
 _READY_TIMEOUT_S = 120.0
 
 

@@ -1,6 +1,6 @@
 """Evaluate a trained model folder on the held-out clips: validation loss, samples, the configured scorers.
 
-    manifest --split_rows--> held-out clips (training never saw them; storage.latent_cache)
+    DatasetSplit --held_out--> held-out clips (training never saw them; storage/holdout.py)
       val loss : each clip's centred window, posterior mean (VAE) and caption (T5) ->
                  scheduler.training_loss at timesteps and noise drawn from a generator seeded
                  with eval.seed, averaged. The same model always gives the same number.
@@ -27,12 +27,13 @@ from prefect import task
 
 from soraflow.configs.schema import SoraFlowConfig
 from soraflow.storage.dataset import VideoClipDataset
-from soraflow.storage.latent_cache import clip_fraction, rows_for, split_rows
+from soraflow.storage.holdout import DatasetSplit, clip_fraction
 from soraflow.storage.layout import DataRoot, atomic_write_text
 from soraflow.storage.video_io import tile_grid, to_uint8_frames, write_gif, write_video
 from soraflow.tasks.generate import slug
 from soraflow.tasks.scorers import run_scorers
 from soraflow.tasks.task_policy import STAGE_RETRIES
+from soraflow.tasks.train.model_factory import is_model_dir, load_pipeline
 
 VAL_REPEATS = 4  # (timestep, noise) draws per held-out clip
 
@@ -83,23 +84,21 @@ def validation_loss(pipe, clips: VideoClipDataset, seed: int, repeats: int = VAL
 
 def evaluate(
     cfg: SoraFlowConfig,
-    manifest_path: str | Path,
+    data: DatasetSplit,
     model_dir: str | Path,
-    root,
+    root: DataRoot,
     out_dir: str | Path,
     progress: bool = True,
 ) -> EvalResult:
-    """Validation loss, samples and the configured scorers of `model_dir` on the held-out clips."""
-    from soraflow.tasks.train.model_factory import load_pipeline
-
+    """Validation loss, samples and the configured scorers of `model_dir` on the held-out clips of `data`."""
     t0 = time.perf_counter()
-    root = root if isinstance(root, DataRoot) else DataRoot(root)
+    manifest_path = data.manifest
     model_dir = Path(model_dir)
-    if not (model_dir / "soraflow.json").exists():
+    if not is_model_dir(model_dir):
         raise FileNotFoundError(f"evaluate: {model_dir} is not a model folder (no soraflow.json); pass TrainResult.model_dir")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_rows, val_rows = split_rows(rows_for(manifest_path), cfg.train.val_fraction)
+    train_rows, val_rows = data.train, data.val
     if not val_rows:
         raise ValueError(f"{manifest_path}: no held-out clips (train.val_fraction={cfg.train.val_fraction}); "
                          "evaluation needs clips the model did not train on")
@@ -150,13 +149,6 @@ def evaluate(
 
 
 @task(name="evaluate", **STAGE_RETRIES)
-def evaluate_task(manifest: str, model_dir: str, config: dict, data_root: str) -> dict:
+def evaluate_task(cfg: SoraFlowConfig, data: DatasetSplit, model_dir: str, data_root: str) -> EvalResult:
     """Validation loss, held-out samples and prompt adherence of a trained model folder."""
-    out_dir = Path(model_dir).parent / "eval"
-    result = evaluate(SoraFlowConfig.model_validate(config), manifest, model_dir, DataRoot(data_root), out_dir)
-    return {
-        "metrics": result.metrics,
-        "samples": [str(p) for p in result.samples_mp4],
-        "grid": str(result.samples_gif) if result.samples_gif else None,
-        "per_prompt": result.per_prompt,
-    }
+    return evaluate(cfg, data, model_dir, DataRoot(data_root), Path(model_dir).parent / "eval")

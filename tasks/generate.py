@@ -13,7 +13,7 @@ from prefect import task
 from soraflow.configs.schema import SoraFlowConfig
 from soraflow.storage.layout import DataRoot
 from soraflow.storage.video_io import to_uint8_frames, write_gif, write_video
-from soraflow.tasks.train.model_factory import load_pipeline
+from soraflow.tasks.train.model_factory import MODEL_CONFIG, is_model_dir, load_pipeline
 
 
 @dataclass
@@ -38,9 +38,9 @@ def resolve_model_ref(cfg: SoraFlowConfig, root: DataRoot, ref: str) -> Path:
     registry = ModelRegistry(root, cfg.registry)
     info = registry.get(ref)
     dest = root.tmp / "registry" / f"{cfg.registry.model_name}-v{info.version}"
-    if not (dest / "soraflow.json").exists() and not any(dest.rglob("soraflow.json")):
+    if not is_model_dir(dest) and not any(dest.rglob(MODEL_CONFIG)):
         registry.download(str(info.version), dest)
-    found = next(iter(sorted(dest.rglob("soraflow.json"))), None)
+    found = next(iter(sorted(dest.rglob(MODEL_CONFIG))), None)
     if found is None:
         raise FileNotFoundError(f"registry model {cfg.registry.model_name} {ref!r} (v{info.version}) holds no soraflow.json")
     return found.parent

@@ -11,20 +11,20 @@ from pathlib import Path
 from prefect import task
 
 from soraflow.configs.schema import SoraFlowConfig
-from soraflow.storage.latent_cache import build_latent_cache, folder_identity
+from soraflow.storage.holdout import DatasetSplit
+from soraflow.storage.latent_cache import CacheInfo, build_latent_cache, folder_identity
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.manifest import dataset_version
 from soraflow.tasks.task_policy import STAGE_RETRIES, stage_cache_key
 from soraflow.tasks.train.model_factory import load_text_encoder, load_vae, text_encoder_path
 
 
-def prepare_latent_cache(cfg: SoraFlowConfig, manifest_path: str | Path, root, vae_dir: str | Path, vae=None, text_encoder=None):
-    """Build (or reuse) the latent cache for this manifest, VAE, text encoder and video config.
+def prepare_latent_cache(cfg: SoraFlowConfig, data: DatasetSplit, root: DataRoot, vae_dir: str | Path, vae=None,
+                         text_encoder=None) -> CacheInfo:
+    """Build (or reuse) the latent cache for this dataset (all its ok clips), VAE, text encoder and video config.
 
     Returns storage.latent_cache.CacheInfo (path, key, clips, captions, built, seconds, skipped).
     The VAE and text encoder are loaded from their folders unless given.
     """
-    root = root if isinstance(root, DataRoot) else DataRoot(root)
     vae_dir = Path(vae_dir)
     te_dir = text_encoder_path(cfg, root)
     if vae is None:
@@ -32,11 +32,11 @@ def prepare_latent_cache(cfg: SoraFlowConfig, manifest_path: str | Path, root, v
     if text_encoder is None:
         text_encoder = load_text_encoder(cfg, root, te_dir)
     info = build_latent_cache(
-        manifest_path, root, vae, text_encoder,
+        data.rows, root, vae, text_encoder,
         vae_id=f"{folder_identity(vae_dir)}-s{cfg.vae.scaling_factor}",
         text_id=f"{folder_identity(te_dir)}-L{cfg.text_encoder.max_length}",
         num_frames=cfg.video.num_frames, frame_interval=cfg.video.frame_interval,
-        image_size=tuple(cfg.video.image_size), dataset=dataset_version(manifest_path), progress=True,
+        image_size=tuple(cfg.video.image_size), dataset=data.version, progress=True,
     )
     print(f"latent cache {'built' if info.built else 'reused'}: {info.path} ({info.clips} clips, "
           f"{info.captions} captions, {info.seconds:.1f} s)", flush=True)
@@ -44,7 +44,6 @@ def prepare_latent_cache(cfg: SoraFlowConfig, manifest_path: str | Path, root, v
 
 
 @task(name="latent-cache", cache_key_fn=stage_cache_key, persist_result=True, **STAGE_RETRIES)
-def latent_cache_task(manifest: str, vae_dir: str, config: dict, data_root: str) -> dict:
+def latent_cache_task(cfg: SoraFlowConfig, data: DatasetSplit, vae_dir: str, data_root: str) -> CacheInfo:
     """Encode every clip (VAE) and caption (T5) once, keyed by dataset and encoder versions."""
-    info = prepare_latent_cache(SoraFlowConfig.model_validate(config), manifest, DataRoot(data_root), vae_dir)
-    return {"path": str(info.path), "clips": info.clips, "captions": info.captions, "built": info.built, "seconds": info.seconds}
+    return prepare_latent_cache(cfg, data, DataRoot(data_root), vae_dir)

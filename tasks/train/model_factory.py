@@ -42,6 +42,14 @@ from soraflow.storage.layout import DataRoot, atomic_write_text
 log = logging.getLogger(__name__)
 
 
+MODEL_CONFIG = "soraflow.json"  # marks a model folder (see the module docstring)
+
+
+def is_model_dir(path: str | Path) -> bool:
+    """True for a local SoraFlow model folder (holds soraflow.json)."""
+    return Path(path).is_dir() and (Path(path) / MODEL_CONFIG).exists()
+
+
 def _short_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -153,7 +161,7 @@ def export_model_dir(
     """Write a self-contained model folder (see the module docstring)."""
     folder.mkdir(parents=True, exist_ok=True)
     save_model_dir(folder / "stdit", stdit_state, {"preset": cfg.model.preset, "kwargs": stdit_config})
-    atomic_write_text(folder / "soraflow.json", json.dumps(cfg.model_dump(mode="json"), indent=2))
+    atomic_write_text(folder / MODEL_CONFIG, json.dumps(cfg.model_dump(mode="json"), indent=2))
     for name, src in (("vae", vae_dir), ("text_encoder", text_encoder_dir)):
         if src is not None:
             shutil.copytree(src, folder / name, dirs_exist_ok=True)
@@ -175,9 +183,9 @@ def load_pipeline(
     recomputed temporal positional buffer does.
     """
     folder = Path(ckpt) if ckpt is not None else None
-    if folder is not None and folder.is_dir() and (folder / "soraflow.json").exists():
+    if folder is not None and is_model_dir(folder):
         refuse_pickles(folder)
-        cfg = SoraFlowConfig.model_validate({**json.loads((folder / "soraflow.json").read_text()), "data": cfg.data.model_dump(), "generate": cfg.generate.model_dump()})
+        cfg = SoraFlowConfig.model_validate({**json.loads((folder / MODEL_CONFIG).read_text()), "data": cfg.data.model_dump(), "generate": cfg.generate.model_dump()})
         te_dir = folder / "text_encoder" if (folder / "text_encoder").is_dir() else None
         vae_dir_ = folder / "vae" if (folder / "vae").is_dir() else None
         text_encoder = load_text_encoder(cfg, root, te_dir)

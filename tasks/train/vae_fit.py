@@ -5,7 +5,7 @@ a tiny diffusers AutoencoderKL (config vae.tiny) on frames of the training clips
 freezes it for diffusion training, exactly where sd-vae-ft-ema would sit:
 
     ok clips --all frames, resize + crop--> frames (N, 3, H, W) in [-1, 1]
-      training split -> fit frames, held-out split (storage.latent_cache.split_rows) -> test frames
+      training split -> fit frames, held-out split (storage.holdout) -> test frames
     per step: batch (B, 3, H, W) -> encoder -> posterior N(mean, std) (B, C, H/f, W/f)
               -> sample -> decoder -> recon (B, 3, H, W)
               loss = MSE(recon, x) + vae.fit.kl_weight * KL(posterior || N(0, I)) / pixels
@@ -17,7 +17,7 @@ unit variance, ours have whatever spread the fit gave. The 1x1 `quant_conv` and
 undoes it exactly), so that `vae.scaling_factor * latent` has zero mean and unit variance
 on the fit frames, which is what the diffusion noise schedule assumes.
 
-Saved with save_pretrained (safetensors) into tasks.components.tiny_vae_dir(cfg, root,
+Saved with save_pretrained (safetensors) into tasks/train/model_factory.tiny_vae_dir(cfg, root,
 dataset_version) and copied to the "latest" folder next to it. A folder that already holds
 a fit for that dataset version is reused (the fit is skipped).
 """
@@ -39,11 +39,13 @@ import torch.nn.functional as F
 from prefect import task
 
 from soraflow.configs.schema import SoraFlowConfig
+from soraflow.models.vae import build_tiny_vae
 from soraflow.storage.dataset import VideoClipDataset
-from soraflow.storage.latent_cache import read_clip_frames, split_rows
+from soraflow.storage.holdout import DatasetSplit
+from soraflow.storage.latent_cache import read_clip_frames
 from soraflow.storage.layout import DataRoot, atomic_write_text
-from soraflow.storage.manifest import dataset_version, ok_rows, read_rows
 from soraflow.tasks.task_policy import STAGE_RETRIES, stage_cache_key
+from soraflow.tasks.train.model_factory import tiny_vae_dir
 
 METRICS_FILE = "fit_metrics.json"
 MAX_FRAMES_PER_CLIP = 32  # evenly spaced; enough variety, bounded memory on long clips
@@ -54,10 +56,6 @@ class VaeFitResult:
     path: Path  # the VAE folder to use (fitted tiny one, or the configured vae.path)
     metrics: dict = field(default_factory=dict)  # recon_mse, psnr, steps, latent stats, seconds
     fitted: bool = False  # True only when this call ran the fit
-
-
-def _as_root(root) -> DataRoot:
-    return root if isinstance(root, DataRoot) else DataRoot(root)
 
 
 def collect_frames(rows: list[dict], image_size: tuple[int, int], max_per_clip: int = MAX_FRAMES_PER_CLIP) -> torch.Tensor:
@@ -129,18 +127,15 @@ def calibrate(vae, shift: torch.Tensor, scale: torch.Tensor) -> None:
         vae.decoder.conv_in.weight /= scale.view(1, -1, 1, 1)
 
 
-def fit_vae(cfg: SoraFlowConfig, manifest_path: str | Path, root, progress: bool = True) -> VaeFitResult:
-    """Fit (or reuse) the tiny VAE for this manifest's dataset version; see the module docstring."""
-    from soraflow.tasks.train.model_factory import tiny_vae_dir
-
-    root = _as_root(root)
+def fit_vae(cfg: SoraFlowConfig, data: DatasetSplit, root: DataRoot, progress: bool = True) -> VaeFitResult:
+    """Fit (or reuse) the tiny VAE for this dataset version; see the module docstring."""
     if cfg.vae.path:
         path = Path(cfg.vae.path).expanduser()
         if not path.is_dir():
             raise FileNotFoundError(f"config key 'vae.path': {path} is not a local directory")
         return VaeFitResult(path, {"steps": 0}, fitted=False)
 
-    version = dataset_version(manifest_path)
+    version = data.version
     target = tiny_vae_dir(cfg, root, version)
     latest = tiny_vae_dir(cfg, root, None)
     if (target / "config.json").exists():
@@ -150,11 +145,14 @@ def fit_vae(cfg: SoraFlowConfig, manifest_path: str | Path, root, progress: bool
 
     t0 = time.perf_counter()
     size = tuple(cfg.video.image_size)
-    usable = VideoClipDataset(read_rows(manifest_path), 1, 1, size, train=False).rows  # readable ok rows with captions
-    rows = usable or ok_rows(manifest_path)
+    usable = VideoClipDataset(data.rows, 1, 1, size, train=False).rows  # readable ok rows with captions
+    rows = usable or data.rows
     if not rows:
-        raise ValueError(f"{manifest_path}: no ok clips to fit the VAE on")
-    train_rows, test_rows = split_rows(rows, cfg.train.val_fraction)
+        raise ValueError(f"{data.manifest}: no ok clips to fit the VAE on")
+    held = set(data.held_out)  # the evaluation's held-out clips test the fit too
+    train_rows, test_rows = [r for r in rows if r["clip_id"] not in held], [r for r in rows if r["clip_id"] in held]
+    if not train_rows:
+        raise ValueError(f"{data.manifest}: every usable clip is held out; no clip to fit the VAE on")
     train_frames = collect_frames(train_rows, size)  # (N, 3, H, W)
     test_frames = collect_frames(test_rows, size) if test_rows else train_frames[: max(1, len(train_frames) // 10)]
 
@@ -187,8 +185,6 @@ def fit_vae(cfg: SoraFlowConfig, manifest_path: str | Path, root, progress: bool
 
 def _fit(cfg: SoraFlowConfig, train_frames: torch.Tensor, test_frames: torch.Tensor, t0: float, progress: bool):
     """The fit loop and the calibration; returns (vae in eval mode, metrics)."""
-    from soraflow.models.vae import build_tiny_vae
-
     fit = cfg.vae.fit
     torch.manual_seed(cfg.train.seed)
     vae = build_tiny_vae(**cfg.vae.tiny.model_dump(), seed=cfg.train.seed)
@@ -242,7 +238,6 @@ def _publish_latest(src: Path, latest: Path) -> None:
 
 
 @task(name="fit-vae", cache_key_fn=stage_cache_key, persist_result=True, **STAGE_RETRIES)
-def fit_vae_task(manifest: str, config: dict, data_root: str) -> dict:
+def fit_vae_task(cfg: SoraFlowConfig, data: DatasetSplit, data_root: str) -> VaeFitResult:
     """Fit the tiny VAE on the dataset's frames (skipped when a pretrained VAE is configured)."""
-    result = fit_vae(SoraFlowConfig.model_validate(config), manifest, DataRoot(data_root))
-    return {"path": str(result.path), "metrics": result.metrics, "fitted": result.fitted}
+    return fit_vae(cfg, data, DataRoot(data_root))

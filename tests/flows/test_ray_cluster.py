@@ -24,6 +24,7 @@ import pytest
 from training_data import make_clip_manifest, train_cfg
 from videos import make_scene_video
 
+from soraflow.storage.holdout import DatasetSplit
 from soraflow.storage.layout import DataRoot
 from soraflow.storage.manifest import new_row, read_rows, write_manifest
 
@@ -112,8 +113,9 @@ def test_training_spreads_two_workers_over_both_nodes(cluster, tmp_path):
     manifest = make_clip_manifest(tmp_path / "videos", root, n=8, frames=12)
     cfg = train_cfg(root, **{"train.ray_address": cluster.address, "train.num_workers": 2, "train.steps": 6,
                              "train.batch_size": 2, "train.ckpt_every": 6, "train.log_every": 3})
-    vae = fit_vae(cfg, manifest, root, progress=False)
-    result = train(cfg, manifest, root, run_name="cluster", vae_dir=vae.path)
+    data = DatasetSplit.read(manifest, cfg.train.val_fraction)
+    vae = fit_vae(cfg, data, root, progress=False)
+    result = train(cfg, data, root, vae.path, run_name="cluster")
 
     assert result.metrics["steps"] == 6 and result.metrics["world_size"] == 2
     assert any(result.model_dir.rglob("*.safetensors"))

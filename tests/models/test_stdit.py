@@ -204,7 +204,7 @@ def test_patch_embed_order_padding_and_unpatchify_layout():
     assert tok[:6].tolist() == [4, 4, 2, 2, 2, 1] and tok[6:].tolist() == [40, 40, 20, 20, 20, 10]
 
     m = tiny(input_size=[2, 4, 6], in_channels=3)  # out 6 channels, grid (2, 2, 3)
-    n, p, c = 2 * 2 * 3, 4, 6
+    n, _p, c = 2 * 2 * 3, 4, 6
     # token n, patch element (i, j), channel c encoded as a number
     x = torch.tensor([[tn * 100 + (i * 2 + j) * 10 + ch for i in range(2) for j in range(2) for ch in range(c)] for tn in range(n)],
                      dtype=torch.float32)[None]

@@ -4,6 +4,7 @@ import pickle
 import pytest
 import torch
 from soraflow.storage.checkpoints import (
+    COMPLETE_MARKER,
     CheckpointError,
     load_training_state,
     load_weights_into,
@@ -12,6 +13,7 @@ from soraflow.storage.checkpoints import (
     refuse_pickles,
     save_model_dir,
     save_training_state,
+    verify_training_state,
 )
 
 
@@ -121,3 +123,35 @@ def test_training_state_roundtrip_restores_optimizer(tmp_path):
         o.step()
     assert _same(model, model2)
     json.loads((tmp_path / "ck" / "state.json").read_text())  # plain JSON
+
+
+def test_pickle_refusal_ignores_case(tmp_path):
+    (tmp_path / "WEIGHTS.PT").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="WEIGHTS.PT"):
+        refuse_pickles(tmp_path)
+
+
+def _state(folder, step):
+    model = Toy()
+    return save_training_state(folder, model.state_dict(), model.state_dict(), None, {"step": step})
+
+
+def test_training_state_needs_its_completion_marker_and_matching_hashes(tmp_path):
+    folder = _state(tmp_path / "ck", 1)
+    assert json.loads((folder / COMPLETE_MARKER).read_text())["files"].keys() == {"state.safetensors", "state.json"}
+    verify_training_state(folder)
+    # truncated tensors: the hash no longer matches, whatever safetensors would make of it
+    data = (folder / "state.safetensors").read_bytes()
+    (folder / "state.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="state.safetensors.*does not match the sha256"):
+        load_training_state(folder)
+    # a save that stopped before the marker
+    folder = _state(tmp_path / "ck2", 2)
+    (folder / COMPLETE_MARKER).unlink()
+    with pytest.raises(CheckpointError, match="no complete.json"):
+        load_training_state(folder)
+    # an edited state.json
+    folder = _state(tmp_path / "ck3", 3)
+    (folder / "state.json").write_text((folder / "state.json").read_text().replace('"step": 3', '"step": 4'))
+    with pytest.raises(CheckpointError, match="state.json"):
+        load_training_state(folder)

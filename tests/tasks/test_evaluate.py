@@ -6,29 +6,32 @@ import json
 
 import numpy as np
 import pytest
+from soraflow.storage.holdout import DatasetSplit, holdout_split
 from soraflow.storage.layout import DataRoot
+from soraflow.storage.manifest import ok_rows
 from training_data import make_clip_manifest, train_cfg
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from soraflow.tasks.train.driver import train
+    from soraflow.tasks.train.vae_fit import fit_vae
 
     base = tmp_path_factory.mktemp("eval")
     root = DataRoot(base / "data")
     manifest = make_clip_manifest(base / "videos", root, n=10, frames=12)
     cfg = train_cfg(root, **{"train.steps": 10, "eval.num_prompts": 3})
-    result = train(cfg, manifest, root, run_name="eval")
-    return cfg, root, manifest, result
+    split = DatasetSplit.read(manifest, cfg.train.val_fraction)
+    result = train(cfg, split, root, fit_vae(cfg, split, root, progress=False).path, run_name="eval")
+    return cfg, root, split, result
 
 
 def test_evaluate_reports_metrics_samples_and_adherence(trained, tmp_path):
-    from soraflow.storage.latent_cache import rows_for, split_rows
     from soraflow.storage.video_io import probe_video
     from soraflow.tasks.evaluate import evaluate, held_out_prompts
 
-    cfg, root, manifest, result = trained
-    out = evaluate(cfg, manifest, result.model_dir, root, tmp_path / "eval")
+    cfg, root, split, result = trained
+    out = evaluate(cfg, split, result.model_dir, root, tmp_path / "eval")
     m = out.metrics
     for a in ("color", "shape", "direction", "all"):
         assert 0.0 <= m[f"adherence_{a}"] <= 1.0
@@ -39,7 +42,7 @@ def test_evaluate_reports_metrics_samples_and_adherence(trained, tmp_path):
     # the shape detector's circle threshold, calibrated on the VAE reconstructions of training clips
     assert 0.0 < m["shape_round_below"] <= 1.0 and 0.0 <= m["adherence_shape_fixed"] <= 1.0
     # prompts are held-out captions only
-    train_rows, val_rows = split_rows(rows_for(manifest), cfg.train.val_fraction)
+    train_rows, val_rows = holdout_split(ok_rows(split.manifest), cfg.train.val_fraction)
     prompts = held_out_prompts(val_rows, cfg.eval.num_prompts)
     k = cfg.eval.samples_per_prompt
     assert [r["prompt"] for r in out.per_prompt] == [p for p in prompts for _ in range(k)]
@@ -50,7 +53,7 @@ def test_evaluate_reports_metrics_samples_and_adherence(trained, tmp_path):
     assert out.samples_gif.exists() and out.samples_gif.read_bytes()[:3] == b"GIF"
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]["val_loss"] == m["val_loss"]
     # the same model gives the same validation loss
-    again = evaluate(cfg, manifest, result.model_dir, root, tmp_path / "eval2")
+    again = evaluate(cfg, split, result.model_dir, root, tmp_path / "eval2")
     assert again.metrics["val_loss"] == m["val_loss"]
     assert [r["predicted"] for r in again.per_prompt] == [r["predicted"] for r in out.per_prompt]
 
@@ -58,12 +61,11 @@ def test_evaluate_reports_metrics_samples_and_adherence(trained, tmp_path):
 def test_validation_loss_separates_models(trained, tmp_path):
     """A trained model's held-out loss beats the same architecture with random (zero-output) weights."""
     from soraflow.storage.dataset import VideoClipDataset
-    from soraflow.storage.latent_cache import rows_for, split_rows
     from soraflow.tasks.evaluate import validation_loss
     from soraflow.tasks.train.model_factory import load_pipeline
 
-    cfg, root, manifest, result = trained
-    _, val_rows = split_rows(rows_for(manifest), cfg.train.val_fraction)
+    cfg, root, split, result = trained
+    _, val_rows = holdout_split(ok_rows(split.manifest), cfg.train.val_fraction)
     clips = VideoClipDataset(val_rows, 8, 1, (32, 32), train=False)
     pipe, _ = load_pipeline(cfg, root, ckpt=result.model_dir)
     trained_loss = validation_loss(pipe, clips, seed=1)
@@ -76,6 +78,6 @@ def test_validation_loss_separates_models(trained, tmp_path):
 def test_evaluate_needs_a_model_folder(trained, tmp_path):
     from soraflow.tasks.evaluate import evaluate
 
-    cfg, root, manifest, _ = trained
+    cfg, root, split, _ = trained
     with pytest.raises(FileNotFoundError, match="not a model folder"):
-        evaluate(cfg, manifest, tmp_path, root, tmp_path / "out")
+        evaluate(cfg, split, tmp_path, root, tmp_path / "out")

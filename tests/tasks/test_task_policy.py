@@ -65,3 +65,14 @@ def test_cache_key_reads_config_sections_by_value(tmp_path):
     k = stage_cache_key(ctx, {"a": SplitConfig(fps=24.0), "data_root": root})
     assert k == stage_cache_key(ctx, {"a": SplitConfig(fps=24.0), "data_root": root})
     assert k != stage_cache_key(ctx, {"a": SplitConfig(fps=30.0), "data_root": root})
+
+
+def test_cache_key_hashes_pydantic_arguments_by_their_json(tmp_path):
+    from soraflow.configs.schema import load_config
+
+    ctx = SimpleNamespace(task=SimpleNamespace(fn=_task_fn, name="t"))
+    root = str(tmp_path / "root")
+    key = stage_cache_key(ctx, {"a": load_config("local"), "data_root": root})
+    assert key == stage_cache_key(ctx, {"a": load_config("local"), "data_root": root})  # equal configs, one key
+    assert key == stage_cache_key(ctx, {"a": load_config("local").model_dump(mode="json"), "data_root": root})
+    assert key != stage_cache_key(ctx, {"a": load_config("local", {"train.steps": 7}), "data_root": root})

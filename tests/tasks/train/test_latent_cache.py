@@ -1,4 +1,4 @@
-"""Latent cache: keys, atomic build and reuse, items as the loss wants them, the online path, the split."""
+"""Latent cache: keys, atomic build and reuse, items as the loss wants them, the online path."""
 
 from __future__ import annotations
 
@@ -8,31 +8,6 @@ import pytest
 import torch
 from soraflow.storage.layout import DataRoot
 from training_data import make_clip_manifest
-
-# ---------------------------------------------------------------- split
-
-
-def test_split_is_deterministic_disjoint_and_never_empty():
-    from soraflow.storage.latent_cache import split_rows
-
-    rows = [{"clip_id": f"clip-{i}", "path": f"{i}.mp4"} for i in range(200)]
-    train, val = split_rows(rows, 0.15)
-    assert {r["clip_id"] for r in train}.isdisjoint({r["clip_id"] for r in val})
-    assert len(train) + len(val) == 200
-    assert 15 <= len(val) <= 45  # about 30
-    # a clip's side depends only on its id: adding clips never moves old ones
-    train2, val2 = split_rows(rows + [{"clip_id": f"new-{i}", "path": "x"} for i in range(50)], 0.15)
-    assert {r["clip_id"] for r in val} <= {r["clip_id"] for r in val2}
-    assert split_rows(list(reversed(rows)), 0.15)[1] == list(reversed(val))
-    # small data: at least one held out and one training clip
-    tr, va = split_rows(rows[:3], 0.01)
-    assert len(va) == 1 and len(tr) == 2
-    assert split_rows(rows[:3], 0.0)[1] == []
-    with pytest.raises(ValueError, match="val_fraction"):
-        split_rows(rows, 1.0)
-    with pytest.raises(ValueError, match="clip_id"):
-        split_rows([{"path": "a.mp4"}], 0.1)
-
 
 # ---------------------------------------------------------------- cache
 
@@ -102,10 +77,11 @@ def test_cache_builds_once_and_serves_items(clips, encoders):
     assert mean.shape == (4, 12, 8, 8) and (std > 0).all()
     torch.testing.assert_close(ev[0]["x0"], mean[:, 2:10])
     # stored moments are the VAE's for the whole clip
-    from soraflow.storage.latent_cache import read_clip_frames, rows_for
+    from soraflow.storage.latent_cache import read_clip_frames
+    from soraflow.storage.manifest import ok_rows
 
     first = index["clips"][0]
-    row = [r for r in rows_for(clips[1]) if r["clip_id"] == first["clip_id"]][0]
+    row = [r for r in ok_rows(clips[1]) if r["clip_id"] == first["clip_id"]][0]
     row_mean, _ = vae.encode_moments(read_clip_frames(row, (32, 32))[None])  # (1, C, 12, 8, 8)
     torch.testing.assert_close(ev.moments(0)[0], row_mean[0], atol=1e-5, rtol=1e-4)
     # a subset by clip id

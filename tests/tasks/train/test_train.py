@@ -1,16 +1,30 @@
-"""STDiT training through Ray Train: in process (local mode), resume, and a killed Ray worker.
+"""STDiT training through Ray Train: in process (local mode), resume, a process killed while it
+saves a checkpoint, and a killed Ray worker.
 
-The first two run the TorchTrainer with num_workers=0 (Ray's local mode: no cluster); the
-last starts a local Ray instance with two DDP workers (gloo) and kills one mid-run.
+Most run the TorchTrainer with num_workers=0 (Ray's local mode: no cluster); the Ray test
+starts a local Ray instance with two DDP workers (gloo) and kills one mid-run through an
+on_step hook.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+from soraflow.storage.holdout import DatasetSplit, holdout_split
 from soraflow.storage.layout import DataRoot
+from soraflow.storage.manifest import ok_rows
 from training_data import make_clip_manifest, train_cfg
+
+
+def _split(manifest, cfg):
+    return DatasetSplit.read(manifest, cfg.train.val_fraction)
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +34,8 @@ def data(tmp_path_factory):
     manifest = make_clip_manifest(base / "videos", root, n=10, frames=12)
     from soraflow.tasks.train.vae_fit import fit_vae
 
-    vae = fit_vae(train_cfg(root), manifest, root, progress=False)
+    cfg = train_cfg(root)
+    vae = fit_vae(cfg, _split(manifest, cfg), root, progress=False)
     return root, manifest, vae.path
 
 
@@ -30,13 +45,12 @@ def _history(checkpoint_dir):
 
 def test_local_training_learns_and_checkpoints_without_pickles(data):
     from soraflow.storage.checkpoints import refuse_pickles
-    from soraflow.storage.latent_cache import rows_for, split_rows
     from soraflow.tasks.train.driver import train
     from soraflow.tasks.train.model_factory import load_pipeline
 
     root, manifest, vae_dir = data
     cfg = train_cfg(root, **{"train.steps": 60})
-    result = train(cfg, manifest, root, run_name="local-a", vae_dir=vae_dir)
+    result = train(cfg, _split(manifest, cfg), root, run_name="local-a", vae_dir=vae_dir)
     assert result.resumed_from_step == 0 and result.metrics["steps"] == 60
     assert result.checkpoint_dir.name == "checkpoint_step_0000060"
     assert (result.checkpoint_dir / "state.safetensors").exists() and (result.checkpoint_dir / "state.json").exists()
@@ -48,7 +62,7 @@ def test_local_training_learns_and_checkpoints_without_pickles(data):
     assert result.metrics["samples_per_s"] > 0
     assert result.loss_curve_png.exists() and result.loss_curve_png.read_bytes()[:4] == b"\x89PNG"
     # the held-out clips never trained
-    train_rows, val_rows = split_rows(rows_for(manifest), cfg.train.val_fraction)
+    train_rows, val_rows = holdout_split(ok_rows(manifest), cfg.train.val_fraction)
     assert result.metrics["train_clips"] == len(train_rows) and result.metrics["val_clips"] == len(val_rows) >= 1
     # the exported folder is self-contained and loads as a pipeline
     assert (result.model_dir / "vae").is_dir() and (result.model_dir / "text_encoder").is_dir()
@@ -61,10 +75,11 @@ def test_resume_continues_step_and_loss_history(data):
     from soraflow.tasks.train.driver import train
 
     root, manifest, vae_dir = data
-    first = train(train_cfg(root, **{"train.steps": 20}), manifest, root, run_name="resume", vae_dir=vae_dir)
+    split = _split(manifest, train_cfg(root))
+    first = train(train_cfg(root, **{"train.steps": 20}), split, root, run_name="resume", vae_dir=vae_dir)
     assert first.resumed_from_step == 0
     hist_a = _history(first.checkpoint_dir)
-    second = train(train_cfg(root, **{"train.steps": 30}), manifest, root, run_name="resume", vae_dir=vae_dir)
+    second = train(train_cfg(root, **{"train.steps": 30}), split, root, run_name="resume", vae_dir=vae_dir)
     assert second.resumed_from_step == 20 and second.metrics["steps"] == 30
     hist_b = _history(second.checkpoint_dir)
     assert [s for s, _ in hist_b] == list(range(1, 31))
@@ -72,7 +87,7 @@ def test_resume_continues_step_and_loss_history(data):
     meta = json.loads((second.checkpoint_dir / "state.json").read_text())["meta"]
     assert [seg["start_step"] for seg in meta["segments"]] == [0, 20]
     # asking for no more steps than done trains nothing and exports the same checkpoint
-    third = train(train_cfg(root, **{"train.steps": 30}), manifest, root, run_name="resume", vae_dir=vae_dir)
+    third = train(train_cfg(root, **{"train.steps": 30}), split, root, run_name="resume", vae_dir=vae_dir)
     assert third.resumed_from_step == 30 and third.checkpoint_dir == second.checkpoint_dir
 
 
@@ -80,8 +95,8 @@ def test_online_path_trains_too(data):
     from soraflow.tasks.train.driver import train
 
     root, manifest, vae_dir = data
-    result = train(train_cfg(root, **{"train.steps": 4, "train.use_latent_cache": False, "train.log_every": 2}), manifest, root,
-                   run_name="online", vae_dir=vae_dir)
+    cfg = train_cfg(root, **{"train.steps": 4, "train.use_latent_cache": False, "train.log_every": 2})
+    result = train(cfg, _split(manifest, cfg), root, run_name="online", vae_dir=vae_dir)
     assert result.metrics["steps"] == 4 and len(_history(result.checkpoint_dir)) == 4
 
 
@@ -90,21 +105,93 @@ def test_batch_larger_than_data_is_a_clear_error(data):
 
     root, manifest, vae_dir = data
     with pytest.raises(Exception, match="train.batch_size=64"):
-        train(train_cfg(root, **{"train.steps": 2, "train.batch_size": 64}), manifest, root, run_name="toobig", vae_dir=vae_dir)
+        cfg = train_cfg(root, **{"train.steps": 2, "train.batch_size": 64})
+        train(cfg, _split(manifest, cfg), root, run_name="toobig", vae_dir=vae_dir)
+
+
+_SAVE_THEN_HANG = """
+import json, sys, time
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[5])  # tests/support
+from soraflow.storage import checkpoints
+from soraflow.storage.holdout import DatasetSplit
+from soraflow.storage.layout import DataRoot
+from soraflow.tasks.train.driver import train
+from training_data import train_cfg
+
+root, manifest, vae_dir, hang_file = DataRoot(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+if hang_file:  # the test's hook: the step-20 save writes its state files, then hangs before its marker
+    write_marker = checkpoints.write_complete_marker
+
+    def hang_at_step_20(folder):
+        if json.loads((Path(folder) / "state.json").read_text())["meta"]["step"] == 20:
+            Path(hang_file).write_text(str(folder))
+            time.sleep(600)
+        return write_marker(folder)
+
+    checkpoints.write_complete_marker = hang_at_step_20
+cfg = train_cfg(root, **{"train.steps": 30, "train.ckpt_every": 10})
+train(cfg, DatasetSplit.read(manifest, cfg.train.val_fraction), root, vae_dir, run_name="kill9")
+"""
 
 
 @pytest.mark.slow
-def test_ray_two_workers_survive_a_killed_worker(data, tmp_path, monkeypatch):
+def test_training_killed_mid_checkpoint_save_resumes_from_the_last_valid_one(data, tmp_path):
+    """kill -9 while step 20's checkpoint is half written; the rerun resumes from step 10 and finishes all 30 steps."""
+    root, manifest, vae_dir = data
+    script = tmp_path / "run.py"
+    script.write_text(_SAVE_THEN_HANG)
+    hang = tmp_path / "hanging"
+    support = str(Path(__file__).resolve().parents[2] / "support")
+
+    def run(hang_file: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(script), str(root.root), str(manifest), str(vae_dir), hang_file, support],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    proc = run(str(hang))
+    deadline = time.monotonic() + 600
+    while not hang.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert hang.exists(), proc.communicate(timeout=60)[0][-3000:] if proc.poll() is not None else "no save at step 20"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    run_dir = root.run_dir("kill9")
+    assert Path(hang.read_text()).is_dir()  # the half-written state is on disk ...
+    assert not (run_dir / "checkpoint_step_0000020").exists()  # ... but never under a checkpoint's name
+
+    rerun = run("")
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out[-3000:]
+    assert "resuming from step 10" in out
+    meta = json.loads((run_dir / "checkpoint_step_0000030" / "state.json").read_text())["meta"]
+    assert meta["step"] == 30 and [seg["start_step"] for seg in meta["segments"]] == [0, 10]
+    assert [s for s, _ in meta["loss_history"]] == list(range(1, 31))  # no step twice, none missing
+
+
+def _kill_last_rank_after(step: int, marker: Path):
+    """An on_step hook: the last-rank Ray worker exits right after `step`, once (the marker file says it did)."""
+
+    def hook(info) -> None:
+        if not info.local_mode and info.step == step and info.rank == info.world_size - 1 and not marker.exists():
+            marker.write_text(f"killed rank {info.rank} after step {info.step}\n")
+            print(f"train: test hook: rank {info.rank} exits now", flush=True)
+            os._exit(1)
+
+    return hook
+
+
+@pytest.mark.slow
+def test_ray_two_workers_survive_a_killed_worker(data, tmp_path):
     """DDP over gloo with 2 Ray workers; the last rank dies after step 7; FailureConfig restarts from step 5."""
-    from soraflow.tasks.train.driver import KILL_ENV, KILL_MARKER_ENV, train
+    from soraflow.tasks.train.driver import train
 
     root, manifest, vae_dir = data
     marker = tmp_path / "killed"
-    monkeypatch.setenv(KILL_ENV, "7")
-    monkeypatch.setenv(KILL_MARKER_ENV, str(marker))
     cfg = train_cfg(root, **{"train.steps": 12, "train.num_workers": 2, "train.batch_size": 2, "train.ckpt_every": 5,
                              "train.max_failures": 1})
-    result = train(cfg, manifest, root, run_name="ray-kill", vae_dir=vae_dir)
+    result = train(cfg, _split(manifest, cfg), root, run_name="ray-kill", vae_dir=vae_dir, on_step=[_kill_last_rank_after(7, marker)])
     assert marker.exists()  # the worker really died
     assert result.metrics["steps"] == 12 and result.metrics["world_size"] == 2
     meta = json.loads((result.checkpoint_dir / "state.json").read_text())["meta"]
@@ -122,7 +209,7 @@ def _fsdp_worker(rank: int, world: int, port: int, folder: str) -> None:
     import torch.distributed as dist
     from soraflow.models.stdit import build_stdit
     from soraflow.storage.checkpoints import load_training_state, save_training_state
-    from soraflow.tasks.train.driver import (
+    from soraflow.tasks.train.distributed import (
         clip_grads,
         ema_pairs,
         full_states,
@@ -193,7 +280,7 @@ def test_quieted_ray_loggers_stay_quiet_after_trains_logging_config():
     import logging
     import logging.config
 
-    from soraflow.tasks.train.driver import quiet_local_ray_logs
+    from soraflow.tasks.train.ray_runtime import quiet_local_ray_logs
 
     name = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
     parent = logging.getLogger("ray.train")
@@ -221,3 +308,22 @@ def test_quieted_ray_loggers_stay_quiet_after_trains_logging_config():
         parent.setLevel(saved[0])
         parent.handlers[:] = saved[1]
         parent.propagate = saved[2]
+
+
+def test_local_ray_instance_binds_loopback_and_imports_no_private_ray_module(monkeypatch, data):
+    import ast
+    import inspect
+
+    from soraflow.tasks.train import ray_runtime
+
+    calls = []
+    monkeypatch.setattr(ray_runtime.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_runtime.ray, "init", lambda **kw: calls.append(kw))
+    root, _, _ = data
+    assert ray_runtime.start_ray(train_cfg(root, **{"train.num_workers": 2}))
+    assert calls[0]["_node_ip_address"] == "127.0.0.1" and calls[0]["include_dashboard"] is False
+    assert calls[0]["runtime_env"]["worker_process_setup_hook"].endswith("ray_runtime.quiet_local_ray_logs")
+    tree = ast.parse(inspect.getsource(ray_runtime))
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    assert imported and not [m for m in imported if "_internal" in m]

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from soraflow.storage.holdout import DatasetSplit
 from soraflow.storage.layout import DataRoot
 from training_data import make_clip_manifest, small_cfg
 
@@ -14,19 +15,19 @@ from training_data import make_clip_manifest, small_cfg
 def data(tmp_path_factory):
     base = tmp_path_factory.mktemp("vaefit")
     root = DataRoot(base / "data")
-    return root, make_clip_manifest(base / "videos", root, n=6, frames=12)
+    manifest = make_clip_manifest(base / "videos", root, n=6, frames=12)
+    return root, DatasetSplit.read(manifest, small_cfg(root).train.val_fraction)
 
 
 def test_fit_learns_calibrates_saves_and_is_reused(data):
     from soraflow.models.vae import build_tiny_vae
     from soraflow.storage.checkpoints import refuse_pickles
-    from soraflow.storage.latent_cache import rows_for
     from soraflow.tasks.train.model_factory import tiny_vae_dir, vae_path
     from soraflow.tasks.train.vae_fit import _recon_mse, collect_frames, fit_vae
 
-    root, manifest = data
+    root, split = data
     cfg = small_cfg(root)
-    result = fit_vae(cfg, manifest, root, progress=False)
+    result = fit_vae(cfg, split, root, progress=False)
     assert result.fitted
     assert result.path == tiny_vae_dir(cfg, root, result.metrics["dataset_version"])
     assert (result.path / "config.json").exists() and list(result.path.glob("*.safetensors"))
@@ -34,7 +35,7 @@ def test_fit_learns_calibrates_saves_and_is_reused(data):
     assert vae_path(cfg, root) == tiny_vae_dir(cfg, root)  # "latest" points at the fit
     assert set(result.metrics) >= {"recon_mse", "psnr", "steps"} and result.metrics["steps"] == 60
     # it learned: far better than the untrained VAE on the same frames
-    frames = collect_frames(rows_for(manifest), (32, 32))
+    frames = collect_frames(split.rows, (32, 32))
     untrained = _recon_mse(build_tiny_vae(**cfg.vae.tiny.model_dump(), seed=cfg.train.seed).eval(), frames)
     assert result.metrics["recon_mse"] < 0.5 * untrained
     assert math.isclose(result.metrics["psnr"], 10 * math.log10(4 / result.metrics["recon_mse"]))
@@ -42,19 +43,19 @@ def test_fit_learns_calibrates_saves_and_is_reused(data):
     assert all(0.85 < s < 1.15 for s in result.metrics["scaled_latent_std"])
     assert all(abs(m) < 0.1 for m in result.metrics["scaled_latent_mean"])
     # the second call reuses the fit
-    again = fit_vae(cfg, manifest, root, progress=False)
+    again = fit_vae(cfg, split, root, progress=False)
     assert not again.fitted and again.path == result.path and again.metrics == result.metrics
 
 
 def test_configured_vae_path_is_not_fitted(data, tmp_path):
     from soraflow.tasks.train.vae_fit import fit_vae
 
-    root, manifest = data
+    root, split = data
     (tmp_path / "sd-vae").mkdir()
-    out = fit_vae(small_cfg(root, **{"vae.path": str(tmp_path / "sd-vae")}), manifest, root)
+    out = fit_vae(small_cfg(root, **{"vae.path": str(tmp_path / "sd-vae")}), split, root)
     assert not out.fitted and out.path == tmp_path / "sd-vae"
     with pytest.raises(FileNotFoundError, match="vae.path"):
-        fit_vae(small_cfg(root, **{"vae.path": str(tmp_path / "missing")}), manifest, root)
+        fit_vae(small_cfg(root, **{"vae.path": str(tmp_path / "missing")}), split, root)
 
 
 @pytest.mark.parametrize("quant_convs", [True, False])
