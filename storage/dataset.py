@@ -1,6 +1,6 @@
 """The training dataset: clips from a manifest's ok rows, sampled and cropped as Open-Sora v1.0.
 
-Per item (Open-Sora `DatasetFromCSV` + `get_transforms_video`, reference section 5.1):
+Per item (Open-Sora v1.0.0 `opensora/datasets/datasets.py`: `DatasetFromCSV` + `get_transforms_video`):
 
     row --frame_indices--> [i_0 .. i_{T-1}]        T = num_frames, spread over
                                                    num_frames * frame_interval frames

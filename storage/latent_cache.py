@@ -44,12 +44,12 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import Dataset
-
+from soraflow.models.noise import randn
 from soraflow.storage.dataset import VideoClipDataset, frame_indices, to_model_input
 from soraflow.storage.layout import DataRoot, atomic_write_text
 from soraflow.storage.manifest import dataset_version
 from soraflow.storage.video_io import read_frames
+from torch.utils.data import Dataset
 
 INDEX = "index.json"
 TEXT_SHARD = "text.safetensors"
@@ -330,7 +330,7 @@ class LatentCacheDataset(Dataset):
             idx = frame_indices(e["frames"], self.num_frames, self.frame_interval, rng)
             g = torch.Generator().manual_seed(int(rng.integers(2**62)))
             mean, std = mean[:, idx], std[:, idx]  # (C, T, h, w)
-            x0 = mean + std * torch.randn(mean.shape, generator=g)
+            x0 = mean + std * randn(mean.shape, g, mean.device, mean.dtype)
         else:
             idx = frame_indices(e["frames"], self.num_frames, self.frame_interval, None)
             x0 = mean[:, idx]
@@ -350,7 +350,7 @@ class OnlineEncoder:
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
         mean, std = self.vae.encode_moments(batch["video"])  # each (B, C, T, h, w), scaled
-        x0 = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        x0 = mean + std * randn(mean.shape, generator, mean.device, mean.dtype)
         enc = self.text_encoder.encode(list(batch["text"]))  # y (B, 1, L, C), mask (B, L)
         return {**{k: v for k, v in batch.items() if k != "video"}, "x0": x0, "y": enc["y"].float(), "mask": enc["mask"]}
 

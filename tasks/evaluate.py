@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 from prefect import task
-
 from soraflow.configs.schema import SoraFlowConfig
+from soraflow.models.noise import randn
 from soraflow.storage.dataset import VideoClipDataset
 from soraflow.storage.holdout import DatasetSplit, clip_fraction
 from soraflow.storage.layout import DataRoot, atomic_write_text
@@ -74,7 +74,7 @@ def validation_loss(pipe, clips: VideoClipDataset, seed: int, repeats: int = VAL
     for i in range(0, len(xs), batch):
         x0 = torch.stack(xs[i : i + batch])  # (b, C, T, h, w)
         t = scheduler.sample_timesteps(x0.shape[0], x0.device, g)
-        noise = torch.randn(x0.shape, generator=g)
+        noise = randn(x0.shape, g, x0.device)
         out = scheduler.training_loss(model, x0, model_kwargs={"y": torch.stack(ys[i : i + batch]), "mask": torch.stack(masks[i : i + batch])},
                                       t=t, noise=noise, generator=g)
         total += out["loss"].float().sum().item()

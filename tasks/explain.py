@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from soraflow.configs.schema import SoraFlowConfig
 from soraflow.models.diffusion.iddpm import IDDPM
 from soraflow.models.diffusion.rflow import RFlow, interpolate, velocity_target
+from soraflow.models.noise import randn
 from soraflow.models.text_encoder import preprocess
 from soraflow.models.tracing import Call, Tracer, cross_attention_weights
 from soraflow.storage.layout import DataRoot
@@ -237,7 +237,7 @@ def explain_generation(cfg: SoraFlowConfig, root: DataRoot, prompt: str, out_dir
         # The pipeline's own parts, called as TextToVideo.__call__ calls them, so each result can be shown.
         generator = torch.Generator().manual_seed(seed)
         cond = pipe.text_encoder.encode([prompt])  # y (1, 1, L, C_text), mask (1, L)
-        z = torch.randn((1, *pipe.latent_shape), generator=generator)  # (1, C, T, h, w)
+        z = randn((1, *pipe.latent_shape), generator, "cpu")  # (1, C, T, h, w)
         latents = scheduler.sample(stdit, z, {"y": cond["y"], "mask": cond["mask"]}, y_null=pipe.null_caption(1),
                                    cfg_scale=cfg_scale, num_steps=steps, generator=generator)
         video = pipe.vae.decode(latents).clamp(-1, 1)  # (1, 3, T, H, W)
@@ -270,7 +270,11 @@ def explain_generation(cfg: SoraFlowConfig, root: DataRoot, prompt: str, out_dir
 
 def render_prompt_clip(prompt: str, num_frames: int, image_size: tuple[int, int]) -> np.ndarray:
     """(T, H, W, 3) uint8: the sample world's clip of a caption such as "a red circle moving left"."""
-    from soraflow.tasks.sample_world.scenes import SceneSpec, parse_caption, render_scene
+    from soraflow.tasks.sample_world.scenes import (
+        SceneSpec,
+        parse_caption,
+        render_scene,
+    )
 
     parsed = parse_caption(prompt)
     if parsed is None:
@@ -297,7 +301,7 @@ def explain_training(cfg: SoraFlowConfig, root: DataRoot, prompt: str, out_dir: 
             x0 = pipe.vae.encode(pixels, sample=False)  # (1, C, T, h, w), the latent mean
             cond = pipe.text_encoder.encode([prompt])
         t = scheduler.sample_timesteps(1, generator=generator)  # (1,)
-        noise = torch.randn(x0.shape, generator=generator)
+        noise = randn(x0.shape, generator, x0.device)
         if isinstance(scheduler, RFlow):
             x_t, target, kind = interpolate(x0, noise, t / scheduler.num_timesteps), velocity_target(x0, noise), "velocity x0 - noise"
         else:

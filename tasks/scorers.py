@@ -31,7 +31,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-
 from soraflow.configs.schema import SCORER_METRICS, ConfigError, SoraFlowConfig
 from soraflow.storage.dataset import VideoClipDataset
 from soraflow.storage.video_io import to_uint8_frames
@@ -63,7 +62,12 @@ def reconstruct(pipe, clips: VideoClipDataset, limit: int | None = None) -> list
 
 def calibrated_round_below(pipe, clips: VideoClipDataset) -> float:
     """The shape detector's circle threshold, fitted on VAE reconstructions of labelled clips."""
-    from soraflow.tasks.sample_world.adherence import analyze_video, calibrate_round_below, default_vocab, parse_prompt
+    from soraflow.tasks.sample_world.adherence import (
+        analyze_video,
+        calibrate_round_below,
+        default_vocab,
+        parse_prompt,
+    )
 
     vocab = default_vocab()
     recon = reconstruct(pipe, clips, CALIBRATION_CLIPS)
@@ -73,7 +77,11 @@ def calibrated_round_below(pipe, clips: VideoClipDataset) -> float:
 
 
 def adherence(cfg, pipe, frames, prompts, val_clips, train_clips) -> Scores:
-    from soraflow.tasks.sample_world.adherence import ROUND_BELOW, score_videos
+    from soraflow.tasks.sample_world.adherence import (
+        ROUND_BELOW,
+        flat_metrics,
+        score_videos,
+    )
 
     try:
         fixed = score_videos(frames, prompts, round_below=ROUND_BELOW)["accuracy"]
@@ -82,12 +90,10 @@ def adherence(cfg, pipe, frames, prompts, val_clips, train_clips) -> Scores:
                          f"eval.scorers and set eval.metric to val_loss (or use clip_similarity)") from None
     round_below = calibrated_round_below(pipe, train_clips())
     result = score_videos(frames, prompts, round_below=round_below)
-    accuracy, chance = result["accuracy"], result["chance"]
-    recon = score_videos(reconstruct(pipe, val_clips), [r["text"] for r in val_clips.rows], round_below=round_below)["accuracy"]
+    recon = score_videos(reconstruct(pipe, val_clips), [r["text"] for r in val_clips.rows], round_below=round_below)
     metrics = {
-        **{f"adherence_{a}": float(accuracy[a]) for a in ATTRS},
-        **{f"chance_{a}": float(chance[a]) for a in ATTRS},
-        **{f"recon_adherence_{a}": float(recon[a]) for a in ATTRS},
+        **flat_metrics(result),
+        **flat_metrics(recon, prefix="recon_adherence_", chance_prefix=None),
         "shape_round_below": round_below,
         "adherence_shape_fixed": float(fixed["shape"]),
         "adherence_all_fixed": float(fixed["all"]),

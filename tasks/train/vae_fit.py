@@ -37,8 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from prefect import task
-
 from soraflow.configs.schema import SoraFlowConfig
+from soraflow.models.noise import randn
 from soraflow.models.vae import build_tiny_vae
 from soraflow.storage.dataset import VideoClipDataset
 from soraflow.storage.holdout import DatasetSplit
@@ -72,7 +72,7 @@ def collect_frames(rows: list[dict], image_size: tuple[int, int], max_per_clip: 
 def _vae_loss(vae, x: torch.Tensor, kl_weight: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(total loss, reconstruction MSE) for a batch of frames (B, 3, H, W)."""
     posterior = vae.encode(x).latent_dist  # mean, std: (B, C, h, w)
-    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+    z = posterior.mean + posterior.std * randn(posterior.mean.shape, generator, posterior.mean.device)
     recon = vae.decode(z).sample  # (B, 3, H, W)
     mse = F.mse_loss(recon, x)
     kl = posterior.kl().mean() / x[0].numel()  # per pixel, so kl_weight is resolution free
@@ -97,7 +97,7 @@ def latent_stats(vae, frames: torch.Tensor, batch: int = 64) -> tuple[torch.Tens
     g = torch.Generator().manual_seed(0)
     for i in range(0, len(frames), batch):
         post = vae.encode(frames[i : i + batch]).latent_dist
-        zs.append(post.mean + post.std * torch.randn(post.mean.shape, generator=g))
+        zs.append(post.mean + post.std * randn(post.mean.shape, g, post.mean.device))
     z = torch.cat(zs).transpose(0, 1).flatten(1)  # (C, N*h*w)
     return z.mean(1), z.std(1).clamp_min(1e-6)
 

@@ -1,6 +1,6 @@
 """HD-VG-130M: metadata file -> full videos -> frame-accurate span files -> one row per scene.
 
-The metadata (`hdvg_<k>.json`, data-sources.md 1.2) is an object keyed by video id:
+The metadata (`hdvg_<k>.json`, HD-VG-130M's metafiles) is an object keyed by video id:
 
     {"<vid>": {"url": "https://www.youtube.com/watch?v=<vid>",
                "clip": {"<vid>.<n>.mp4": {"span": ["HH:MM:SS.mmm", "HH:MM:SS.mmm"], "fps": 30.0,
