@@ -224,7 +224,9 @@ class TrainConfig(Section):
     num_workers: int = 0  # Ray Train workers; 0 = in this process (Ray local mode)
     use_gpu: bool = False
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    bf16: bool = False
+    # fp32 | bf16 (a bf16 working copy of the model, fp32 master weights and AdamW state:
+    # tasks/train/precision.py) | autocast (torch.autocast over forward and backward).
+    precision: Literal["fp32", "bf16", "autocast"] = "fp32"
     ckpt_every: int = 250
     log_every: int = 10
     max_failures: int = 2  # worker restarts from the last checkpoint

@@ -10,7 +10,12 @@ from __future__ import annotations
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+from soraflow.tasks.train.precision import Precision
+from torch.distributed.fsdp import (
+    FullOptimStateDictConfig,
+    FullStateDictConfig,
+    StateDictType,
+)
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.utils.data import DistributedSampler
 
@@ -97,3 +102,24 @@ def mean_over_ranks(value: torch.Tensor, world: int) -> torch.Tensor:
         dist.all_reduce(value)
         value /= world
     return value
+
+
+def build_precision(model: torch.nn.Module, mode: str, fmt: str, world: int) -> Precision:
+    """The training step's precision (tasks/train/precision.py) for a wrapped model.
+
+    "bf16" keeps a bf16 copy of the *unwrapped* model (a DDP wrapper would all-reduce the copy's
+    bf16 grads, not the master's): with several workers the loop averages the master's grads
+    itself (average_grads). FSDP shards the weights it would have to copy: refused."""
+    if mode == "bf16":
+        if fmt == "fsdp":
+            raise ValueError("train.precision=bf16 does not combine with train.strategy=fsdp: use precision autocast")
+        return Precision(unwrap(model), mode)
+    return Precision(model, mode)
+
+
+def average_grads(model: torch.nn.Module, world: int) -> None:
+    """Average every gradient over the ranks (what DDP does during backward)."""
+    for q in unwrap(model).parameters():
+        if q.grad is not None:
+            dist.all_reduce(q.grad)
+            q.grad /= world

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from prefect import task
-
 from soraflow.configs.schema import SoraFlowConfig, config_hash
 from soraflow.storage.checkpoints import CheckpointError
 from soraflow.storage.holdout import DatasetSplit
@@ -36,8 +35,19 @@ from soraflow.storage.layout import DataRoot
 from soraflow.tasks.task_policy import STAGE_RETRIES
 from soraflow.tasks.train.encode import prepare_latent_cache
 from soraflow.tasks.train.loss_curve import write_loss_curve
-from soraflow.tasks.train.model_factory import export_model_dir, load_text_encoder, load_vae, stdit_kwargs, text_encoder_path
-from soraflow.tasks.train.resume import KEEP_CHECKPOINTS, checkpoint_folders, latest_step, newest_valid_state
+from soraflow.tasks.train.model_factory import (
+    export_model_dir,
+    load_text_encoder,
+    load_vae,
+    stdit_kwargs,
+    text_encoder_path,
+)
+from soraflow.tasks.train.resume import (
+    KEEP_CHECKPOINTS,
+    checkpoint_folders,
+    latest_step,
+    newest_valid_state,
+)
 
 
 @dataclass
@@ -55,9 +65,14 @@ def _fit(cfg: SoraFlowConfig, name: str, root: DataRoot, loop_config) -> None:
     # Imported here, not at the top: flows import this module to declare train_task, and Ray
     # Train takes seconds to import; it loads only when a run really trains.
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
-
     from soraflow.tasks.train.loop import train_loop_per_worker
     from soraflow.tasks.train.ray_runtime import quiet_ray_logs, start_ray
 
@@ -119,7 +134,11 @@ def train(
     `cache`: the latent cache the flow built (built here when train.use_latent_cache and none is
     given). `on_step`: callables run by every worker after each step (loop.StepInfo), e.g. test hooks.
     """
-    from soraflow.tasks.train.loop import CacheData, LoopConfig, OnlineData  # with Ray, see _fit
+    from soraflow.tasks.train.loop import (  # with Ray, see _fit
+        CacheData,
+        LoopConfig,
+        OnlineData,
+    )
 
     t0 = time.perf_counter()
     tc = cfg.train

@@ -9,13 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
-
 from soraflow.configs.schema import SoraFlowConfig
 from soraflow.storage.holdout import DatasetSplit
 from soraflow.storage.latent_cache import CacheInfo, build_latent_cache, folder_identity
 from soraflow.storage.layout import DataRoot
 from soraflow.tasks.task_policy import STAGE_RETRIES, stage_cache_key
-from soraflow.tasks.train.model_factory import load_text_encoder, load_vae, text_encoder_path
+from soraflow.tasks.train.model_factory import (
+    load_text_encoder,
+    load_vae,
+    text_encoder_path,
+)
 
 
 def prepare_latent_cache(cfg: SoraFlowConfig, data: DatasetSplit, root: DataRoot, vae_dir: str | Path, vae=None,

@@ -35,16 +35,20 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.train import Checkpoint
-from torch.utils.data import DataLoader
-
 from soraflow.configs.schema import SoraFlowConfig, config_hash
 from soraflow.models.stdit import build_stdit
-from soraflow.storage.checkpoints import load_weights_into, read_state_dict, save_training_state
+from soraflow.storage.checkpoints import (
+    load_weights_into,
+    read_state_dict,
+    save_training_state,
+)
 from soraflow.storage.dataset import VideoClipDataset
 from soraflow.storage.latent_cache import LatentCacheDataset, OnlineEncoder
 from soraflow.storage.layout import DataRoot
 from soraflow.tasks.train.distributed import (
     StatefulDistributedSampler,
+    average_grads,
+    build_precision,
     clip_grads,
     ema_pairs,
     full_states,
@@ -53,8 +57,18 @@ from soraflow.tasks.train.distributed import (
     update_ema,
     wrap_for_strategy,
 )
-from soraflow.tasks.train.model_factory import load_text_encoder, load_vae, scheduler_for
-from soraflow.tasks.train.resume import Progress, checkpoint_name, prune_checkpoints, resume_state
+from soraflow.tasks.train.model_factory import (
+    load_text_encoder,
+    load_vae,
+    scheduler_for,
+)
+from soraflow.tasks.train.resume import (
+    Progress,
+    checkpoint_name,
+    prune_checkpoints,
+    resume_state,
+)
+from torch.utils.data import DataLoader
 
 
 @dataclass
@@ -233,7 +247,7 @@ def run_loop(lc: LoopConfig) -> dict:
 
     if device.type == "cpu":  # subnormal floats are 10-100x slower on CPUs; flush them to zero
         torch.set_flush_denormal(True)
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=tc.bf16)
+    precision = build_precision(model, tc.precision, fmt, world)
     t_start, window, last_metrics = time.perf_counter(), [], {}
     while p.step < lc.total_steps:
         sampler.set_epoch(p.epoch)
@@ -245,11 +259,13 @@ def run_loop(lc: LoopConfig) -> dict:
                 batch = encoder(batch, generator=gen)
             x0 = batch["x0"]  # (B, C, T, h, w)
             t = scheduler.sample_timesteps(x0.shape[0], device, gen)  # (B,)
-            with autocast:
-                out = scheduler.training_loss(model, x0, model_kwargs={"y": batch["y"], "mask": batch["mask"]}, t=t, generator=gen)
-            loss = out["loss"].float().mean()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with precision.step() as m:  # forward + backward in the configured precision; grads land on the fp32 model
+                out = scheduler.training_loss(m, x0, model_kwargs={"y": batch["y"], "mask": batch["mask"]}, t=t, generator=gen)
+                loss = out["loss"].float().mean()
+                loss.backward()
+            if tc.precision == "bf16" and world > 1:
+                average_grads(model, world)  # the bf16 copy is not DDP-wrapped: average its grads here
             grad_norm = clip_grads(model, tc.grad_clip, fmt)
             optimizer.step()
             update_ema(ema_list, model_list, tc.ema_decay)

@@ -22,12 +22,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from soraflow.configs.schema import SoraFlowConfig
 from soraflow.models.diffusion import build_scheduler
-from soraflow.models.text_to_video import TextToVideo
 from soraflow.models.stdit import STDiT, build_stdit
 from soraflow.models.text_encoder import T5TextEncoder, build_tiny_t5
+from soraflow.models.text_to_video import TextToVideo
 from soraflow.models.vae import VideoVAE, build_tiny_vae
 from soraflow.storage.checkpoints import (
     CheckpointError,

@@ -80,12 +80,17 @@ class Precision:
             yield self.module
             self._collect_grads()
         else:
-            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if self.mode == "autocast" else nullcontext()
-            with ctx:
+            with self._autocast():
                 yield self.module
+
+    def _autocast(self):
+        if self.mode != "autocast":
+            return nullcontext()
+        device = next(self.master.parameters()).device.type
+        return torch.autocast(device, dtype=torch.bfloat16)
 
     def inference(self):
         """A context for evaluation/sampling calls in this mode (the bf16 copy is refreshed first)."""
         if self.mode == "bf16":
             self._sync_weights()
-        return torch.autocast("cpu", dtype=torch.bfloat16) if self.mode == "autocast" else nullcontext()
+        return self._autocast()

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import ray
 import ray.train
-
 from soraflow.configs.schema import SoraFlowConfig
 
 LOCAL_NODE_IP = "127.0.0.1"  # the local instance never listens on other interfaces

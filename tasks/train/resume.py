@@ -17,7 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from soraflow.storage.checkpoints import COMPLETE_MARKER, CheckpointError, load_training_state, verify_training_state
+from soraflow.storage.checkpoints import (
+    COMPLETE_MARKER,
+    CheckpointError,
+    load_training_state,
+    verify_training_state,
+)
 
 CKPT_PREFIX = "checkpoint_step_"
 KEEP_CHECKPOINTS = 3

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from soraflow.storage.holdout import DatasetSplit, holdout_split
 from soraflow.storage.layout import DataRoot
 from soraflow.storage.manifest import ok_rows
@@ -69,6 +70,21 @@ def test_local_training_learns_and_checkpoints_without_pickles(data):
     pipe, source = load_pipeline(cfg, root, ckpt=result.model_dir)
     assert "model folder" in source
     assert pipe(["a red circle moving left"], steps=3).shape == (1, 3, 8, 32, 32)
+
+
+def test_bf16_precision_learns_with_fp32_master_state(data):
+    from safetensors import safe_open
+
+    from soraflow.tasks.train.driver import train
+
+    root, manifest, vae_dir = data
+    cfg = train_cfg(root, **{"train.steps": 40, "train.precision": "bf16"})
+    result = train(cfg, _split(manifest, cfg), root, run_name="bf16", vae_dir=vae_dir)
+    losses = [v for _, v in _history(result.checkpoint_dir)]
+    assert len(losses) == 40 and sum(losses[-10:]) < 0.8 * sum(losses[:10]), losses
+    with safe_open(str(result.checkpoint_dir / "state.safetensors"), "pt") as f:  # master, EMA and AdamW state stay fp32
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert torch.float32 in dtypes and torch.bfloat16 not in dtypes and torch.float16 not in dtypes
 
 
 def test_resume_continues_step_and_loss_history(data):
