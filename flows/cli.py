@@ -14,8 +14,17 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-
-from soraflow.flows.console import DEBUG_ENV, UsageError, cli_errors, quiet_libraries, quiet_ray, quiet_tracebacks, set_debug, show, stdout_for
+from soraflow.flows.console import (
+    DEBUG_ENV,
+    UsageError,
+    cli_errors,
+    quiet_libraries,
+    quiet_ray,
+    quiet_tracebacks,
+    set_debug,
+    show,
+    stdout_for,
+)
 from soraflow.flows.console import console as _console
 
 app = typer.Typer(help="SoraFlow: Open-Sora v1.0 text-to-video, from data to model, as Prefect flows.", no_args_is_help=True,

@@ -50,7 +50,6 @@ def debug_enabled() -> bool:
 
 def _is_usage(e: BaseException) -> bool:
     from pydantic import ValidationError
-
     from soraflow.configs.schema import ConfigError
 
     return isinstance(e, (UsageError, ConfigError, ValidationError))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from prefect import serve
 from prefect.events import DeploymentEventTrigger
-
 from soraflow.flows.ingest import DATASET_EVENT, RETRAIN_LABEL
 from soraflow.flows.params import RunParams
 from soraflow.flows.pipeline import pipeline_flow

@@ -5,34 +5,57 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
-
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from soraflow.configs.schema import SoraFlowConfig, config_hash
 from soraflow.flows.params import RunParams
 from soraflow.storage.layout import DataRoot, file_lock
-from soraflow.storage.manifest import dataset_version, read_rows, summarize
-from soraflow.tasks.ingest.shard_tasks import SHARD_TASKS, checked_result, download_shard, list_source, listing_len, merge_shards
+from soraflow.storage.manifest import (
+    dataset_version,
+    read_rows,
+    shard_ranges,
+    summarize,
+)
+from soraflow.tasks.ingest.shard_tasks import (
+    SHARD_TASKS,
+    checked_result,
+    download_shard,
+    list_source,
+    listing_len,
+    merge_shards,
+)
 from soraflow.tasks.sample_world.plug import sample_source
 
 DATASET_EVENT = "soraflow.dataset.updated"
 RETRAIN_LABEL = "soraflow.retrain"  # event resource label the retrain trigger matches
 
 
-def _ranges(n: int, size: int) -> list[tuple[int, int]]:
-    return [(i, min(i + size, n)) for i in range(0, n, size)]
+def run_shards(stage: str, task_obj, calls: list[tuple]) -> list[str]:
+    """Submit one task run per shard (named "split 3/20" in the UI), then collect their manifests
+    in order while a progress artifact counts the finished shards."""
+    n = len(calls)
+    futures = [(task_obj.with_options(task_run_name=f"{stage} {i}/{n}"), args) for i, args in enumerate(calls, 1)]
+    futures = [(named, named.submit(*args), args) for named, args in futures]
+    progress = create_progress_artifact(0.0, key=f"soraflow-{stage}-progress", description=f"{stage}: shards done of {n}")
+    out = []
+    for k, (named, future, args) in enumerate(futures, 1):
+        out.append(checked_result(named, future, *args))
+        update_progress_artifact(progress, 100.0 * k / n, description=f"{stage}: {k}/{n} shards done")
+    return out
 
 
 def download_stage(cfg: SoraFlowConfig, root: DataRoot) -> str:
     """List every source, download its items shard by shard, merge into one manifest."""
     http = cfg.ingest.http
-    shard_futures, listings = [], []
+    calls, listings = [], []
     for src in cfg.ingest.sources:
         listing = list_source(src, http, str(root.root))
         listings.append(listing)
-        for start, stop in _ranges(listing_len(listing), cfg.ingest.shard_size):
-            args = (src, listing, start, stop, http, str(root.root))
-            shard_futures.append((download_shard.submit(*args), args))
-    shards = [checked_result(download_shard, f, *args) for f, args in shard_futures]
+        calls += [(src, listing, a, b, http, str(root.root)) for a, b in shard_ranges(listing_len(listing), cfg.ingest.shard_size)]
+    shards = run_shards("download", download_shard, calls)
     return merge_shards(shards, "download", listings, config_hash(cfg), str(root.root))
 
 
@@ -41,9 +64,8 @@ def mapped_stage(stage: str, manifest: str, cfg: SoraFlowConfig, root: DataRoot)
     section = getattr(cfg.ingest, stage)  # the validated section (SplitConfig, CaptionConfig, ScoreConfig)
     n = len(read_rows(manifest))
     task_obj = SHARD_TASKS[stage]
-    calls = [(manifest, a, b, section, str(root.root)) for a, b in _ranges(n, cfg.ingest.shard_size)]
-    futures = [(task_obj.submit(*args), args) for args in calls]
-    shards = [checked_result(task_obj, f, *args) for f, args in futures]
+    calls = [(manifest, a, b, section, str(root.root)) for a, b in shard_ranges(n, cfg.ingest.shard_size)]
+    shards = run_shards(stage, task_obj, calls)
     return merge_shards(shards, stage, [manifest], config_hash(cfg), str(root.root))
 
 

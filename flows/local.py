@@ -11,7 +11,6 @@ import time
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.context import get_run_context
-
 from soraflow.flows.params import RunParams
 from soraflow.flows.pipeline import ingest_then_train
 from soraflow.tasks.generate import generate_task

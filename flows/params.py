@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 
 from pydantic import BaseModel, Field, model_validator
-
 from soraflow.configs.schema import SoraFlowConfig, load_config
 from soraflow.storage.layout import DataRoot
 

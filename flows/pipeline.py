@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from prefect import flow
-
 from soraflow.flows.ingest import ingest_flow, with_task_runner
 from soraflow.flows.params import RunParams
 from soraflow.flows.train import train_flow

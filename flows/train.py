@@ -7,7 +7,6 @@ import time
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.concurrency.sync import concurrency
-
 from soraflow.flows.params import RunParams
 from soraflow.storage.holdout import DatasetSplit
 from soraflow.tasks.evaluate import evaluate_task

@@ -212,9 +212,10 @@ def dataset_version(path: str | Path) -> str:
     return content_hash(read_manifest(path))
 
 
-def shards(rows: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
+def shard_ranges(n: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of at most `size` rows covering n rows: the shards a stage maps over."""
     size = max(1, int(size))
-    return [rows[i : i + size] for i in range(0, len(rows), size)]
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:

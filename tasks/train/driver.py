@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from soraflow.configs.schema import SoraFlowConfig, config_hash
 from soraflow.storage.checkpoints import CheckpointError
 from soraflow.storage.holdout import DatasetSplit
@@ -42,6 +43,7 @@ from soraflow.tasks.train.model_factory import (
     stdit_kwargs,
     text_encoder_path,
 )
+from soraflow.tasks.train.progress import watch_progress
 from soraflow.tasks.train.resume import (
     KEEP_CHECKPOINTS,
     checkpoint_folders,
@@ -215,4 +217,13 @@ def run_name_for(cfg: SoraFlowConfig, dataset_version: str) -> str:
 def train_task(cfg: SoraFlowConfig, data: DatasetSplit, vae_dir: str, data_root: str, run_name: str,
                cache: CacheInfo | None = None) -> TrainResult:
     """Ray Train STDiT; resumes run `run_name` from its newest valid checkpoint if it exists."""
-    return train(cfg, data, DataRoot(data_root), vae_dir, run_name=run_name, cache=cache)
+    root = DataRoot(data_root)
+    artifact = create_progress_artifact(0.0, key="soraflow-train-progress", description=f"training {run_name}: starting")
+
+    def show(p: dict) -> None:
+        update_progress_artifact(artifact, 100.0 * p["step"] / max(1, p["total"]),
+                                 description=f"training {run_name}: step {p['step']}/{p['total']}, loss {p['loss']:.4f}, "
+                                             f"{p['samples_per_s']:.1f} samples/s")
+
+    with watch_progress(root.run_dir(run_name), show):
+        return train(cfg, data, root, vae_dir, run_name=run_name, cache=cache)

@@ -62,6 +62,7 @@ from soraflow.tasks.train.model_factory import (
     load_vae,
     scheduler_for,
 )
+from soraflow.tasks.train.progress import write_progress
 from soraflow.tasks.train.resume import (
     Progress,
     checkpoint_name,
@@ -280,6 +281,7 @@ def run_loop(lc: LoopConfig) -> dict:
             if log_now or save_now:
                 metrics = {**step_metrics(p, window, time.perf_counter() - t_start, tc.batch_size, world), "grad_norm": float(grad_norm)}
                 if rank == 0 and log_now:
+                    write_progress(lc.run_dir, p.step, lc.total_steps, metrics["avg_loss"], metrics["samples_per_s"])
                     print(f"train: step {p.step}/{lc.total_steps} loss {metrics['avg_loss']:.4f} (mean of {len(window)}) "
                           f"grad-norm {float(grad_norm):.2f} {metrics['samples_per_s']:.1f} samples/s, "
                           f"{time.perf_counter() - t_start:.0f} s", flush=True)

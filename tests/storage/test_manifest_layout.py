@@ -18,7 +18,7 @@ from soraflow.storage.manifest import (
     ok_rows,
     read_rows,
     reject,
-    shards,
+    shard_ranges,
     summarize,
     write_manifest,
 )
@@ -110,7 +110,7 @@ def test_damaged_manifest_is_a_clear_error(tmp_path):
 
 def test_shards_and_summary():
     rows = _rows() * 5
-    assert [len(s) for s in shards(rows, 4)] == [4, 4, 2]
+    assert [b - a for a, b in shard_ranges(len(rows), 4)] == [4, 4, 2]
     s = summarize(rows)
     assert s["ok"] == 5 and s["rejected"] == 5 and s["ok_by_source"] == {"hdvg": 5} and s["reject_reasons"] == {"download failed": 5}
 
