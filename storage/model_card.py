@@ -1,0 +1,118 @@
+"""The model card: README.md in every model folder, as on the Hugging Face Hub.
+
+Written by every export (tasks/train/model_factory.export_model_dir) with what is known then,
+and written again by the register stage once the evaluation figures and the dataset version
+are known, before the folder becomes an MLflow model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from huggingface_hub import ModelCardData
+
+from soraflow.configs.schema import SoraFlowConfig
+from soraflow.storage.layout import atomic_write_text
+
+CARD_FILE = "README.md"
+_SECRET_NAME = re.compile(r"(^|[_.-])(api_?key|key|token|secret|password|passwd)$", re.IGNORECASE)
+MASK = "***"
+
+
+def _redact_url(text: str) -> str:
+    parts = urlsplit(text)
+    if not parts.scheme or not parts.netloc:
+        return text
+    netloc = parts.netloc.rsplit("@", 1)[-1]  # drop user:password@
+    if "@" in parts.netloc:
+        netloc = f"{MASK}@{netloc}"
+    query = urlencode([(k, MASK if _SECRET_NAME.search(k) else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redacted(obj: Any) -> Any:
+    """A copy of a config (nested dicts/lists) with secrets masked: values of keys named like
+    key/token/secret/password, and credentials inside URLs (user:password@, ?token=...).
+
+    Stand-in until the shared `redact_config` of storage/ lands; every logged config goes through it.
+    """
+    if isinstance(obj, dict):
+        return {k: MASK if _SECRET_NAME.search(str(k)) and v not in (None, "") else redacted(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redacted(v) for v in obj]
+    if isinstance(obj, str) and "://" in obj:
+        return _redact_url(obj)
+    return obj
+
+
+def _metrics_table(metrics: dict[str, float]) -> str:
+    rows = [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items())]
+    return "\n".join(["| metric | value |", "|---|---|", *rows])
+
+
+def model_card_text(cfg: SoraFlowConfig, dataset_version: str | None = None, metrics: dict | None = None,
+                    version: str | None = None) -> str:
+    name = cfg.registry.model_name
+    title = f"{name} v{version}" if version else name
+    data = ModelCardData(library_name="soraflow", pipeline_tag="text-to-video", tags=["open-sora", "stdit", "soraflow"])
+    t, m = cfg.train, cfg.model
+    lines = [
+        "---", data.to_yaml(), "---", "",
+        f"# {title}",
+        "",
+        f"An Open-Sora v1.0 STDiT ({m.preset}) text-to-video model trained with SoraFlow, "
+        f"{cfg.video.num_frames} frames at {cfg.video.image_size[0]}x{cfg.video.image_size[1]}.",
+        "",
+        "## Data",
+        "",
+        f"* dataset version: `{dataset_version or 'not recorded at export; see the registered version'}`",
+        "",
+        "## Training",
+        "",
+        f"* {t.steps} steps, batch {t.batch_size}, lr {t.lr:g}, weight decay {t.weight_decay:g}, "
+        f"{t.num_workers or 1} worker(s), scheduler {cfg.scheduler.type}",
+        "* text encoder: " + (redacted(cfg.text_encoder.path) or "the tiny T5 in text_encoder/"),
+        "* VAE: " + (redacted(cfg.vae.path) or "the tiny VAE fitted on the same data, in vae/"),
+        "",
+        "## Evaluation",
+        "",
+        _metrics_table(metrics) if metrics else "Not evaluated yet (the register stage adds the figures).",
+        "",
+        "## How to generate",
+        "",
+        "```bash",
+        f"soraflow generate --model {version or 'champion'} \"a red circle moving right\"",
+        "soraflow generate --ckpt <this folder> \"a red circle moving right\"",
+        "```",
+        "",
+        "```python",
+        "import mlflow",
+        "mlflow.set_tracking_uri(\"sqlite:///<data root>/registry/mlflow.db\")",
+        f"model = mlflow.pyfunc.load_model(\"models:/{name}@champion\")",
+        "videos = model.predict([\"a red circle moving right\"])  # (T, H, W, 3) uint8 per prompt",
+        "```",
+        "",
+        "The parts load on their own too: `STDiT.from_pretrained(\"stdit\")`, diffusers' "
+        "`AutoencoderKL.from_pretrained(\"vae\")`, transformers' `T5EncoderModel.from_pretrained(\"text_encoder\")`.",
+        "",
+        "<details><summary>Full training config (soraflow.json)</summary>",
+        "",
+        "```json",
+        json.dumps(redacted(cfg.model_dump(mode="json")), indent=2),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(folder: str | Path, cfg: SoraFlowConfig, dataset_version: str | None = None,
+                     metrics: dict | None = None, version: str | None = None) -> Path:
+    path = Path(folder) / CARD_FILE
+    atomic_write_text(path, model_card_text(cfg, dataset_version, metrics, version))
+    return path
