@@ -318,11 +318,16 @@ class STDiT(nn.Module, PyTorchModelHubMixin, library_name="soraflow", pipeline_t
         (Path(save_directory) / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True))
 
     @classmethod
+    def from_pretrained(cls, folder: str | Path, **overrides) -> "STDiT":
+        """The model saved in a local folder; `overrides` replace config.json kwargs (e.g. input_size)."""
+        if not (Path(folder) / "model.safetensors").is_file():
+            raise FileNotFoundError(f"STDiT.from_pretrained({str(folder)!r}): no model.safetensors in that local folder "
+                                    "(SoraFlow never downloads weights)")
+        return super().from_pretrained(Path(folder), local_files_only=True, **overrides)
+
+    @classmethod
     def _from_pretrained(cls, *, model_id: str, config: dict | None = None, map_location: str = "cpu", **kwargs) -> "STDiT":
         folder = Path(model_id)
-        if not (folder / "model.safetensors").is_file():
-            raise FileNotFoundError(f"STDiT.from_pretrained({model_id!r}): no model.safetensors in that local folder "
-                                    "(SoraFlow never downloads weights)")
         for hub_arg in ("revision", "cache_dir", "force_download", "local_files_only", "token"):
             kwargs.pop(hub_arg, None)
         config = config or {}
@@ -331,7 +336,10 @@ class STDiT(nn.Module, PyTorchModelHubMixin, library_name="soraflow", pipeline_t
         else:
             model = cls(**kwargs)
         state = drop_positional_buffers(load_file(str(folder / "model.safetensors"), device=map_location))
-        result = model.load_state_dict(state, strict=False)
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"STDiT.from_pretrained({model_id!r}): weights do not fit config.json: {e}") from e
         missing = set(result.missing_keys) - set(POSITIONAL_BUFFERS)
         if missing or result.unexpected_keys:
             raise ValueError(f"STDiT.from_pretrained({model_id!r}): weights do not fit config.json: "

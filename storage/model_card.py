@@ -8,45 +8,15 @@ are known, before the folder becomes an MLflow model.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from huggingface_hub import ModelCardData
 
 from soraflow.configs.schema import SoraFlowConfig
 from soraflow.storage.layout import atomic_write_text
+from soraflow.storage.tracking import redacted
 
 CARD_FILE = "README.md"
-_SECRET_NAME = re.compile(r"(^|[_.-])(api_?key|key|token|secret|password|passwd)$", re.IGNORECASE)
-MASK = "***"
-
-
-def _redact_url(text: str) -> str:
-    parts = urlsplit(text)
-    if not parts.scheme or not parts.netloc:
-        return text
-    netloc = parts.netloc.rsplit("@", 1)[-1]  # drop user:password@
-    if "@" in parts.netloc:
-        netloc = f"{MASK}@{netloc}"
-    query = urlencode([(k, MASK if _SECRET_NAME.search(k) else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)])
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def redacted(obj: Any) -> Any:
-    """A copy of a config (nested dicts/lists) with secrets masked: values of keys named like
-    key/token/secret/password, and credentials inside URLs (user:password@, ?token=...).
-
-    Stand-in until the shared `redact_config` of storage/ lands; every logged config goes through it.
-    """
-    if isinstance(obj, dict):
-        return {k: MASK if _SECRET_NAME.search(str(k)) and v not in (None, "") else redacted(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redacted(v) for v in obj]
-    if isinstance(obj, str) and "://" in obj:
-        return _redact_url(obj)
-    return obj
 
 
 def _metrics_table(metrics: dict[str, float]) -> str:

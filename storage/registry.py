@@ -191,11 +191,13 @@ class ModelRegistry:
 
     # ------------------------------------------------------------ versions
 
-    def register(self, run_id: str, model_dir: str | Path, metrics: dict[str, float] | None = None, tags: dict[str, Any] | None = None) -> ModelVersionInfo:
+    def register(self, run_id: str, model_dir: str | Path, metrics: dict[str, float] | None = None, tags: dict[str, Any] | None = None,
+                 step: int | None = None) -> ModelVersionInfo:
         """Log `model_dir` as the run's "model" artifacts and register it as a new version.
 
         `tags` must hold dataset_version and config_hash; code_version is added here.
-        Every metric is logged on the run and set as the version tag metric.<name>.
+        Every metric is logged on the run (at `step`, e.g. the last training step) and set as the
+        version tag metric.<name>.
         """
         model_dir = Path(model_dir)
         self._check_model_dir(model_dir)
@@ -218,7 +220,7 @@ class ModelRegistry:
         self._check_model_dir(model_dir)  # unchanged while MLflow copied it
         self.client.set_tag(run_id, MODEL_ID_TAG, model.model_id)
         if metrics:
-            self.log_metrics(run_id, metrics)
+            self.log_metrics(run_id, metrics, step=step)
         self._ensure_registered_model()
         mv = self.client.create_model_version(self.name, source=model.artifact_location, run_id=run_id, tags=tags, model_id=model.model_id)
         mv = self._wait_ready(mv.version)

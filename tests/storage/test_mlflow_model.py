@@ -107,3 +107,29 @@ def test_predict_rejects_bad_prompts_and_options(champion):
         model.predict(PROMPTS[:1], params={"output": "gifs"})
     assert isinstance(model.predict(PROMPTS[:1], params={"steps": 1}), np.ndarray)
     torch.set_num_threads(torch.get_num_threads())  # the model leaves the process usable
+
+
+def test_a_version_registered_before_mlflow_models_still_loads_and_competes(champion, tmp_path):
+    """Versions registered as a plain run-artifact folder, with the {"preset", "kwargs"} STDiT config."""
+    import shutil
+
+    registry, cfg, folder = champion
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    kwargs = json.loads((old / "stdit" / "config.json").read_text())
+    preset = {"depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio", "no_temporal_pos_emb"}  # from STDiT-Tiny
+    legacy = {"preset": "STDiT-Tiny", "kwargs": {k: v for k, v in kwargs.items() if k not in preset}}
+    (old / "stdit" / "config.json").write_text(json.dumps(legacy))
+    with registry.run("legacy") as run_id:  # what register() did before
+        registry.client.log_artifacts(run_id, str(old), "model")
+        source = f"{registry.run_artifact_uri(run_id)}/model"
+        registry._ensure_registered_model()
+        mv = registry.client.create_model_version(registry.name, source=source, run_id=run_id,
+                                                  tags={"dataset_version": "d", "config_hash": "c", "metric.val_loss": "0.1"})
+    promoted, reason = registry.promote_if_better(mv.version, "val_loss", higher_is_better=False)
+    assert promoted and "0.1" in reason and "0.5" in reason
+    local = registry.download("champion", tmp_path / "dl")
+    assert (local / "soraflow.json").is_file() and not (local / "MLmodel").exists()
+    pipe, source = registry.load_pipeline("champion")
+    assert "model folder" in source and pipe(PROMPTS[:1], steps=1).shape[2] == cfg.video.num_frames
+    registry.promote(1)  # the MLflow-model version is champion again for the other tests
