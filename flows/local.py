@@ -36,7 +36,7 @@ def generate_videos_task(prompts: list[str], version: str, params: RunParams) ->
     return {"videos": [str(p) for p in result.videos], "gifs": [str(p) for p in result.gifs], "weights": result.weights}
 
 
-@flow(name="local", log_prints=True)
+@flow(name="soraflow-local", log_prints=True)
 def local_flow(params: RunParams = RunParams(), budget: str = "default", prompts: list[str] | None = None) -> dict:
     """Sample source -> ingest -> train -> evaluate -> register -> generate, then a summary table."""
     log = get_run_logger()

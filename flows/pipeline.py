@@ -9,7 +9,7 @@ from soraflow.flows.params import RunParams
 from soraflow.flows.train import train_flow
 
 
-@flow(name="pipeline", log_prints=True)
+@flow(name="soraflow-pipeline", log_prints=True)
 def pipeline_flow(params: RunParams = RunParams()) -> dict:
     """ingest -> (VAE fit) -> cache -> train -> evaluate -> register."""
     cfg = params.load_config()
