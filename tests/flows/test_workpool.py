@@ -101,3 +101,66 @@ def test_process_work_pool_runs_the_pipeline_deployment_from_prefect_yaml(tmp_pa
                 limit = client.read_global_concurrency_limit_by_name("soraflow-training")
                 assert limit.limit == 1
     assert (root / "registry" / "mlflow.db").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_served_one_minute_cron_runs_scheduled_and_queues_the_next_behind_it(tmp_path):
+    """`soraflow serve --cron '* * * * *'`: the scheduler (not a person) creates a run that completes;
+    the next minute's run, due while the first is still running, waits for the slot instead of
+    running beside it."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from test_deploy import TINY, _soraflow
+
+    root = tmp_path / "data"
+    # more steps than the other tests: the first run must still be training when the next minute is due
+    overrides = [*TINY, "train.steps=40", "train.ckpt_every=40"]
+    with PrefectServer(tmp_path / "prefect") as server:
+        env = {**server.env(), "PYTHONUNBUFFERED": "1", "PREFECT_RUNNER_POLL_FREQUENCY": "2", "OMP_NUM_THREADS": "1"}
+        env.pop("SORAFLOW_HOME", None)
+        argv = [*_soraflow(), "serve", "--config", "local", "--root", str(root), "--cron", "* * * * *"]
+        for item in overrides:
+            argv += ["--set", item]
+        with ChildProcess(argv, env, tmp_path / "serve.log", cwd=REPO) as serve, server.client() as client:
+            dep = wait_for("the served pipeline deployment",
+                           lambda: _deployment(client, "soraflow-pipeline/scheduled-pipeline", serve), timeout=180, interval=2)
+
+            def runs():
+                found = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+                return sorted(found, key=lambda r: r.expected_start_time)
+
+            first = wait_for("a scheduled run to start", lambda: next((r for r in runs() if r.state.is_running()), None),
+                             timeout=200, interval=2, explain=serve.tail)
+            assert first.auto_scheduled, "the scheduler created it, not a person"
+            seen_waiting: set[str] = set()
+            beside: list[str] = []
+
+            def first_done():
+                current = client.read_flow_run(first.id)
+                for r in runs():
+                    if r.id != first.id and r.expected_start_time <= _now(r) and not r.state.is_final() and not current.state.is_final():
+                        (beside.append(r.name) if r.state.is_running() else seen_waiting.add(r.state.name))
+                return current if current.state.is_final() else None
+
+            done = wait_for(f"scheduled run {first.name} to finish", first_done, timeout=500, interval=2, explain=serve.tail)
+            assert done.state.is_completed(), f"{done.state}\n{serve.tail()}"
+            assert not beside, f"runs {beside} ran beside {first.name}"
+            assert seen_waiting, f"no second run came due while {first.name} ran (it took {done.total_run_time})"
+            assert seen_waiting <= {"AwaitingConcurrencySlot", "Scheduled", "Late", "Pending"}, seen_waiting
+
+
+def _deployment(client, name: str, serve: ChildProcess):
+    if not serve.alive():
+        raise AssertionError(f"soraflow serve exited\n{serve.tail()}")
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        return client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        return None
+
+
+def _now(run):
+    import datetime
+
+    return datetime.datetime.now(run.expected_start_time.tzinfo)
