@@ -63,7 +63,7 @@ def model_card_text(cfg: SoraFlowConfig, dataset_version: str | None = None, met
         "import mlflow",
         "mlflow.set_tracking_uri(\"sqlite:///<data root>/registry/mlflow.db\")",
         f"model = mlflow.pyfunc.load_model(\"models:/{name}@champion\")",
-        "videos = model.predict([\"a red circle moving right\"])  # (T, H, W, 3) uint8 per prompt",
+        "videos = model.predict([\"a red circle moving right\"])  # (prompts, T, H, W, 3) uint8",
         "```",
         "",
         "The parts load on their own too: `STDiT.from_pretrained(\"stdit\")`, diffusers' "

@@ -35,6 +35,7 @@ from soraflow.storage.checkpoints import (
 from soraflow.storage.layout import DataRoot, atomic_write_text
 from soraflow.storage.model_card import write_model_card
 from soraflow.storage.model_folder import is_model_folder, load_model_folder
+from soraflow.storage.tracking import redacted
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def export_model_dir(
     """
     folder.mkdir(parents=True, exist_ok=True)
     save_model_dir(folder / "stdit", stdit_state, {**STDIT_PRESETS[cfg.model.preset], **stdit_config})
-    atomic_write_text(folder / "soraflow.json", json.dumps(cfg.model_dump(mode="json"), indent=2))
+    atomic_write_text(folder / "soraflow.json", json.dumps(redacted(cfg.model_dump(mode="json")), indent=2))  # folders get shared
     for name, src in (("vae", vae_dir), ("text_encoder", text_encoder_dir)):
         if src is not None:
             shutil.copytree(src, folder / name, dirs_exist_ok=True)

@@ -107,19 +107,23 @@ def test_process_work_pool_runs_the_pipeline_deployment_from_prefect_yaml(tmp_pa
 @pytest.mark.timeout(900)
 def test_served_one_minute_cron_runs_scheduled_and_queues_the_next_behind_it(tmp_path):
     """`soraflow serve --cron '* * * * *'`: the scheduler (not a person) creates a run that completes;
-    the next minute's run, due while the first is still running, waits for the slot instead of
-    running beside it."""
+    the next minute's run, due while the first is still running, waits instead of running beside it.
+
+    So that the first run is surely still running a minute later without training for a minute,
+    the test holds the global training slot `soraflow-training` until the next run has come due:
+    the first run waits at its training step, as it would behind any other training run.
+    """
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.concurrency.sync import concurrency
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from test_deploy import TINY, _soraflow
 
     root = tmp_path / "data"
-    # more steps than the other tests: the first run must still be training when the next minute is due
-    overrides = [*TINY, "train.steps=40", "train.ckpt_every=40"]
     with PrefectServer(tmp_path / "prefect") as server:
         env = {**server.env(), "PYTHONUNBUFFERED": "1", "PREFECT_RUNNER_POLL_FREQUENCY": "2", "OMP_NUM_THREADS": "1"}
         env.pop("SORAFLOW_HOME", None)
         argv = [*_soraflow(), "serve", "--config", "local", "--root", str(root), "--cron", "* * * * *"]
-        for item in overrides:
+        for item in TINY:
             argv += ["--set", item]
         with ChildProcess(argv, env, tmp_path / "serve.log", cwd=REPO) as serve, server.client() as client:
             dep = wait_for("the served pipeline deployment",
@@ -129,24 +133,29 @@ def test_served_one_minute_cron_runs_scheduled_and_queues_the_next_behind_it(tmp
                 found = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
                 return sorted(found, key=lambda r: r.expected_start_time)
 
-            first = wait_for("a scheduled run to start", lambda: next((r for r in runs() if r.state.is_running()), None),
-                             timeout=200, interval=2, explain=serve.tail)
-            assert first.auto_scheduled, "the scheduler created it, not a person"
-            seen_waiting: set[str] = set()
-            beside: list[str] = []
+            with temporary_settings(updates={PREFECT_API_URL: server.api_url}), concurrency("soraflow-training", occupy=1, strict=True):
+                first = wait_for("a scheduled run to start", lambda: next((r for r in runs() if r.state.is_running()), None),
+                                 timeout=200, interval=2, explain=serve.tail)
+                assert first.auto_scheduled, "the scheduler created it, not a person"
 
-            def first_done():
-                current = client.read_flow_run(first.id)
-                for r in runs():
-                    if r.id != first.id and r.expected_start_time <= _now(r) and not r.state.is_final() and not current.state.is_final():
-                        (beside.append(r.name) if r.state.is_running() else seen_waiting.add(r.state.name))
-                return current if current.state.is_final() else None
+                def second_waiting():
+                    due = [r for r in runs() if r.id != first.id and r.expected_start_time <= _now(r)]
+                    assert not [r.name for r in due if r.state.is_running()], "a second run runs beside the first"
+                    return next((r for r in due if r.state.name in WAITING), None)
 
-            done = wait_for(f"scheduled run {first.name} to finish", first_done, timeout=500, interval=2, explain=serve.tail)
+                second = wait_for("the next minute's run to come due and wait", second_waiting, timeout=150, interval=2, explain=serve.tail)
+                assert second.auto_scheduled and client.read_flow_run(first.id).state.is_running()
+            # slot released: the first run trains and completes; the second has waited all along
+            done = wait_for(f"scheduled run {first.name} to finish", lambda: (r := client.read_flow_run(first.id)).state.is_final() and r,
+                            timeout=400, interval=2, explain=serve.tail)
             assert done.state.is_completed(), f"{done.state}\n{serve.tail()}"
-            assert not beside, f"runs {beside} ran beside {first.name}"
-            assert seen_waiting, f"no second run came due while {first.name} ran (it took {done.total_run_time})"
-            assert seen_waiting <= {"AwaitingConcurrencySlot", "Scheduled", "Late", "Pending"}, seen_waiting
+            history = client.read_flow_run_states(second.id)
+            names = [s.name for s in history]
+            assert "AwaitingConcurrencySlot" in names, names  # the deployment's limit held it back, the runner did not start it
+            assert not any(s.is_running() and s.timestamp < done.end_time for s in history), names
+
+
+WAITING = {"AwaitingConcurrencySlot", "Scheduled", "Late"}
 
 
 def _deployment(client, name: str, serve: ChildProcess):

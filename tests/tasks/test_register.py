@@ -66,6 +66,8 @@ def test_logged_config_and_card_are_redacted(registered):
     assert "s3cret" not in logged and "abc123" not in logged and "videos.example/list.json" in logged
     card = (folder / "README.md").read_text()
     assert "s3cret" not in card and "abc123" not in card
+    saved = (folder / "soraflow.json").read_text()
+    assert "s3cret" not in saved and "abc123" not in saved and "videos.example/list.json" in saved
     assert dataset_version(registered[3]) in card and "val_loss" in card and "0.4" in card
 
 
