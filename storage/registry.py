@@ -346,8 +346,9 @@ class ModelRegistry:
         local = self._download(info, Path(dest_dir))
         return model_dir_in(local) or local
 
-    def _download(self, info: ModelVersionInfo, dest_dir: Path) -> Path:
-        """The version's files under `dest_dir`, downloaded unless already there.
+    def _download(self, info: ModelVersionInfo, dest_dir: Path, reuse: bool = False) -> Path:
+        """The version's files under `dest_dir`; with `reuse`, a pyfunc model already there (a
+        folder kept for this one version) is not downloaded again.
 
         The URI is resolved here with our own client: MLflow's models:/ resolution (3.17)
         ignores the registry_uri argument and reads the process-wide registry URI, which
@@ -355,7 +356,7 @@ class ModelRegistry:
         """
         from mlflow.artifacts import download_artifacts
 
-        local = next((p.parent for p in sorted(dest_dir.rglob("MLmodel"))), None) if dest_dir.is_dir() else None
+        local = next((p.parent for p in sorted(dest_dir.rglob("MLmodel"))), None) if reuse and dest_dir.is_dir() else None
         if local is None:
             uri = self.client.get_model_version_download_uri(self.name, str(info.version))
             dest_dir.mkdir(parents=True, exist_ok=True)
@@ -375,7 +376,7 @@ class ModelRegistry:
         from soraflow.storage.model_folder import load_model_folder
 
         info = self.get(ref)
-        local = self._download(info, self.root.tmp / "registry" / f"{self.name}-v{info.version}")
+        local = self._download(info, self.root.tmp / "registry" / f"{self.name}-v{info.version}", reuse=True)
         where = f"registry {self.name} v{info.version} ({ref}; run {info.run_id})"
         if not (local / "MLmodel").is_file():  # registered before versions were MLflow models
             return load_model_folder(local, base, num_frames)[0], f"{where}, model folder {local}"

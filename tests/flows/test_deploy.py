@@ -105,11 +105,12 @@ def stack(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipeline_run(stack):
     """Run the pipeline deployment once with the CLI, as the README shows; returns (flow run id, CLI output)."""
-    prefect = str(Path(sys.executable).with_name("prefect"))
+    script = Path(sys.executable).with_name("prefect")
+    prefect = [str(script)] if script.exists() else [sys.executable, "-m", "prefect"]
     t0 = time.monotonic()
     with stack.explained():
         proc = subprocess.run(
-            [prefect, "deployment", "run", "soraflow-pipeline/scheduled-pipeline", "--watch", "--watch-timeout", "360"],
+            [*prefect, "deployment", "run", "soraflow-pipeline/scheduled-pipeline", "--watch", "--watch-timeout", "360"],
             env=stack.server.env(),
             cwd=REPO,
             capture_output=True,
