@@ -213,7 +213,7 @@ def test_pipeline_deployment_run_completes_with_artifacts(stack, pipeline_run):
             assert client.read_flow_run(sub).state.is_completed()
         arts = _artifacts_by_key(client, [flow_run_id, *subflows.values()])
         assert {"ingest-manifests", "manifest-statistics", "eval-metrics", "model-card", "mlflow-run", "registered-model"} <= set(arts), sorted(arts)
-        assert re.search(r"/#/experiments/\d+/runs/[0-9a-f]{32}$", arts["mlflow-run"].data), arts["mlflow-run"].data
+        assert re.search(r"\(http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]{32}\)$", arts["mlflow-run"].data), arts["mlflow-run"].data
         assert "mlflow.pyfunc.load_model" in arts["registered-model"].data
 
         # ingest: one row per stage, each an existing manifest under the data root
