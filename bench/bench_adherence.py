@@ -74,7 +74,9 @@ def main() -> None:
     print(" | ".join(f"{x:>13}" for x in ["VAE ceiling", "", "", "", *(ceiling[a] for a in ATTRS)]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from machine import matmul_rates  # bench/ is sys.path[0] when a bench runs as a script
+    from machine import (
+        matmul_rates,  # bench/ is sys.path[0] when a bench runs as a script
+    )
     out.write_text(json.dumps({
         "bench": "adherence", "config": args.config, "overrides": overrides, "manifest": args.manifest,
         "workers": cfg.train.num_workers, "batch_size": cfg.train.batch_size, "lr": cfg.train.lr,

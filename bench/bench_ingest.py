@@ -186,7 +186,9 @@ def main() -> None:
         print(f"{s['run']}: {s['clips']} clips in {s['seconds']:.1f} s = {s['clips_per_s']:.2f} clips/s; true captions {s['true_captions']}/{s['clips']}; "
               f"rejected {s['rejected']}; dataset version {s['dataset_version']}")
 
-    from machine import matmul_rates  # bench/ is sys.path[0] when a bench runs as a script
+    from machine import (
+        matmul_rates,  # bench/ is sys.path[0] when a bench runs as a script
+    )
     meta = {
         "machine": f"{platform.machine()} {os.cpu_count()} CPU(s), {platform.platform()}",
         "python": platform.python_version(),

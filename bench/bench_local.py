@@ -61,7 +61,9 @@ def main() -> None:
         print(f"{k}: {v}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from machine import matmul_rates  # bench/ is sys.path[0] when a bench runs as a script
+    from machine import (
+        matmul_rates,  # bench/ is sys.path[0] when a bench runs as a script
+    )
     out.write_text(json.dumps({
         "bench": "local_flow", "budget": args.budget, "overrides": args.overrides, "stages_s": stages,
         "results": {k: str(v) for k, v in results.items()},

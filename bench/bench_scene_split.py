@@ -38,13 +38,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "support"))
 
 import scenedetect  # noqa: E402
+from machine import describe, matmul_rates  # noqa: E402  (bench/ is sys.path[0] when run as a script)
+from packaged_videos import packaged_videos  # noqa: E402
 from soraflow.configs.schema import SplitConfig  # noqa: E402
 from soraflow.storage.layout import DataRoot  # noqa: E402
 from soraflow.storage.manifest import new_row  # noqa: E402
 from soraflow.tasks.ingest.scene_split import detect_scenes, split_rows  # noqa: E402
 from videos import make_scene_video  # noqa: E402
-from machine import describe, matmul_rates  # noqa: E402  (bench/ is sys.path[0] when run as a script)
-from packaged_videos import packaged_videos  # noqa: E402
 
 
 def best_of(fn, repeat: int) -> float:

@@ -153,7 +153,9 @@ def main() -> None:
                   f"{r['fwd_bwd_s_median']:>10.3f} {r['peak_rss_MiB']:>13.0f} {r['base_rss_MiB']:>13.0f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from machine import matmul_rates  # bench/ is sys.path[0] when a bench runs as a script
+    from machine import (
+        matmul_rates,  # bench/ is sys.path[0] when a bench runs as a script
+    )
     out.write_text(json.dumps({
         "what": "STDiT train step (forward + backward, loss mean(out^2)) on CPU; memory = ru_maxrss of a fresh subprocess per preset",
         "latent": args.latent, "batch": args.batch, "reps": args.reps, "warmup": args.warmup,

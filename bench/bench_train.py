@@ -32,7 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "support"))  # the synthetic clip writer the tests use
 
 from machine import achieved, count_flops, describe, matmul_rates  # noqa: E402  (bench/ is sys.path[0])
-
 from soraflow.configs.schema import load_config  # noqa: E402
 from soraflow.storage.holdout import DatasetSplit  # noqa: E402
 from soraflow.storage.layout import DataRoot  # noqa: E402
@@ -41,7 +40,12 @@ from training_data import make_clip_manifest  # noqa: E402
 
 def stdit_step_flops(cfg, root, vae_dir, batch: int) -> int:
     """FLOPs of one training step's STDiT fwd+bwd at `batch`: the model the trainer builds, random inputs."""
-    from soraflow.tasks.train.model_factory import build_model, load_text_encoder, load_vae, scheduler_for
+    from soraflow.tasks.train.model_factory import (
+        build_model,
+        load_text_encoder,
+        load_vae,
+        scheduler_for,
+    )
 
     vae, _ = load_vae(cfg, root, vae_dir)
     te = load_text_encoder(cfg, root)

@@ -1,63 +1,146 @@
 """Deployments: the pipeline on a cron schedule, and training triggered by a new dataset version.
 
-`soraflow serve` runs both in one long-lived process (Prefect's `serve`); `prefect.yaml` at the
-repository root declares the same two for work pools (`prefect deploy --all`).
+One definition, two ways to run it: `soraflow serve` serves `build_deployments(...)` in one
+long-lived process (Prefect's `serve`), and `prefect.yaml` at the repository root, which work
+pools use (`prefect deploy --all`), is generated from the same definitions by
+`python -m soraflow.flows.deploy --write-yaml` (tests/flows/test_deploy.py checks that the
+committed file is what this module writes). Both use the same names, schedule, parameters,
+trigger (the exact dataset resource, `soraflow.dataset.<config name>`) and the one global
+training slot `soraflow-training` (the train flow itself creates it when missing).
+
+A process worker runs the flows from a checkout of this repository: set SORAFLOW_REPO to its
+path in the worker's environment (prefect.yaml's pull step changes into it).
 """
 
 from __future__ import annotations
 
-from prefect import serve
-from prefect.events import DeploymentEventTrigger
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
 from soraflow.flows.ingest import DATASET_EVENT, RETRAIN_LABEL
 from soraflow.flows.params import RunParams
-from soraflow.flows.pipeline import pipeline_flow
-from soraflow.flows.train import TRAINING_LIMIT, train_flow
 
 PIPELINE_DEPLOYMENT = "scheduled-pipeline"
 RETRAIN_DEPLOYMENT = "retrain-on-new-data"
+DEFAULT_CRON = "0 3 * * *"
+WORK_POOL = "soraflow"
+REPO_ENV = "SORAFLOW_REPO"
+PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
 
 
-def dataset_trigger(params: RunParams, dataset_name: str) -> DeploymentEventTrigger:
-    """Start a train run whenever ingest announces a version of this dataset not seen before
-    (and not already being trained by the pipeline that ingested it)."""
-    return DeploymentEventTrigger(
-        name=f"new {dataset_name} dataset",
-        expect={DATASET_EVENT},
-        match={"prefect.resource.id": f"soraflow.dataset.{dataset_name}", RETRAIN_LABEL: "true"},
-        parameters={"manifest": "{{ event.payload.manifest }}", "params": params.model_dump()},
-    )
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    entrypoint: str  # path:function, relative to the repository root (what prefect.yaml needs)
+    description: str
+    scheduled: bool  # on the cron schedule; otherwise started by the dataset trigger
 
 
-def build_deployments(params: RunParams, cron: str | None = "0 3 * * *"):
-    """The two deployments, each limited to one run at a time."""
+SPECS = (
+    Spec(PIPELINE_DEPLOYMENT, "flows/pipeline.py:pipeline_flow",
+         "Scheduled retraining: ingest the sources, then train, evaluate and register.", scheduled=True),
+    Spec(RETRAIN_DEPLOYMENT, "flows/train.py:train_flow",
+         "Train on a new dataset version as soon as ingest publishes it.", scheduled=False),
+)
+
+
+def _flow(spec: Spec):
+    from soraflow.flows.pipeline import pipeline_flow
+    from soraflow.flows.train import train_flow
+
+    return {PIPELINE_DEPLOYMENT: pipeline_flow, RETRAIN_DEPLOYMENT: train_flow}[spec.name]
+
+
+def trigger_fields(params: RunParams, dataset_name: str) -> dict:
+    """A train run whenever ingest announces a version of this dataset not seen before (and not
+    already being trained by the pipeline that ingested it)."""
+    return {
+        "name": f"new {dataset_name} dataset",
+        "expect": [DATASET_EVENT],
+        "match": {"prefect.resource.id": f"soraflow.dataset.{dataset_name}", RETRAIN_LABEL: "true"},
+        "parameters": {"manifest": "{{ event.payload.manifest }}", "params": params.model_dump()},
+    }
+
+
+def dataset_trigger(params: RunParams, dataset_name: str):
+    from prefect.events import DeploymentEventTrigger
+
+    fields = trigger_fields(params, dataset_name)
+    return DeploymentEventTrigger(**{**fields, "expect": set(fields["expect"])})
+
+
+def build_deployments(params: RunParams, cron: str | None = DEFAULT_CRON):
+    """The deployments `soraflow serve` serves, each limited to one run at a time."""
     cfg = params.load_config()
-    pipeline = pipeline_flow.to_deployment(
-        name=PIPELINE_DEPLOYMENT,
-        cron=cron,
-        parameters={"params": params.model_dump()},
-        concurrency_limit=1,
-        tags=["soraflow", cfg.name],
-        description="Scheduled retraining: ingest the sources, then train, evaluate and register.",
+    out = []
+    for spec in SPECS:
+        schedule = {"cron": cron} if spec.scheduled else {"triggers": [dataset_trigger(params, cfg.name)]}
+        out.append(_flow(spec).to_deployment(name=spec.name, parameters={"params": params.model_dump()}, concurrency_limit=1,
+                                             tags=["soraflow", cfg.name], description=spec.description, **schedule))
+    return out
+
+
+def prefect_yaml(params: RunParams | None = None, cron: str = DEFAULT_CRON) -> str:
+    """prefect.yaml for work pools: the same deployments as `build_deployments(params, cron)`."""
+    params = params or RunParams()
+    cfg = params.load_config()
+    deployments = []
+    for spec in SPECS:
+        dep = {"name": spec.name, "description": spec.description, "entrypoint": spec.entrypoint,
+               "tags": ["soraflow", cfg.name], "parameters": {"params": params.model_dump()},
+               "work_pool": {"name": WORK_POOL}, "concurrency_limit": 1}
+        if spec.scheduled:
+            dep["schedules"] = [{"cron": cron, "timezone": "UTC"}]
+        else:
+            dep["triggers"] = [{"type": "event", "enabled": True, **trigger_fields(params, cfg.name)}]
+        deployments.append(dep)
+    doc = {"name": "soraflow", "prefect-version": _prefect_version(), "build": None, "push": None,
+           "pull": [{"prefect.deployments.steps.set_working_directory": {"directory": "{{ $" + REPO_ENV + " }}"}}],
+           "deployments": deployments}
+    header = (
+        "# Generated by `python -m soraflow.flows.deploy --write-yaml` from flows/deploy.py (the definitions\n"
+        "# `soraflow serve` serves); do not edit by hand. For a work pool:\n"
+        f"#   prefect work-pool create {WORK_POOL} --type process\n"
+        "#   prefect deploy --all\n"
+        f"#   {REPO_ENV}=/path/to/this/checkout prefect worker start --pool {WORK_POOL}\n"
+        f"# The worker's pull step changes into ${REPO_ENV}, a checkout with soraflow installed.\n"
     )
-    retrain = train_flow.to_deployment(
-        name=RETRAIN_DEPLOYMENT,
-        triggers=[dataset_trigger(params, cfg.name)],
-        parameters={"params": params.model_dump()},
-        concurrency_limit=1,
-        tags=["soraflow", cfg.name],
-        description="Train on a new dataset version as soon as ingest publishes it.",
-    )
-    return [pipeline, retrain]
+    return header + yaml.safe_dump(doc, sort_keys=False, width=120)
+
+
+def _prefect_version() -> str:
+    import prefect
+
+    return prefect.__version__
 
 
 def ensure_training_limit() -> None:
-    """One global slot shared by every training run, so scheduled and triggered runs never overlap."""
-    from prefect import get_client
+    """The global slot shared by every training run (see flows/train.py)."""
+    from soraflow.flows.train import ensure_training_limit as ensure
 
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(TRAINING_LIMIT, 1)
+    ensure()
 
 
-def serve_deployments(params: RunParams, cron: str | None = "0 3 * * *") -> None:
+def serve_deployments(params: RunParams, cron: str | None = DEFAULT_CRON) -> None:
+    from prefect import serve
+
     ensure_training_limit()
     serve(*build_deployments(params, cron))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m soraflow.flows.deploy", description="Write prefect.yaml from the deployment definitions.")
+    parser.add_argument("--write-yaml", action="store_true", help=f"write {PREFECT_YAML}")
+    args = parser.parse_args(argv)
+    text = prefect_yaml()
+    if args.write_yaml:
+        PREFECT_YAML.write_text(text)
+        print(PREFECT_YAML)
+    else:
+        print(text, end="")
+
+
+if __name__ == "__main__":
+    main()

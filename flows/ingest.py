@@ -108,7 +108,7 @@ def publish(manifest: str, cfg: SoraFlowConfig, root: DataRoot, stages: dict[str
     return {"manifest": manifest, "dataset_version": version, "new_version": new, **stats, "stage_manifests": stages}
 
 
-@flow(name="ingest", log_prints=True)
+@flow(name="soraflow-ingest", log_prints=True)
 def ingest_flow(params: RunParams = RunParams(), trigger_training: bool = True) -> dict:
     """download -> split -> caption -> score; returns the final manifest and its statistics.
 

@@ -25,7 +25,7 @@ BUDGETS: dict[str, list[str]] = {
 }
 
 
-@flow(name="local", log_prints=True)
+@flow(name="soraflow-local", log_prints=True)
 def local_flow(params: RunParams = RunParams(), budget: str = "default", prompts: list[str] | None = None) -> dict:
     """Sample source -> ingest -> train -> evaluate -> register -> generate, then a summary table."""
     log = get_run_logger()

@@ -25,7 +25,7 @@ def ingest_then_train(params: RunParams) -> tuple[dict, dict, dict[str, float]]:
     return ingested, trained, timings
 
 
-@flow(name="pipeline", log_prints=True)
+@flow(name="soraflow-pipeline", log_prints=True)
 def pipeline_flow(params: RunParams = RunParams()) -> dict:
     """ingest -> (VAE fit) -> cache -> train -> evaluate -> register."""
     ingested, trained, _ = ingest_then_train(params)

@@ -15,11 +15,28 @@ from soraflow.tasks.train.driver import run_name_for, train_task
 from soraflow.tasks.train.encode import latent_cache_task
 from soraflow.tasks.train.vae_fit import fit_vae_task
 
-# One slot shared by every training run (created by `soraflow serve`; without it this is a no-op).
+# One slot shared by every training run, so scheduled, triggered and manual runs never train at once.
 TRAINING_LIMIT = "soraflow-training"
 
 
-@flow(name="train", log_prints=True)
+def ensure_training_limit() -> None:
+    """Create the global training slot if it is missing (an existing one is left as its owner set it)."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(TRAINING_LIMIT)
+        except ObjectNotFound:
+            from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=TRAINING_LIMIT, limit=1))
+            except Exception:  # created meanwhile by another run: fine if it exists now
+                client.read_global_concurrency_limit_by_name(TRAINING_LIMIT)
+
+
+@flow(name="soraflow-train", log_prints=True)
 def train_flow(manifest: str, params: RunParams = RunParams()) -> dict:
     """Train on `manifest` (an ingest output), evaluate, register; `champion` only if better."""
     log = get_run_logger()
@@ -41,7 +58,8 @@ def train_flow(manifest: str, params: RunParams = RunParams()) -> dict:
         log.info("latent cache: %s (%d clips)", cache.path, cache.clips)
 
     t = time.perf_counter()
-    with concurrency(TRAINING_LIMIT, occupy=1, strict=False):  # created by `soraflow serve`; absent = no limit
+    ensure_training_limit()
+    with concurrency(TRAINING_LIMIT, occupy=1, strict=True):
         trained = train_task(cfg, data, str(vae.path), data_root, run_name, cache)
     timings["train"] = time.perf_counter() - t
 

@@ -124,7 +124,12 @@ class LlavaCaptionModel:
     """A local LLaVA checkpoint that turns a few frames per video into one caption per video."""
 
     def __init__(self, path: str | Path, device: str | None = None):
-        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+        from transformers import (
+            AutoConfig,
+            AutoModelForImageTextToText,
+            AutoProcessor,
+            LlavaForConditionalGeneration,
+        )
 
         path = Path(path)
         self.path = path

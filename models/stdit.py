@@ -20,12 +20,23 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+from huggingface_hub import PyTorchModelHubMixin
+from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
-from .layers import CaptionEmbedder, PatchEmbed3D, STDiTBlock, T2IFinalLayer, TimestepEmbedder, spatial_pos_embed, temporal_pos_embed
+from .layers import (
+    CaptionEmbedder,
+    PatchEmbed3D,
+    STDiTBlock,
+    T2IFinalLayer,
+    TimestepEmbedder,
+    spatial_pos_embed,
+    temporal_pos_embed,
+)
 
 # One table for every model size. Keys name the preset; values override STDiT's constructor defaults.
 STDIT_PRESETS: dict[str, dict] = {
@@ -63,8 +74,51 @@ def drop_positional_buffers(state_dict: dict) -> dict:
 # ---------------------------------------------------------------- the model
 
 
-class STDiT(nn.Module):
-    """Spatial-temporal DiT: denoises a latent video given timesteps and text-encoder features."""
+class STDiT(nn.Module, PyTorchModelHubMixin, library_name="soraflow", pipeline_tag="text-to-video",
+            tags=["open-sora", "stdit"], repo_url="https://github.com/hpcaitech/Open-Sora"):
+    """Spatial-temporal DiT: denoises a latent video given timesteps and text-encoder features.
+
+    Hugging Face folder conventions through `PyTorchModelHubMixin`: `save_pretrained(dir)` writes
+    `model.safetensors` + `config.json` (the constructor kwargs), `STDiT.from_pretrained(dir, **overrides)`
+    reads them back. Local folders only: SoraFlow never downloads weights.
+    """
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        # Without the positional buffers: they are recomputed from the config on load (reference Q8),
+        # so one folder serves any clip length. config.json is written here so it holds the
+        # normalised kwargs (`self.config`), not the raw arguments the mixin captured.
+        state = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items() if k not in POSITIONAL_BUFFERS}
+        save_file(state, str(Path(save_directory) / "model.safetensors"))
+        (Path(save_directory) / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **overrides) -> "STDiT":
+        """The model saved in a local folder; `overrides` replace config.json kwargs (e.g. input_size)."""
+        if not (Path(folder) / "model.safetensors").is_file():
+            raise FileNotFoundError(f"STDiT.from_pretrained({str(folder)!r}): no model.safetensors in that local folder "
+                                    "(SoraFlow never downloads weights)")
+        return super().from_pretrained(Path(folder), local_files_only=True, **overrides)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, config: dict | None = None, map_location: str = "cpu", **kwargs) -> "STDiT":
+        folder = Path(model_id)
+        for hub_arg in ("revision", "cache_dir", "force_download", "local_files_only", "token"):
+            kwargs.pop(hub_arg, None)
+        config = config or {}
+        if "kwargs" in config and "preset" in config:  # the folder layout written before the HF convention
+            model = build_stdit(config["preset"], **{**config["kwargs"], **kwargs})
+        else:
+            model = cls(**kwargs)
+        state = drop_positional_buffers(load_file(str(folder / "model.safetensors"), device=map_location))
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"STDiT.from_pretrained({model_id!r}): weights do not fit config.json: {e}") from e
+        missing = set(result.missing_keys) - set(POSITIONAL_BUFFERS)
+        if missing or result.unexpected_keys:
+            raise ValueError(f"STDiT.from_pretrained({model_id!r}): weights do not fit config.json: "
+                             f"missing {sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
+        return model.eval()
 
     def __init__(
         self,

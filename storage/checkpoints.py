@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-
 from soraflow.models.stdit import POSITIONAL_BUFFERS
 from soraflow.storage.layout import atomic_output, atomic_write_text
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-
 from soraflow.storage.manifest import dataset_version, ok_rows, read_rows
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import fcntl
+import hashlib
 import os
 import re
 import tempfile

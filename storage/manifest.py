@@ -18,7 +18,6 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from soraflow.storage.layout import DataRoot, atomic_output
 from soraflow.storage.redact import redact_config
 

@@ -5,11 +5,14 @@
     <data root>/registry/artifacts/       run artifacts (the experiment's artifact_location,
                                           so nothing lands in ./mlruns)
 
-A registered version is a folder of plain files (safetensors weights + JSON config, see
-tasks/train/model_factory.py) logged as the run artifact "model" and registered with
-`MlflowClient.create_model_version(source=<run artifact uri>/model)`; no MLflow "flavor"
-and no pickle, so loading it never runs code from the file. Each version carries tags:
-dataset_version, config_hash, code_version and every evaluation metric as `metric.<name>`.
+A registered version is an MLflow model (pyfunc, "models from code"): the python model is the
+file storage/mlflow_model.py, the weights are the model folder (safetensors + JSON config, see
+storage/model_folder.py) as its artifact `model_dir`, with a signature (prompts in, videos out).
+It is logged as an MLflow 3 LoggedModel of the training run and registered from there, so
+`mlflow.pyfunc.load_model("models:/<name>@champion")` loads it and nothing is pickled. Each
+version carries tags: dataset_version, config_hash, code_version and every evaluation metric
+as `metric.<name>`. Versions registered before (a plain folder as the run artifact "model")
+still load, download and compete for `champion`.
 
 The `champion` alias marks the version that `generate` uses by default; the evaluate
 step moves it with `promote_if_better`, a person with `promote`.
@@ -32,13 +35,19 @@ from typing import Any, Iterator
 from soraflow.configs.schema import RegistryConfig
 from soraflow.storage.checkpoints import PICKLE_SUFFIXES
 from soraflow.storage.layout import DataRoot
+from soraflow.storage.mlflow_model import (
+    load_pyfunc_pipeline,
+    log_pyfunc_model,
+    model_dir_in,
+)
 
 # No network from MLflow: no usage telemetry, no artifact progress bars on stderr.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 CHAMPION = "champion"
-MODEL_ARTIFACT = "model"  # the run-artifact folder a version points at
+MODEL_ARTIFACT = "model"  # the logged model's name (and the run-artifact folder of older versions)
+MODEL_ID_TAG = "soraflow.model_id"  # on a run: the LoggedModel registered from it
 METRIC_TAG = "metric."
 LINEAGE_TAGS = ("dataset_version", "config_hash")  # required in register(tags=...)
 _READY_TIMEOUT_S = 120.0
@@ -186,11 +195,13 @@ class ModelRegistry:
 
     # ------------------------------------------------------------ versions
 
-    def register(self, run_id: str, model_dir: str | Path, metrics: dict[str, float] | None = None, tags: dict[str, Any] | None = None) -> ModelVersionInfo:
+    def register(self, run_id: str, model_dir: str | Path, metrics: dict[str, float] | None = None, tags: dict[str, Any] | None = None,
+                 step: int | None = None) -> ModelVersionInfo:
         """Log `model_dir` as the run's "model" artifacts and register it as a new version.
 
         `tags` must hold dataset_version and config_hash; code_version is added here.
-        Every metric is logged on the run and set as the version tag metric.<name>.
+        Every metric is logged on the run (at `step`, e.g. the last training step) and set as the
+        version tag metric.<name>.
         """
         model_dir = Path(model_dir)
         self._check_model_dir(model_dir)
@@ -207,14 +218,15 @@ class ModelRegistry:
         tags.setdefault("code_version", code_version())
         tags.update({f"{METRIC_TAG}{k}": repr(float(v)) for k, v in metrics.items()})
 
-        if self.client.list_artifacts(run_id, MODEL_ARTIFACT):  # a version's files must never change
-            raise RegistryError(f"{self.name}: run {run_id} already holds a registered '{MODEL_ARTIFACT}' folder; register from a new run")
-        self.client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
+        if self.client.get_run(run_id).data.tags.get(MODEL_ID_TAG) or self.client.list_artifacts(run_id, MODEL_ARTIFACT):
+            raise RegistryError(f"{self.name}: run {run_id} already holds a registered model; register from a new run")  # a version's files never change
+        model = log_pyfunc_model(self.client, self.experiment_id, run_id, model_dir, MODEL_ARTIFACT)
+        self._check_model_dir(model_dir)  # unchanged while MLflow copied it
+        self.client.set_tag(run_id, MODEL_ID_TAG, model.model_id)
         if metrics:
-            self.log_metrics(run_id, metrics)
+            self.log_metrics(run_id, metrics, step=step)
         self._ensure_registered_model()
-        source = f"{self.run_artifact_uri(run_id).rstrip('/')}/{MODEL_ARTIFACT}"
-        mv = self.client.create_model_version(self.name, source=source, run_id=run_id, tags=tags)
+        mv = self.client.create_model_version(self.name, source=model.artifact_location, run_id=run_id, tags=tags, model_id=model.model_id)
         mv = self._wait_ready(mv.version)
         return self._info(mv, self._aliases())
 
@@ -332,23 +344,47 @@ class ModelRegistry:
         return self._info(mv, aliases)
 
     def download(self, ref: str | int, dest_dir: str | Path) -> Path:
-        """Copy a version's model folder to `dest_dir`; returns the folder with the safetensors + config.
+        """Copy a version's model folder to `dest_dir`; returns the folder with the safetensors + config
+        (the MLflow model's artifact `model_dir`, or the whole folder of a version registered before)."""
+        info = self.get(ref)
+        local = self._download(info, Path(dest_dir))
+        return model_dir_in(local) or local
 
-        The models:/ URI is resolved here with our own client: MLflow's models:/ resolution
-        (3.17) ignores the registry_uri argument and reads the process-wide registry URI,
-        which would open ./mlflow.db in the current directory.
+    def _download(self, info: ModelVersionInfo, dest_dir: Path, reuse: bool = False) -> Path:
+        """The version's files under `dest_dir`; with `reuse`, a pyfunc model already there (a
+        folder kept for this one version) is not downloaded again.
+
+        The URI is resolved here with our own client: MLflow's models:/ resolution (3.17)
+        ignores the registry_uri argument and reads the process-wide registry URI, which
+        would open ./mlflow.db in the current directory.
         """
         from mlflow.artifacts import download_artifacts
 
-        info = self.get(ref)
-        uri = self.client.get_model_version_download_uri(self.name, str(info.version))
-        dest_dir = Path(dest_dir)
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        local = Path(download_artifacts(artifact_uri=uri, dst_path=str(dest_dir), tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri))
+        local = next((p.parent for p in sorted(dest_dir.rglob("MLmodel"))), None) if reuse and dest_dir.is_dir() else None
+        if local is None:
+            uri = self.client.get_model_version_download_uri(self.name, str(info.version))
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            local = Path(download_artifacts(artifact_uri=uri, dst_path=str(dest_dir), tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri))
         pickles = [p.name for p in local.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES]
         if pickles:
             raise RegistryError(f"{self.name} v{info.version}: downloaded folder holds pickle-based files {pickles}")
         return local
+
+    def load_pipeline(self, ref: str | int = CHAMPION, base=None, num_frames: int | None = None):
+        """(TextToVideo, where its weights came from) for a registered version, loaded through its
+        MLflow pyfunc model as `mlflow.pyfunc.load_model` does (`soraflow generate --model` uses this).
+
+        `base` (a SoraFlowConfig) keeps the caller's data and generate sections; `num_frames`
+        rebuilds the pipeline for another clip length from the same folder.
+        """
+        from soraflow.storage.model_folder import load_model_folder
+
+        info = self.get(ref)
+        local = self._download(info, self.root.tmp / "registry" / f"{self.name}-v{info.version}", reuse=True)
+        where = f"registry {self.name} v{info.version} ({ref}; run {info.run_id})"
+        if not (local / "MLmodel").is_file():  # registered before versions were MLflow models
+            return load_model_folder(local, base, num_frames)[0], f"{where}, model folder {local}"
+        return load_pyfunc_pipeline(local, base, num_frames), f"{where}, MLflow model {local}"
 
     # ------------------------------------------------------------ aliases
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import av
 import numpy as np
-
 from soraflow.storage.layout import atomic_output
 
 

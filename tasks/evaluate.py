@@ -29,11 +29,12 @@ from soraflow.models.noise import randn
 from soraflow.storage.dataset import VideoClipDataset
 from soraflow.storage.holdout import DatasetSplit, clip_fraction
 from soraflow.storage.layout import DataRoot, atomic_write_text
+from soraflow.storage.model_folder import is_model_folder
 from soraflow.storage.video_io import tile_grid, to_uint8_frames, write_gif, write_video
 from soraflow.tasks.generate import slug
 from soraflow.tasks.scorers import run_scorers
 from soraflow.tasks.task_policy import STAGE_RETRIES
-from soraflow.tasks.train.model_factory import is_model_dir, load_pipeline
+from soraflow.tasks.train.model_factory import load_pipeline
 
 VAL_REPEATS = 4  # (timestep, noise) draws per held-out clip
 
@@ -94,7 +95,7 @@ def evaluate(
     t0 = time.perf_counter()
     manifest_path = data.manifest
     model_dir = Path(model_dir)
-    if not is_model_dir(model_dir):
+    if not is_model_folder(model_dir):
         raise FileNotFoundError(f"evaluate: {model_dir} is not a model folder (no soraflow.json); pass TrainResult.model_dir")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import torch
 from prefect import task
-
 from soraflow.configs.schema import SoraFlowConfig
 from soraflow.storage.layout import DataRoot
 from soraflow.storage.video_io import to_uint8_frames, write_gif, write_video
-from soraflow.tasks.train.model_factory import MODEL_CONFIG, is_model_dir, load_pipeline
+from soraflow.tasks.train.model_factory import load_pipeline
 
 
 @dataclass
@@ -29,21 +28,6 @@ class GenerateResult:
 def slug(text: str, max_len: int = 48) -> str:
     s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return (s[:max_len].rstrip("-") or "prompt")
-
-
-def resolve_model_ref(cfg: SoraFlowConfig, root: DataRoot, ref: str) -> Path:
-    """A registry reference ('champion', an alias, a version number, 'latest') -> a local model folder."""
-    from soraflow.storage.registry import ModelRegistry
-
-    registry = ModelRegistry(root, cfg.registry)
-    info = registry.get(ref)
-    dest = root.tmp / "registry" / f"{cfg.registry.model_name}-v{info.version}"
-    if not is_model_dir(dest) and not any(dest.rglob(MODEL_CONFIG)):
-        registry.download(str(info.version), dest)
-    found = next(iter(sorted(dest.rglob(MODEL_CONFIG))), None)
-    if found is None:
-        raise FileNotFoundError(f"registry model {cfg.registry.model_name} {ref!r} (v{info.version}) holds no soraflow.json")
-    return found.parent
 
 
 def generate_videos(
@@ -66,10 +50,13 @@ def generate_videos(
     if ckpt is not None and model_ref is not None:
         raise ValueError("generate: give --ckpt or --model, not both")
     started = time.perf_counter()
-    if model_ref is not None:
-        ckpt = resolve_model_ref(cfg, root, model_ref)
     torch.manual_seed(cfg.generate.seed if seed is None else seed)
-    pipe, source = load_pipeline(cfg, root, ckpt, num_frames=num_frames)
+    if model_ref is not None:  # through the version's MLflow model, as mlflow.pyfunc.load_model loads it
+        from soraflow.storage.registry import ModelRegistry
+
+        pipe, source = ModelRegistry(root, cfg.registry).load_pipeline(model_ref, cfg, num_frames)
+    else:
+        pipe, source = load_pipeline(cfg, root, ckpt, num_frames=num_frames)
     videos = pipe(
         prompts,
         steps=steps or cfg.generate.steps,

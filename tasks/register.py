@@ -1,42 +1,92 @@
-"""The register stage: log the training run to MLflow, register its model, promote only if better."""
+"""The register stage: log the training run to MLflow, register its model, promote only if better.
+
+The run holds the redacted config as params, the per-step training loss and learning rate (read
+from the latest checkpoint), the dataset version as a dataset input, the evaluation figures, the
+loss curve and the samples; the model folder (with its model card rewritten with the evaluation
+figures) becomes the version's MLflow pyfunc model.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from prefect import task
-
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from soraflow.configs.schema import SoraFlowConfig, config_hash
 from soraflow.storage.holdout import DatasetSplit
 from soraflow.storage.layout import DataRoot
+from soraflow.storage.model_card import write_model_card
+from soraflow.storage.redact import redact_config, redact_url
 from soraflow.storage.registry import ModelRegistry
+from soraflow.storage.tracking import (
+    log_dataset_input,
+    log_history,
+    read_loss_history,
+    run_url,
+)
 from soraflow.tasks.evaluate import EvalResult
 from soraflow.tasks.task_policy import STAGE_RETRIES
 from soraflow.tasks.train.driver import TrainResult
 from soraflow.tasks.train.vae_fit import VaeFitResult
+
+MLFLOW_UI_ENV = "SORAFLOW_MLFLOW_UI"  # the `mlflow ui` address the Prefect link points at
+
+
+def _numbers(d: dict, prefix: str = "") -> dict[str, float]:
+    return {f"{prefix}{k}": float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def training_history(cfg: SoraFlowConfig, trained: TrainResult) -> dict[str, list[tuple[int, float]]]:
+    """Per-step training loss from the latest checkpoint, and the learning rate at the same steps
+    (AdamW with a constant train.lr: the driver has no learning-rate schedule)."""
+    loss = read_loss_history(trained.checkpoint_dir) if trained.checkpoint_dir else []
+    return {"train_loss": loss, "learning_rate": [(step, cfg.train.lr) for step, _ in loss]}
 
 
 def register_model(cfg: SoraFlowConfig, data: DatasetSplit, trained: TrainResult, evaluated: EvalResult, vae: VaeFitResult,
                    data_root: str, run_name: str) -> dict:
     """Log the run to MLflow, register the model folder, and move `champion` only if it is better."""
     registry = ModelRegistry(DataRoot(data_root), cfg.registry)
-    tags = {"dataset_version": data.version, "config_hash": config_hash(cfg), "manifest": data.manifest, "run_name": run_name}
-    params = {"config": cfg.model_dump(mode="json")}
-    metrics = {**{k: float(v) for k, v in evaluated.metrics.items() if isinstance(v, (int, float))},
-               **{f"train_{k}": float(v) for k, v in trained.metrics.items() if isinstance(v, (int, float))},
-               **{f"vae_{k}": float(v) for k, v in vae.metrics.items() if isinstance(v, (int, float))}}
+    version = data.version
+    tags = {"dataset_version": version, "config_hash": config_hash(cfg), "manifest": data.manifest, "run_name": run_name}
+    params = {"config": redact_config(cfg.model_dump(mode="json"))}
+    metrics = {**_numbers(evaluated.metrics), **_numbers(trained.metrics, "train_"), **_numbers(vae.metrics, "vae_")}
+    steps = int(trained.metrics.get("steps") or 0)
+    history = training_history(cfg, trained)
     with registry.run(run_name, params=params, tags=tags) as run_id:
-        registry.log_metrics(run_id, metrics)
+        points = log_history(registry.client, run_id, history)
+        log_dataset_input(registry.client, run_id, data.manifest, name=cfg.name, version=version,
+                          profile={"train_clips": trained.metrics.get("train_clips"), "val_clips": trained.metrics.get("val_clips")})
         for path in [trained.loss_curve_png, evaluated.samples_gif, *evaluated.samples_mp4]:
             if path and Path(path).exists():
                 registry.log_artifact(run_id, path, artifact_path="evaluation")
-        info = registry.register(run_id, trained.model_dir, metrics=metrics, tags=tags)
+        model_dir = Path(trained.model_dir)
+        write_model_card(model_dir, cfg, dataset_version=version, metrics=metrics)
+        info = registry.register(run_id, model_dir, metrics=metrics, tags=tags, step=steps)
     promoted, reason = registry.promote_if_better(info.version, cfg.eval.metric, cfg.eval.higher_is_better)
-    return {"name": info.name, "version": info.version, "promoted": promoted, "reason": reason, "run_id": info.run_id}
+    return {"name": info.name, "version": info.version, "promoted": promoted, "reason": reason, "run_id": info.run_id,
+            "experiment_id": registry.experiment_id, "tracking_uri": registry.tracking_uri, "history_points": points,
+            "run_url": run_url(registry.tracking_uri, registry.experiment_id, info.run_id, os.environ.get(MLFLOW_UI_ENV)),
+            "dataset_version": version}
+
+
+def _registered_markdown(r: dict) -> str:
+    backend = redact_url(r["tracking_uri"])
+    return (f"## {r['name']} v{r['version']}\n\n"
+            f"* champion: {'yes' if r['promoted'] else 'no'} ({r['reason']})\n"
+            f"* dataset version: `{r['dataset_version']}`\n"
+            f"* MLflow run: [{r['run_id']}]({r['run_url']}) (`mlflow ui --backend-store-uri {backend}`)\n"
+            f"* load it: `mlflow.set_tracking_uri(\"{backend}\")`, then "
+            f"`mlflow.pyfunc.load_model(\"models:/{r['name']}/{r['version']}\").predict([\"a red circle moving right\"])`\n")
 
 
 @task(name="register", **STAGE_RETRIES)
 def register_task(cfg: SoraFlowConfig, data: DatasetSplit, trained: TrainResult, evaluated: EvalResult, vae: VaeFitResult,
                   data_root: str, run_name: str) -> dict:
     """Log the run to MLflow, register the model folder, and move `champion` only if it is better."""
-    return register_model(cfg, data, trained, evaluated, vae, data_root, run_name)
+    registered = register_model(cfg, data, trained, evaluated, vae, data_root, run_name)
+    create_link_artifact(registered["run_url"], link_text=f"MLflow run of {registered['name']} v{registered['version']}",
+                         key="mlflow-run", description="The training run in the MLflow UI (start `mlflow ui` first)")
+    create_markdown_artifact(_registered_markdown(registered), key="registered-model", description="The registered MLflow model version")
+    return registered

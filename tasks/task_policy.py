@@ -10,7 +10,6 @@ from datetime import timedelta
 from pathlib import Path
 
 from prefect.tasks import exponential_backoff
-
 from soraflow.configs.schema import ConfigError
 from soraflow.storage.checkpoints import CheckpointError
 from soraflow.storage.faults import EnvironmentFault

@@ -40,7 +40,6 @@ from urllib.parse import urljoin
 
 import requests
 import urllib3
-
 from soraflow.configs.schema import HttpConfig
 from soraflow.storage.redact import redact_url
 from soraflow.tasks.ingest import url_policy

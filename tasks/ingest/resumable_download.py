@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import requests
-
 from soraflow.configs.schema import HttpConfig
 from soraflow.storage.layout import atomic_write_text, file_lock, path_lock_file
 from soraflow.tasks.ingest.http import (
@@ -32,13 +31,13 @@ from soraflow.tasks.ingest.http import (
     _NETWORK_ERRORS,
     BadInputError,
     _body_chunks,
+    _check_first,
     _Ctx,
     _Deadline,
     _get,
     _request_headers,
     _Retry,
     _run_with_retries,
-    _check_first,
     _status_check,
 )
 

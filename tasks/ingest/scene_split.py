@@ -25,19 +25,26 @@ from pathlib import Path
 from typing import Any
 
 import av
-from av.video.reformatter import VideoReformatter
 import cv2
 import numpy as np
+from av.video.reformatter import VideoReformatter
 from scenedetect import AdaptiveDetector, ContentDetector
 from scenedetect.common import FrameTimecode, Timecode
 from scenedetect.scene_manager import compute_downscale_factor, get_scenes_from_cuts
 from scenedetect.video_stream import VideoOpenFailure
-
 from soraflow.configs.schema import SplitConfig
 from soraflow.storage.faults import raise_if_environment
 from soraflow.storage.layout import DataRoot, UnsafePathError, safe_id
 from soraflow.storage.manifest import read_rows, reject, write_manifest
-from soraflow.storage.video_io import VideoError, VideoInfo, check_decode_bytes, check_geometry, probe_video, sha256_file, write_video
+from soraflow.storage.video_io import (
+    VideoError,
+    VideoInfo,
+    check_decode_bytes,
+    check_geometry,
+    probe_video,
+    sha256_file,
+    write_video,
+)
 
 # Errors that mean "this input is bad", as opposed to a shard-level failure (disk full), which raises.
 _BAD_VIDEO = (VideoError, VideoOpenFailure, av.error.FFmpegError, UnsafePathError)

@@ -26,7 +26,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-
 from soraflow.configs.schema import ConfigError, ScoreConfig
 from soraflow.storage.faults import raise_if_environment
 from soraflow.storage.layout import DataRoot

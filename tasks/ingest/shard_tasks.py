@@ -20,11 +20,27 @@ import json
 from pathlib import Path
 
 from prefect import task
-
-from soraflow.configs.schema import CaptionConfig, HttpConfig, ScoreConfig, SourceConfig, SplitConfig
+from soraflow.configs.schema import (
+    CaptionConfig,
+    HttpConfig,
+    ScoreConfig,
+    SourceConfig,
+    SplitConfig,
+)
 from soraflow.storage.layout import DataRoot, atomic_write_text
-from soraflow.storage.manifest import ManifestError, mark_duplicates, read_rows, write_manifest
-from soraflow.tasks.task_policy import RETRY_DELAYS, RETRY_JITTER, STAGE_CACHE_EXPIRATION, retry_unless_bad_input, stage_cache_key
+from soraflow.storage.manifest import (
+    ManifestError,
+    mark_duplicates,
+    read_rows,
+    write_manifest,
+)
+from soraflow.tasks.task_policy import (
+    RETRY_DELAYS,
+    RETRY_JITTER,
+    STAGE_CACHE_EXPIRATION,
+    retry_unless_bad_input,
+    stage_cache_key,
+)
 
 STAGES = ("download", "split", "caption", "score")
 

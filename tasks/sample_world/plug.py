@@ -16,7 +16,9 @@ from typing import Iterator
 from soraflow.configs.schema import SoraFlowConfig
 from soraflow.storage.layout import DataRoot
 from soraflow.tasks.ingest.sources.pexels import ENV_KEY
-from soraflow.tasks.sample_world import server  # SampleServer looked up at start-up: tests swap in a subclass
+from soraflow.tasks.sample_world import (
+    server,  # SampleServer looked up at start-up: tests swap in a subclass
+)
 
 SAMPLE_TOKEN = "${SAMPLE_SOURCE}"
 

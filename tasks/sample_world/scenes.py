@@ -29,7 +29,6 @@ from itertools import product
 from pathlib import Path
 
 import numpy as np
-
 from soraflow.storage.video_io import write_video
 
 COLORS: dict[str, tuple[int, int, int]] = {

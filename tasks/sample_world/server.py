@@ -67,7 +67,15 @@ from soraflow.tasks.sample_world.formats import (
     timecode,
     zip_bytes,
 )
-from soraflow.tasks.sample_world.handler import FAULTS, FaultQueue, LogEntry, Reply, RequestHandler, error_reply, json_reply
+from soraflow.tasks.sample_world.handler import (
+    FAULTS,
+    FaultQueue,
+    LogEntry,
+    Reply,
+    RequestHandler,
+    error_reply,
+    json_reply,
+)
 from soraflow.tasks.sample_world.scenes import plan_videos, render_video, scale_spec
 
 # Importers (tests, the ingest tests' fault lists) read these from here too.

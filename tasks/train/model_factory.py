@@ -4,12 +4,8 @@ Nothing here downloads. A configured path must exist locally; where the config n
 path, the tiny parts live under <data root>/models/: the tiny T5 is built once from its
 config, the tiny VAE is fitted by the train flow (tasks/train/vae_fit.py).
 
-A *model folder* is what the registry stores and `--ckpt` accepts:
-
-    stdit/model.safetensors + stdit/config.json   STDiT weights (EMA) and constructor kwargs
-    soraflow.json                                 the full SoraFlow config it was trained with
-    vae/                                          diffusers AutoencoderKL (only if fitted locally)
-    text_encoder/                                 T5 encoder + tokenizer (only if the tiny one)
+A *model folder* is what the registry stores and `--ckpt` accepts; its layout (Hugging Face
+conventions, a model card README.md) is described and read in storage/model_folder.py.
 """
 
 from __future__ import annotations
@@ -24,29 +20,23 @@ from pathlib import Path
 import torch
 from soraflow.configs.schema import SoraFlowConfig
 from soraflow.models.diffusion import build_scheduler
-from soraflow.models.stdit import STDiT, build_stdit
+from soraflow.models.stdit import STDIT_PRESETS, STDiT, build_stdit
 from soraflow.models.text_encoder import T5TextEncoder, build_tiny_t5
 from soraflow.models.text_to_video import TextToVideo
 from soraflow.models.vae import VideoVAE, build_tiny_vae
 from soraflow.storage.checkpoints import (
     CheckpointError,
     load_weights_into,
-    read_model_config,
     read_state_dict,
     refuse_pickles,
     save_model_dir,
 )
 from soraflow.storage.layout import DataRoot, atomic_write_text
+from soraflow.storage.model_card import write_model_card
+from soraflow.storage.model_folder import is_model_folder, load_model_folder
+from soraflow.storage.redact import redact_config
 
 log = logging.getLogger(__name__)
-
-
-MODEL_CONFIG = "soraflow.json"  # marks a model folder (see the module docstring)
-
-
-def is_model_dir(path: str | Path) -> bool:
-    """True for a local SoraFlow model folder (holds soraflow.json)."""
-    return Path(path).is_dir() and (Path(path) / MODEL_CONFIG).exists()
 
 
 def _short_hash(obj) -> str:
@@ -156,14 +146,21 @@ def export_model_dir(
     stdit_config: dict,
     vae_dir: Path | None,
     text_encoder_dir: Path | None,
+    dataset_version: str | None = None,
+    metrics: dict | None = None,
 ) -> Path:
-    """Write a self-contained model folder (see the module docstring)."""
+    """Write a self-contained model folder (storage/model_folder.py) with its model card.
+
+    stdit/ is what `STDiT.save_pretrained` writes (model.safetensors without the recomputed
+    positional buffers, config.json = the constructor kwargs), so `STDiT.from_pretrained` reads it.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    save_model_dir(folder / "stdit", stdit_state, {"preset": cfg.model.preset, "kwargs": stdit_config})
-    atomic_write_text(folder / MODEL_CONFIG, json.dumps(cfg.model_dump(mode="json"), indent=2))
+    save_model_dir(folder / "stdit", stdit_state, {**STDIT_PRESETS[cfg.model.preset], **stdit_config})
+    atomic_write_text(folder / "soraflow.json", json.dumps(redact_config(cfg.model_dump(mode="json")), indent=2))  # folders get shared
     for name, src in (("vae", vae_dir), ("text_encoder", text_encoder_dir)):
         if src is not None:
             shutil.copytree(src, folder / name, dirs_exist_ok=True)
+    write_model_card(folder, cfg, dataset_version=dataset_version, metrics=metrics)
     refuse_pickles(folder)
     return folder
 
@@ -182,20 +179,9 @@ def load_pipeline(
     recomputed temporal positional buffer does.
     """
     folder = Path(ckpt) if ckpt is not None else None
-    if folder is not None and is_model_dir(folder):
-        refuse_pickles(folder)
-        cfg = SoraFlowConfig.model_validate({**json.loads((folder / MODEL_CONFIG).read_text()), "data": cfg.data.model_dump(), "generate": cfg.generate.model_dump()})
-        te_dir = folder / "text_encoder" if (folder / "text_encoder").is_dir() else None
-        vae_dir_ = folder / "vae" if (folder / "vae").is_dir() else None
-        text_encoder = load_text_encoder(cfg, root, te_dir)
-        vae, _ = load_vae(cfg, root, vae_dir_)
-        meta = read_model_config(folder / "stdit")
-        if num_frames:
-            cfg.video.num_frames = num_frames
-            meta["kwargs"]["input_size"][0] = vae.get_latent_size((num_frames, *cfg.video.image_size))[0]
-        stdit = build_stdit(meta["preset"], **meta["kwargs"])
-        load_weights_into(stdit, read_state_dict(folder / "stdit"), str(folder / "stdit"))
-        source = f"model folder {folder}"
+    if folder is not None and is_model_folder(folder):
+        pipe, cfg = load_model_folder(folder, cfg, num_frames=num_frames)
+        return pipe, f"model folder {folder}"
     else:
         if num_frames:
             cfg = cfg.model_copy(deep=True)

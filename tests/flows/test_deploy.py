@@ -1,5 +1,5 @@
 """The deployments end to end, as a user runs them: a real `prefect server start` on 127.0.0.1,
-`soraflow serve` in a subprocess, `prefect deployment run 'pipeline/scheduled-pipeline' --watch`,
+`soraflow serve` in a subprocess, `prefect deployment run 'soraflow-pipeline/scheduled-pipeline' --watch`,
 then the run's state, artifacts and the dataset event's triggered retrain through the Prefect API.
 
 All loopback (the sample source is served on 127.0.0.1 by the ingest flow), with a tiny config
@@ -91,7 +91,7 @@ def stack(tmp_path_factory):
                 def both_deployments():
                     if not serve.alive():
                         raise AssertionError("soraflow serve exited")
-                    return {name: client.read_deployment_by_name(name) for name in ("pipeline/scheduled-pipeline", "train/retrain-on-new-data")}
+                    return {name: client.read_deployment_by_name(name) for name in ("soraflow-pipeline/scheduled-pipeline", "soraflow-train/retrain-on-new-data")}
 
                 try:
                     s.deployments = wait_for("soraflow serve to create both deployments", both_deployments, timeout=180, interval=2)
@@ -105,11 +105,12 @@ def stack(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipeline_run(stack):
     """Run the pipeline deployment once with the CLI, as the README shows; returns (flow run id, CLI output)."""
-    prefect = str(Path(sys.executable).with_name("prefect"))
+    script = Path(sys.executable).with_name("prefect")
+    prefect = [str(script)] if script.exists() else [sys.executable, "-m", "prefect"]
     t0 = time.monotonic()
     with stack.explained():
         proc = subprocess.run(
-            [prefect, "deployment", "run", "pipeline/scheduled-pipeline", "--watch", "--watch-timeout", "360"],
+            [*prefect, "deployment", "run", "soraflow-pipeline/scheduled-pipeline", "--watch", "--watch-timeout", "360"],
             env=stack.server.env(),
             cwd=REPO,
             capture_output=True,
@@ -155,8 +156,8 @@ def test_serve_creates_deployments_with_schedule_trigger_and_limits(stack):
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy
 
     with stack.explained(), stack.server.client() as client:
-        pipeline = stack.deployments["pipeline/scheduled-pipeline"]
-        retrain = stack.deployments["train/retrain-on-new-data"]
+        pipeline = stack.deployments["soraflow-pipeline/scheduled-pipeline"]
+        retrain = stack.deployments["soraflow-train/retrain-on-new-data"]
 
         # the cron schedule from --cron, active
         crons = [s.schedule.cron for s in pipeline.schedules if getattr(s.schedule, "cron", None)]
@@ -203,15 +204,17 @@ def test_pipeline_deployment_run_completes_with_artifacts(stack, pipeline_run):
     with stack.explained(), stack.server.client() as client:
         run = client.read_flow_run(flow_run_id)
         assert run.state.is_completed(), run.state
-        assert run.deployment_id == stack.deployments["pipeline/scheduled-pipeline"].id
+        assert run.deployment_id == stack.deployments["soraflow-pipeline/scheduled-pipeline"].id
         assert run.parameters["params"]["overrides"] == TINY
 
         subflows = _subflow_ids(client, flow_run_id)
-        assert set(subflows) == {"ingest", "train"}, subflows
+        assert set(subflows) == {"soraflow-ingest", "soraflow-train"}, subflows
         for sub in subflows.values():
             assert client.read_flow_run(sub).state.is_completed()
         arts = _artifacts_by_key(client, [flow_run_id, *subflows.values()])
-        assert {"ingest-manifests", "manifest-statistics", "eval-metrics", "model-card"} <= set(arts), sorted(arts)
+        assert {"ingest-manifests", "manifest-statistics", "eval-metrics", "model-card", "mlflow-run", "registered-model"} <= set(arts), sorted(arts)
+        assert re.search(r"\(http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]{32}\)$", arts["mlflow-run"].data), arts["mlflow-run"].data
+        assert "mlflow.pyfunc.load_model" in arts["registered-model"].data
 
         # ingest: one row per stage, each an existing manifest under the data root
         stages = _table(arts["ingest-manifests"])
@@ -223,7 +226,7 @@ def test_pipeline_deployment_run_completes_with_artifacts(stack, pipeline_run):
         # every scene becomes one clip with its source caption, and none is rejected
         print("ingest-manifests:", stages)
         assert [(row["rows"], row["ok"]) for row in stages] == [(8, 8)] * 4, stages
-        assert arts["ingest-manifests"].flow_run_id == subflows["ingest"]
+        assert arts["ingest-manifests"].flow_run_id == subflows["soraflow-ingest"]
 
         stats = {row["statistic"]: row["value"] for row in _table(arts["manifest-statistics"])}
         assert int(stats["ok"]) == stages[-1]["ok"], stats
@@ -233,7 +236,7 @@ def test_pipeline_deployment_run_completes_with_artifacts(stack, pipeline_run):
         metrics = {row["metric"]: row["value"] for row in _table(arts["eval-metrics"])}
         assert int(float(metrics["steps"])) == 4, metrics
         assert "adherence_all" in metrics and 0.0 <= float(metrics["adherence_all"]) <= 1.0, metrics
-        assert arts["eval-metrics"].flow_run_id == subflows["train"]
+        assert arts["eval-metrics"].flow_run_id == subflows["soraflow-train"]
         card = arts["model-card"].data
         assert re.search(r"## soraflow-local v\d+", card), card
         model_dir = re.search(r"model folder: `([^`]+)`", card).group(1)
@@ -250,9 +253,9 @@ def test_dataset_event_triggers_retrain_on_a_new_manifest(stack, pipeline_run):
     from soraflow.storage.manifest import dataset_version
 
     flow_run_id, _ = pipeline_run
-    retrain = stack.deployments["train/retrain-on-new-data"]
+    retrain = stack.deployments["soraflow-train/retrain-on-new-data"]
     with stack.explained(), stack.server.client() as client:
-        ingest_id = _subflow_ids(client, flow_run_id)["ingest"]
+        ingest_id = _subflow_ids(client, flow_run_id)["soraflow-ingest"]
         final_manifest = _table(_artifacts_by_key(client, [ingest_id])["ingest-manifests"])[-1]["manifest"]
 
         def retrain_runs():
@@ -287,7 +290,7 @@ def test_dataset_event_triggers_retrain_on_a_new_manifest(stack, pipeline_run):
         assert len(runs) == 1, [(r.name, r.state_name) for r in runs]
         run = runs[0]
         assert run.parameters["manifest"] == new_manifest
-        assert run.parameters["params"] == stack.deployments["pipeline/scheduled-pipeline"].parameters["params"]
+        assert run.parameters["params"] == stack.deployments["soraflow-pipeline/scheduled-pipeline"].parameters["params"]
 
         def finished():
             r = client.read_flow_run(run.id)

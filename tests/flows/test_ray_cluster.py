@@ -21,12 +21,11 @@ import time
 from pathlib import Path
 
 import pytest
-from training_data import make_clip_manifest, train_cfg
-from videos import make_scene_video
-
 from soraflow.storage.holdout import DatasetSplit
 from soraflow.storage.layout import DataRoot
 from soraflow.storage.manifest import new_row, read_rows, write_manifest
+from training_data import make_clip_manifest, train_cfg
+from videos import make_scene_video
 
 pytestmark = pytest.mark.slow
 

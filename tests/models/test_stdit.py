@@ -386,3 +386,25 @@ def test_load_opensora_state_dict_recomputes_buffers_and_is_strict():
         "pos_embed", "pos_embed_temporal", "blocks.0.mlp.fc1.bias"}
     with pytest.raises(RuntimeError, match="unexpected"):
         dst.load_opensora_state_dict({**sd, "extra.weight": torch.zeros(1)})
+
+
+def test_save_pretrained_from_pretrained_round_trip(tmp_path):
+    """Hugging Face folder conventions: model.safetensors (no positional buffers) + config.json kwargs."""
+    from safetensors.torch import load_file
+    from soraflow.models.stdit import POSITIONAL_BUFFERS
+
+    torch.manual_seed(0)
+    model = build_stdit("STDiT-Tiny", pred_sigma=False)
+    model.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text()) == model.config
+    assert not set(POSITIONAL_BUFFERS) & set(load_file(str(tmp_path / "m" / "model.safetensors")))
+    again = STDiT.from_pretrained(tmp_path / "m")
+    assert not again.training and again.config == model.config
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    shorter = STDiT.from_pretrained(tmp_path / "m", input_size=[4, 8, 8])  # another clip length, same weights
+    assert shorter.pos_embed_temporal.shape[1] == 4 and torch.equal(shorter.final_layer.linear.weight, model.final_layer.linear.weight)
+    with pytest.raises(ValueError, match="do not fit config.json"):
+        STDiT.from_pretrained(tmp_path / "m", hidden_size=64, num_heads=4)
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        STDiT.from_pretrained(tmp_path / "nothing-here")

@@ -114,10 +114,11 @@ class PrefectServer:
 
     def __enter__(self) -> "PrefectServer":
         self.home.mkdir(parents=True, exist_ok=True)
-        prefect = Path(sys.executable).with_name("prefect")
+        script = Path(sys.executable).with_name("prefect")  # a venv that reuses another's packages has no script
+        prefect = [str(script)] if script.exists() else [sys.executable, "-m", "prefect"]
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
-                [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                [*prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
                 env=self.env(),
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -49,7 +49,12 @@ def test_cache_key_depends_on_inputs_source_and_root_instance(tmp_path):
 
 
 def test_stage_results_expire_and_are_json():
-    from soraflow.tasks.ingest.shard_tasks import download_shard, list_source, merge_shards, split_shard
+    from soraflow.tasks.ingest.shard_tasks import (
+        download_shard,
+        list_source,
+        merge_shards,
+        split_shard,
+    )
     from soraflow.tasks.task_policy import STAGE_CACHE_EXPIRATION
 
     for t in (download_shard, split_shard, merge_shards):

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import requests
-
 from soraflow.configs.schema import HttpConfig, SourceConfig
 from soraflow.storage.faults import raise_if_environment
 from soraflow.storage.layout import DataRoot, LockHeldError, UnsafePathError

@@ -29,15 +29,32 @@ from urllib.parse import urlsplit
 
 import av
 import requests
-
 from soraflow.configs.schema import HttpConfig, SourceConfig
 from soraflow.storage.faults import raise_if_environment
-from soraflow.storage.layout import DataRoot, UnsafePathError, atomic_output, file_lock, path_lock_file, safe_id, safe_join
+from soraflow.storage.layout import (
+    DataRoot,
+    UnsafePathError,
+    atomic_output,
+    file_lock,
+    path_lock_file,
+    safe_id,
+    safe_join,
+)
 from soraflow.storage.manifest import new_row, reject
 from soraflow.storage.video_io import VideoError, VideoInfo
-from soraflow.tasks.ingest.sources import describe, probe_downloaded, probe_or_none, video_row
-from soraflow.tasks.ingest.http import BadInputError, TransientError, check_url, get_json
+from soraflow.tasks.ingest.http import (
+    BadInputError,
+    TransientError,
+    check_url,
+    get_json,
+)
 from soraflow.tasks.ingest.resumable_download import download_file
+from soraflow.tasks.ingest.sources import (
+    describe,
+    probe_downloaded,
+    probe_or_none,
+    video_row,
+)
 
 log = logging.getLogger(__name__)
 

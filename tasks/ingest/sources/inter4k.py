@@ -26,10 +26,16 @@ import zipfile
 from pathlib import Path
 
 from soraflow.configs.schema import HttpConfig, SourceConfig
-from soraflow.storage.layout import DataRoot, atomic_output, atomic_write_text, safe_id, safe_join
-from soraflow.tasks.ingest.sources import probe_or_none, video_row
+from soraflow.storage.layout import (
+    DataRoot,
+    atomic_output,
+    atomic_write_text,
+    safe_id,
+    safe_join,
+)
 from soraflow.tasks.ingest.http import BadInputError
 from soraflow.tasks.ingest.resumable_download import download_file
+from soraflow.tasks.ingest.sources import probe_or_none, video_row
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from urllib.parse import urlsplit
 
 from soraflow.configs.schema import HttpConfig, SourceConfig
 from soraflow.storage.layout import DataRoot, file_lock, path_lock_file, safe_id
-from soraflow.tasks.ingest.sources import probe_downloaded, probe_or_none, video_row
 from soraflow.tasks.ingest.http import BadInputError, get_json, rate_limit_wait
 from soraflow.tasks.ingest.resumable_download import download_file
+from soraflow.tasks.ingest.sources import probe_downloaded, probe_or_none, video_row
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ from soraflow.storage.layout import DataRoot
 from soraflow.storage.manifest import lineage, new_row, read_rows, write_manifest
 from soraflow.storage.video_io import probe_video, read_frames, sha256_file
 from soraflow.tasks.ingest.scene_split import (
-    split_variant,
     clip_size,
     detect_scenes,
     split_manifest,
     split_rows,
+    split_variant,
 )
 from videos import make_scene_video
 

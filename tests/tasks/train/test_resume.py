@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 from soraflow.storage.checkpoints import COMPLETE_MARKER, save_training_state
-from soraflow.tasks.train.resume import checkpoint_folders, checkpoint_name, latest_step, prune_checkpoints, resume_state
+from soraflow.tasks.train.resume import (
+    checkpoint_folders,
+    checkpoint_name,
+    latest_step,
+    prune_checkpoints,
+    resume_state,
+)
 
 
 def _save(run_dir, step):

@@ -74,7 +74,6 @@ def test_local_training_learns_and_checkpoints_without_pickles(data):
 
 def test_bf16_precision_learns_with_fp32_master_state(data):
     from safetensors import safe_open
-
     from soraflow.tasks.train.driver import train
 
     root, manifest, vae_dir = data
