@@ -19,7 +19,7 @@ MASK = "***"
 # Names of config keys, query parameters and headers whose values are secrets.
 SECRET_NAME = re.compile(r"(key|token|secret|passw|pwd|credential|auth|cookie|signature|^sig$|session)", re.I)
 # Config keys that match SECRET_NAME but hold no secret (a path to a key file is not the key).
-_NOT_SECRET = re.compile(r"(_path|_dir|_file|_s|_bytes|_headers|_hosts|^max_|^min_)$", re.I)
+_NOT_SECRET = re.compile(r"(_path|_dir|_file|_s|_bytes|_headers|_hosts)$|^(max|min)_", re.I)
 _URL_IN_TEXT = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.I)
 
 
@@ -56,7 +56,7 @@ def redact_config(value: Any) -> Any:
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
-            if isinstance(k, str) and is_secret_name(k) and v is not None and not isinstance(v, (dict, list, bool)):
+            if isinstance(k, str) and is_secret_name(k) and isinstance(v, str) and v:  # secrets are strings; numbers stay
                 out[k] = MASK
             else:
                 out[k] = redact_config(v)

@@ -88,20 +88,18 @@ def _io(call: Call) -> str:
 def load_models(cfg: SoraFlowConfig, root: DataRoot, model_ref: str | None = "champion", ckpt: str | None = None):
     """The pipeline and where its weights came from: --ckpt, else the registry's `model_ref`, else random."""
     if ckpt is None and model_ref:
-        from soraflow.storage.registry import RegistryError
-        from soraflow.tasks.generate import resolve_model_ref
+        from soraflow.storage.registry import ModelRegistry, RegistryError
 
         if not cfg.registry.tracking_uri and not (root.registry / "mlflow.db").exists():  # nothing trained here yet
             pipe, source = load_pipeline(cfg, root, None)
             return pipe, f"{source} (no registry under {root.registry}: untrained)"
-        try:
-            ckpt = str(resolve_model_ref(cfg, root, model_ref))
+        try:  # through the version's MLflow model, as `soraflow generate --model` loads it
+            pipe, source = ModelRegistry(root, cfg.registry).load_pipeline(model_ref, cfg)
         except (RegistryError, FileNotFoundError) as e:
             log.info("no registry model %r: %s", model_ref, e)
             pipe, source = load_pipeline(cfg, root, None)
             return pipe, f"{source} (registry has no {model_ref!r}: untrained)"
-        pipe, source = load_pipeline(cfg, root, ckpt)
-        return pipe, f"registry {model_ref!r}: {source} (trained)"
+        return pipe, f"{source} (trained)"
     pipe, source = load_pipeline(cfg, root, ckpt)
     return pipe, source + (" (trained)" if ckpt else " (untrained)")
 

@@ -16,7 +16,11 @@ from training_data import make_clip_manifest
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
+    from soraflow.storage.holdout import DatasetSplit
+    from soraflow.tasks.evaluate import EvalResult
     from soraflow.tasks.register import register_model
+    from soraflow.tasks.train.driver import TrainResult
+    from soraflow.tasks.train.vae_fit import VaeFitResult
 
     base = tmp_path_factory.mktemp("register")
     root = DataRoot(base / "data")
@@ -31,10 +35,11 @@ def registered(tmp_path_factory):
     grid.parent.mkdir()
     curve.write_bytes(b"\x89PNG fake")
     grid.write_bytes(b"GIF89a fake")
-    trained = {"run_dir": str(base / "run"), "checkpoint_dir": str(ckpt), "model_dir": str(folder), "loss_curve": str(curve),
-               "metrics": {"steps": 6, "final_loss": 0.6, "train_clips": 2, "val_clips": 0}, "resumed_from_step": None}
-    evaluated = {"metrics": {"val_loss": 0.4, "adherence_all": 0.5}, "grid": str(grid), "samples": [], "per_prompt": []}
-    out = register_model(cfg, str(manifest), trained, evaluated, {"metrics": {"recon_mse": 0.01}}, str(root.root), "run-a")
+    trained = TrainResult(run_dir=base / "run", checkpoint_dir=ckpt, model_dir=Path(folder), loss_curve_png=curve,
+                          metrics={"steps": 6, "final_loss": 0.6, "train_clips": 2, "val_clips": 0})
+    evaluated = EvalResult(metrics={"val_loss": 0.4, "adherence_all": 0.5}, samples_gif=grid)
+    data = DatasetSplit.read(manifest, cfg.train.val_fraction)
+    out = register_model(cfg, data, trained, evaluated, VaeFitResult(path=base, metrics={"recon_mse": 0.01}), str(root.root), "run-a")
     return out, cfg, root, manifest, folder, secret_url
 
 
