@@ -2,6 +2,7 @@
 
 A config is data: YAML parsed with `yaml.safe_load`, validated here, never executed.
 Unknown keys are errors (extra="forbid"), so a typo names the file and the key.
+Over 400 lines on purpose: the whole config shape in one file, section after section, as the YAML reads.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 Conventions (flows/console.py): results as a table and then their paths one per line, or one
 JSON object with --json; expected failures as one line, exit 2 for usage errors and 1 for run
 failures, a traceback only with --debug (or SORAFLOW_DEBUG=1); quiet unless --verbose.
+Over 400 lines on purpose: every command is a thin function, and one file shows them all.
 """
 
 from __future__ import annotations

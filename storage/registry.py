@@ -1,4 +1,5 @@
 """The model registry: MLflow runs and registered model versions, pickle-free.
+(Over 400 lines: one class over one MLflow concept; the pyfunc model and tracking helpers live beside it.)
 
     <data root>/registry/mlflow.db        tracking + registry backend (sqlite), unless
                                           cfg.tracking_uri points at a shared server
