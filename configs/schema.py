@@ -244,7 +244,7 @@ class TrainConfig(Section):
     dataloader_workers: int = 0
 
 
-# The metrics each evaluation scorer adds (tasks/scorers.py); val_loss is always computed.
+# The metrics each evaluation scorer adds (tasks/eval_scorers.py); val_loss is always computed.
 ALWAYS_METRICS = ("val_loss",)
 SCORER_METRICS: dict[str, tuple[str, ...]] = {
     # the synthetic world's prompt adherence (captions from its colour/shape/direction vocabulary)

@@ -7,7 +7,7 @@
       samples  : up to eval.num_prompts distinct held-out captions -> the model folder loaded
                  with tasks.components.load_pipeline -> (B, 3, T, H, W) -> one mp4 per prompt
                  and one GIF grid
-      scorers  : eval.scorers (tasks/scorers.py) on the samples: prompt adherence for the
+      scorers  : eval.scorers (tasks/eval_scorers.py) on the samples: prompt adherence for the
                  synthetic world's captions, open_clip text-video similarity for any captions
 
 Metric keys: val_loss, num_prompts, num_samples, val_clips, sampling figures, and each
@@ -32,7 +32,7 @@ from soraflow.storage.layout import DataRoot, atomic_write_text
 from soraflow.storage.model_folder import is_model_folder
 from soraflow.storage.video_io import tile_grid, to_uint8_frames, write_gif, write_video
 from soraflow.tasks.generate import slug
-from soraflow.tasks.scorers import run_scorers
+from soraflow.tasks.eval_scorers import run_scorers
 from soraflow.tasks.task_policy import STAGE_RETRIES
 from soraflow.tasks.train.model_factory import load_pipeline
 
@@ -124,7 +124,7 @@ def evaluate(
         mp4s.append(write_video(out_dir / f"{k // reps:02d}-{k % reps}-{slug(prompt)}.mp4", f, fps=v.fps))
     gif = write_gif(out_dir / "samples_grid.gif", tile_grid(frames, cols=reps if reps > 1 else None), fps=v.fps, scale=3)  # a row per prompt
     train_clips = lambda: VideoClipDataset(train_rows, v.num_frames, v.frame_interval, tuple(v.image_size), train=False)  # noqa: E731
-    scores = run_scorers(cfg, pipe, frames, prompts, clips, train_clips)  # eval.scorers (tasks/scorers.py)
+    scores = run_scorers(cfg, pipe, frames, prompts, clips, train_clips)  # eval.scorers (tasks/eval_scorers.py)
 
     metrics = {
         "val_loss": val_loss,

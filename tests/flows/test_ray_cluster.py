@@ -5,11 +5,14 @@ The cluster is what an engineer starts by hand: `ray start --head` and a second 
 RAY_AUTH_TOKEN, as Ray >= 2.52 supports and 2.61 will require). Both nodes share this machine's
 disk, which stands in for the shared storage a real cluster needs for `runs/`, the cache and the
 registry. Each `ray start` runs in a session of its own, so the test stops exactly the processes it
-started (their process groups), never another Ray on the machine.
+started (their process groups), never another Ray on the machine. The drivers run in child
+processes too: Ray caches the auth token per process, and this pytest process must keep the
+token of the local instances other tests start.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -17,14 +20,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
-from soraflow.storage.holdout import DatasetSplit
 from soraflow.storage.layout import DataRoot
 from soraflow.storage.manifest import new_row, read_rows, write_manifest
-from training_data import make_clip_manifest, train_cfg
 from videos import make_scene_video
 
 pytestmark = pytest.mark.slow
@@ -76,65 +78,70 @@ class TwoNodeCluster:
 @pytest.fixture(scope="module")
 def cluster():
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    os.environ.update({k: env[k] for k in saved})  # the driver (this process) authenticates too
+           "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "support"), os.environ.get("PYTHONPATH", "")])}
     c = TwoNodeCluster(env)
     try:
         yield c.start()
     finally:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
         c.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
-def _worker_nodes(dashboard: str) -> set[str]:
-    """Node ids of the Ray Train workers the cluster ran (the state API keeps dead actors)."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=dashboard, filters=[("class_name", "=", "RayTrainWorker")], detail=True,
-                         raise_on_missing_output=False)
-    return {a.node_id for a in actors}
+def _driver(cluster: TwoNodeCluster, code: str) -> dict:
+    """Run `code` as a Ray driver in a child process with the cluster's token; its last stdout line is JSON."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=cluster.env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_training_spreads_two_workers_over_both_nodes(cluster, tmp_path):
-    from soraflow.tasks.train.driver import train
-    from soraflow.tasks.train.vae_fit import fit_vae
+    out = _driver(cluster, f"""
+        import json
+        from pathlib import Path
+        from ray.util.state import list_actors
+        from training_data import make_clip_manifest, train_cfg
+        from soraflow.storage.holdout import DatasetSplit
+        from soraflow.storage.layout import DataRoot
+        from soraflow.tasks.train.driver import train
+        from soraflow.tasks.train.vae_fit import fit_vae
 
-    root = DataRoot(tmp_path / "data")
-    manifest = make_clip_manifest(tmp_path / "videos", root, n=8, frames=12)
-    cfg = train_cfg(root, **{"train.ray_address": cluster.address, "train.num_workers": 2, "train.steps": 6,
-                             "train.batch_size": 2, "train.ckpt_every": 6, "train.log_every": 3})
-    data = DatasetSplit.read(manifest, cfg.train.val_fraction)
-    vae = fit_vae(cfg, data, root, progress=False)
-    result = train(cfg, data, root, vae.path, run_name="cluster")
-
-    assert result.metrics["steps"] == 6 and result.metrics["world_size"] == 2
-    assert any(result.model_dir.rglob("*.safetensors"))
-    assert len(_worker_nodes(cluster.dashboard)) == 2  # one CPU per node: one worker on each
+        root = DataRoot({str(tmp_path / "data")!r})
+        manifest = make_clip_manifest(Path({str(tmp_path / "videos")!r}), root, n=8, frames=12)
+        cfg = train_cfg(root, **{{"train.ray_address": {cluster.address!r}, "train.num_workers": 2, "train.steps": 6,
+                                 "train.batch_size": 2, "train.ckpt_every": 6, "train.log_every": 3}})
+        data = DatasetSplit.read(manifest, cfg.train.val_fraction)
+        vae = fit_vae(cfg, data, root, progress=False)
+        result = train(cfg, data, root, vae.path, run_name="cluster")
+        # the state API (served by the head's dashboard) keeps the finished workers
+        actors = list_actors(address={cluster.dashboard!r}, filters=[("class_name", "=", "RayTrainWorker")], detail=True,
+                             raise_on_missing_output=False)
+        print(json.dumps({{"steps": result.metrics["steps"], "world_size": result.metrics["world_size"],
+                          "weights": [str(p) for p in result.model_dir.rglob("*.safetensors")],
+                          "nodes": sorted({{a.node_id for a in actors}})}}))
+    """)
+    assert out["steps"] == 6 and out["world_size"] == 2
+    assert out["weights"]
+    assert len(out["nodes"]) == 2  # one CPU per node: one worker on each
 
 
 def test_an_ingest_stage_maps_its_shards_on_the_cluster(cluster, tmp_path):
-    from soraflow.flows.ingest import run_single_stage
-    from soraflow.flows.params import RunParams
-
     root = DataRoot(tmp_path / "data")
     rows = []
     for i in range(2):
         video = make_scene_video(tmp_path / f"v{i}.mp4", [1.5, 1.5], fps=24.0, seed=i)
         rows.append(new_row(path=str(video.path), video_id=f"v{i}", source="hdvg", status="ok"))
     manifest = write_manifest(rows, "download", root)
-    params = RunParams(config="local", data_root=str(root.root), overrides=[
-        "ingest.task_runner=ray", f"ingest.ray_address={cluster.address}", "ingest.shard_size=1",
-        "ingest.split.fps=24.0", "ingest.split.short_side=32"])
-    out = run_single_stage("split", params, str(manifest))
+    overrides = ["ingest.task_runner=ray", f"ingest.ray_address={cluster.address}", "ingest.shard_size=1",
+                 "ingest.split.fps=24.0", "ingest.split.short_side=32"]
+    out = _driver(cluster, f"""
+        import json
+        from soraflow.flows.ingest import run_single_stage
+        from soraflow.flows.params import RunParams
+
+        params = RunParams(config="local", data_root={str(root.root)!r}, overrides={overrides!r})
+        print(json.dumps(run_single_stage("split", params, {str(manifest)!r}), default=str))
+    """)
 
     clips = [r for r in read_rows(out["manifest"]) if r["status"] == "ok"]
     assert len(clips) == 4 and all(Path(r["path"]).exists() for r in clips)  # 2 videos x 2 scenes

@@ -267,10 +267,10 @@ import socket  # noqa: E402
 import struct  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
 from urllib.parse import parse_qs, urlsplit  # noqa: E402
 
 from soraflow.tasks.ingest.http import TransientError  # noqa: E402
+from loopback import LoopbackServer  # noqa: E402
 
 
 def _mp4(frames: int = 90, fps: float = 30.0, offset: int = 0) -> bytes:
@@ -292,33 +292,15 @@ class MiniSource:
         self.faults: list[list] = []  # [prefix, fault, times_left, opts]
         self.requests_log: list[dict] = []
         self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                outer._handle(self)
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, *a):
-                pass
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.server = LoopbackServer(self._handle)
+        self.httpd, self.base_url = self.server.httpd, self.server.base_url
 
     def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        self.server.start()
         return self
 
     def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.stop()
 
     def inject(self, path_prefix: str, fault: str, times: int = 1, **opts):
         self.faults.append([path_prefix, fault, times, opts])

@@ -18,11 +18,11 @@ import sys
 import textwrap
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from soraflow.storage.video_io import write_video
+from loopback import LoopbackServer
 from videos import make_scene_video
 
 pytestmark = pytest.mark.slow  # child processes that import soraflow: a few seconds each
@@ -53,34 +53,16 @@ class PexelsLike:
         self.stall = threading.Event()  # set: the stalled file hangs half-way
         self.half_sent = threading.Event()
         self.release = threading.Event()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):
-                outer._get(self)
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, *a):
-                pass
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.server = LoopbackServer(self._get)
+        self.httpd, self.base = self.server.httpd, self.server.base_url
 
     def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        self.server.start()
         return self
 
     def __exit__(self, *exc):
         self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.stop()
 
     def gets(self, path: str) -> list[dict]:
         return [h for p, h in self.log if p == path]

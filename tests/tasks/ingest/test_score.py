@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 
-import open_clip
 import pytest
 import torch
 from PIL import Image
@@ -21,6 +19,7 @@ from soraflow.tasks.ingest.score import (
     score_manifest,
     score_rows,
 )
+from tiny_clip import make_tiny_clip
 from videos import make_panning_video, make_scene_video, make_static_video
 
 TINY_CLIP = "SoraFlow-Test-Tiny-CLIP"
@@ -45,18 +44,9 @@ def videos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A tiny open_clip architecture registered by config, and its (seeded random) weights as a local file."""
-    d = tmp_path_factory.mktemp("tiny-clip")
-    config = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
-        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
-    }
-    (d / f"{TINY_CLIP}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(d / f"{TINY_CLIP}.json")
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms(TINY_CLIP, pretrained=None)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "clip.safetensors"))
-    return model.eval(), preprocess, d / "clip.safetensors"
+    model, preprocess, _, weights = make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), TINY_CLIP,
+                                                   {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1})
+    return model, preprocess, weights
 
 
 def _head(path, layers: dict[str, torch.Tensor]):

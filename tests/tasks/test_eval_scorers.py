@@ -3,7 +3,6 @@ open_clip text-video similarity against a tiny open_clip model built here (no do
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from soraflow.configs.schema import SCORER_METRICS, ConfigError, load_config
-from soraflow.tasks.scorers import SCORERS, ClipSimilarity, run_scorers
+from soraflow.tasks.eval_scorers import SCORERS, ClipSimilarity, run_scorers
+from tiny_clip import make_tiny_clip
 
 TINY = "SoraFlow-Test-Tiny-CLIP-Text"
 
@@ -20,19 +20,10 @@ TINY = "SoraFlow-Test-Tiny-CLIP-Text"
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A tiny open_clip model registered by config; its seeded weights as local safetensors."""
-    d = tmp_path_factory.mktemp("tiny-clip")
-    config = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
-        # the stock BPE tokenizer's ids go up to 49407: the embedding table must hold them
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
-    }
-    (d / f"{TINY}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(d / f"{TINY}.json")
-    torch.manual_seed(0)
-    model, _, _ = open_clip.create_model_and_transforms(TINY, pretrained=None)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "clip.safetensors"))
-    return d / f"{TINY}.json", d / "clip.safetensors"
+    # the stock BPE tokenizer's ids go up to 49407: the embedding table must hold them
+    _, _, config, weights = make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), TINY,
+                                           {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1})
+    return config, weights
 
 
 def _video(seed: int) -> np.ndarray:
@@ -116,7 +107,7 @@ def test_config_refuses_a_champion_metric_no_scorer_produces():
 
 
 def test_adherence_on_captions_outside_the_vocabulary_says_what_to_configure():
-    from soraflow.tasks.scorers import adherence
+    from soraflow.tasks.eval_scorers import adherence
 
     cfg = load_config("local")
     with pytest.raises(ValueError, match="remove it from eval.scorers and set eval.metric to val_loss"):
