@@ -104,7 +104,8 @@ def _fit(cfg: SoraFlowConfig, name: str, root: DataRoot, loop_config) -> None:
             ray.shutdown()
 
 
-def _export(cfg: SoraFlowConfig, run_dir: Path, state: dict, model_kwargs: dict, vae_dir: Path, te_dir: Path) -> Path:
+def _export(cfg: SoraFlowConfig, run_dir: Path, state: dict, model_kwargs: dict, vae_dir: Path, te_dir: Path,
+            dataset_version: str) -> Path:
     """The EMA weights as a self-contained model folder <run>/model, replaced atomically."""
     model_dir = run_dir / "model"
     tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=run_dir))
@@ -113,6 +114,7 @@ def _export(cfg: SoraFlowConfig, run_dir: Path, state: dict, model_kwargs: dict,
             tmp, cfg, state["ema"], state["meta"].get("model_kwargs", model_kwargs),
             vae_dir=None if cfg.vae.path else vae_dir,
             text_encoder_dir=None if cfg.text_encoder.path else te_dir,
+            dataset_version=dataset_version,  # the model card names the data it learned from
         )
         if model_dir.exists():
             shutil.rmtree(model_dir)
@@ -183,7 +185,7 @@ def train(
         raise CheckpointError(f"{run_dir}: training finished but left no valid checkpoint_step_* folder")
     meta = state["meta"]
     step = int(meta["step"])
-    model_dir = _export(cfg, run_dir, state, model_kwargs, vae_dir, te_dir)
+    model_dir = _export(cfg, run_dir, state, model_kwargs, vae_dir, te_dir, data.version)
 
     history = meta["loss_history"]
     png = write_loss_curve(run_dir / "loss_curve.png", history, meta.get("segments", []),

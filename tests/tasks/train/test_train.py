@@ -67,6 +67,7 @@ def test_local_training_learns_and_checkpoints_without_pickles(data):
     assert result.metrics["train_clips"] == len(train_rows) and result.metrics["val_clips"] == len(val_rows) >= 1
     # the exported folder is self-contained and loads as a pipeline
     assert (result.model_dir / "vae").is_dir() and (result.model_dir / "text_encoder").is_dir()
+    assert _split(manifest, cfg).version in (result.model_dir / "README.md").read_text()  # the card names its data
     pipe, source = load_pipeline(cfg, root, ckpt=result.model_dir)
     assert "model folder" in source
     assert pipe(["a red circle moving left"], steps=3).shape == (1, 3, 8, 32, 32)
