@@ -116,15 +116,10 @@ def _prefect_version() -> str:
     return prefect.__version__
 
 
-def ensure_training_limit() -> None:
-    """The global slot shared by every training run (see flows/train.py)."""
-    from soraflow.flows.train import ensure_training_limit as ensure
-
-    ensure()
-
-
 def serve_deployments(params: RunParams, cron: str | None = DEFAULT_CRON) -> None:
     from prefect import serve
+
+    from soraflow.flows.train import ensure_training_limit
 
     ensure_training_limit()
     serve(*build_deployments(params, cron))

@@ -37,12 +37,12 @@ def run_shards(stage: str, task_obj, calls: list[tuple]) -> list[str]:
     """Submit one task run per shard (named "split 3/20" in the UI), then collect their manifests
     in order while a progress artifact counts the finished shards."""
     n = len(calls)
-    futures = [(task_obj.with_options(task_run_name=f"{stage} {i}/{n}"), args) for i, args in enumerate(calls, 1)]
-    futures = [(named, named.submit(*args), args) for named, args in futures]
+    named = [task_obj.with_options(task_run_name=f"{stage} {i}/{n}") for i in range(1, n + 1)]
+    futures = [t.submit(*args) for t, args in zip(named, calls)]
     progress = create_progress_artifact(0.0, key=f"soraflow-{stage}-progress", description=f"{stage}: shards done of {n}")
     out = []
-    for k, (named, future, args) in enumerate(futures, 1):
-        out.append(checked_result(named, future, *args))
+    for k, (t, future, args) in enumerate(zip(named, futures, calls), 1):
+        out.append(checked_result(t, future, *args))
         update_progress_artifact(progress, 100.0 * k / n, description=f"{stage}: {k}/{n} shards done")
     return out
 
@@ -63,9 +63,8 @@ def mapped_stage(stage: str, manifest: str, cfg: SoraFlowConfig, root: DataRoot)
     """Map one stage's shard task over the rows of `manifest`, then merge the shard outputs."""
     section = getattr(cfg.ingest, stage)  # the validated section (SplitConfig, CaptionConfig, ScoreConfig)
     n = len(read_rows(manifest))
-    task_obj = SHARD_TASKS[stage]
     calls = [(manifest, a, b, section, str(root.root)) for a, b in shard_ranges(n, cfg.ingest.shard_size)]
-    shards = run_shards(stage, task_obj, calls)
+    shards = run_shards(stage, SHARD_TASKS[stage], calls)
     return merge_shards(shards, stage, [manifest], config_hash(cfg), str(root.root))
 
 
