@@ -1,14 +1,14 @@
 """The ingest flow end to end on the loopback sample source: download -> split -> caption -> score.
 
 Every scene the sample source generates has a known caption and known frame range (its seeded
-plan, tasks/sample_source/scenes.py), so the final manifest can be checked exactly: one ok clip
+plan, tasks/sample_world/scenes.py), so the final manifest can be checked exactly: one ok clip
 per scene, cut at the planned frames, with its true caption, at the split config's fps and size.
 
-The flow starts its own SampleServer (flows.ingest.sample_source); `recorder` swaps in a subclass
+The flow starts its own SampleServer (tasks.sample_world.plug.sample_source); `recorder` swaps in a subclass
 that keeps every started server (for its request log) and queues faults on it as it starts.
 
 Kill/restart: a run dies half-way (a task raises SimulatedCrash, a ValueError so Prefect does not
-retry it: see tasks.prefect_utils.retry_unless_bad_input), then the same flow runs again on the
+retry it: see tasks.task_policy.retry_unless_bad_input), then the same flow runs again on the
 same data root: finished downloads are neither requested again nor rewritten, finished clips are
 not re-encoded, and the final manifest holds each clip once.
 """
@@ -73,7 +73,7 @@ class Recorder:
                 recorder.started.append(self)
                 return self
 
-        # flows.ingest.sample_source imports SampleServer from this module when it starts one
+        # tasks.sample_world.plug.sample_source imports SampleServer from this module when it starts one
         mp.setattr(server_module, "SampleServer", RecordingServer)
         return self
 
