@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from soraflow.configs.schema import RegistryConfig
-from soraflow.storage.checkpoints import PICKLE_SUFFIXES
+from soraflow.storage.checkpoints import CheckpointError, refuse_pickles
 from soraflow.storage.layout import DataRoot
 from soraflow.storage.mlflow_model import (
     load_pyfunc_pipeline,
@@ -234,10 +234,8 @@ class ModelRegistry:
     def _check_model_dir(self, model_dir: Path) -> None:
         if not model_dir.is_dir():
             raise RegistryError(f"{self.name}: model folder {model_dir} does not exist")
+        self._refuse_pickles(model_dir, "register safetensors + JSON only")
         files = [p for p in model_dir.rglob("*") if p.is_file()]
-        pickles = sorted(str(p.relative_to(model_dir)) for p in files if p.suffix.lower() in PICKLE_SUFFIXES)
-        if pickles:
-            raise RegistryError(f"{self.name}: {model_dir} holds pickle-based files {pickles}; register safetensors + JSON only")
         if not any(p.suffix == ".safetensors" for p in files) or not any(p.suffix == ".json" for p in files):
             raise RegistryError(f"{self.name}: {model_dir} must hold safetensors weights and a JSON config")
 
@@ -366,10 +364,15 @@ class ModelRegistry:
             uri = self.client.get_model_version_download_uri(self.name, str(info.version))
             dest_dir.mkdir(parents=True, exist_ok=True)
             local = Path(download_artifacts(artifact_uri=uri, dst_path=str(dest_dir), tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri))
-        pickles = [p.name for p in local.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES]
-        if pickles:
-            raise RegistryError(f"{self.name} v{info.version}: downloaded folder holds pickle-based files {pickles}")
+        self._refuse_pickles(local, f"v{info.version} as downloaded is not loaded")
         return local
+
+    def _refuse_pickles(self, folder: Path, consequence: str) -> None:
+        """storage.checkpoints.refuse_pickles, as a RegistryError naming this model."""
+        try:
+            refuse_pickles(folder)
+        except CheckpointError as e:
+            raise RegistryError(f"{self.name}: {e}; {consequence}") from None
 
     def load_pipeline(self, ref: str | int = CHAMPION, base=None, num_frames: int | None = None):
         """(TextToVideo, where its weights came from) for a registered version, loaded through its
