@@ -199,6 +199,9 @@ class VaeFitConfig(Section):
     batch_size: int = 32  # frames
     lr: float = 2e-3
     kl_weight: float = 1e-6
+    # fp32 | bf16: convolutions under torch.autocast(bfloat16) in channels-last layout (oneDNN's fast
+    # path on CPUs with AVX512-BF16/AMX); the weights, AdamW state and the saved VAE stay fp32.
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 class VaeConfig(Section):
@@ -225,6 +228,11 @@ class TrainConfig(Section):
     steps: int = 1000
     batch_size: int = 8  # per worker
     lr: float = 2e-5
+    # constant (Open-Sora v1.0) | cosine: linear warm-up over warmup_steps, then cosine decay to
+    # lr_min_ratio * lr at train.steps. Computed from the step alone, so a resumed run follows it.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    lr_min_ratio: float = Field(0.0, ge=0.0, le=1.0)
     weight_decay: float = 0.0
     ema_decay: float = 0.9999
     grad_clip: float = 1.0

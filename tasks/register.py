@@ -28,6 +28,7 @@ from soraflow.storage.tracking import (
 from soraflow.tasks.evaluate import EvalResult
 from soraflow.tasks.task_policy import STAGE_RETRIES
 from soraflow.tasks.train.driver import TrainResult
+from soraflow.tasks.train.lr_schedule import lr_at
 from soraflow.tasks.train.vae_fit import VaeFitResult
 
 MLFLOW_UI_ENV = "SORAFLOW_MLFLOW_UI"  # the `mlflow ui` address the Prefect link points at
@@ -38,10 +39,10 @@ def _numbers(d: dict, prefix: str = "") -> dict[str, float]:
 
 
 def training_history(cfg: SoraFlowConfig, trained: TrainResult) -> dict[str, list[tuple[int, float]]]:
-    """Per-step training loss from the latest checkpoint, and the learning rate at the same steps
-    (AdamW with a constant train.lr: the driver has no learning-rate schedule)."""
+    """Per-step training loss from the latest checkpoint, and the learning rate each of those steps ran
+    at (history step n is optimizer step n - 1: train.lr_schedule depends on the step alone)."""
     loss = read_loss_history(trained.checkpoint_dir) if trained.checkpoint_dir else []
-    return {"train_loss": loss, "learning_rate": [(step, cfg.train.lr) for step, _ in loss]}
+    return {"train_loss": loss, "learning_rate": [(step, lr_at(cfg.train, int(step) - 1)) for step, _ in loss]}
 
 
 def register_model(cfg: SoraFlowConfig, data: DatasetSplit, trained: TrainResult, evaluated: EvalResult, vae: VaeFitResult,

@@ -6,7 +6,8 @@ Each worker (or the caller itself in Ray's local mode, num_workers=0):
     t = scheduler.sample_timesteps(B)                             (B,)
     loss = scheduler.training_loss(STDiT, x0, {y, mask}, t)["loss"].mean()
         (caption dropout happens inside STDiT in train mode)
-    backward -> clip_grad_norm_(train.grad_clip) -> AdamW(lr, weight_decay) step
+    backward -> clip_grad_norm_(train.grad_clip) -> AdamW(lr_at(step), weight_decay) step
+        (lr_at: train.lr_schedule, tasks/train/lr_schedule.py)
     EMA (fp32, decay train.ema_decay, trainable parameters, every step)
     every log_every steps: a progress line + ray.train.report(metrics)
     every ckpt_every steps and at the end: save_training_state (safetensors + JSON: model,
@@ -62,6 +63,7 @@ from soraflow.tasks.train.model_factory import (
     load_vae,
     scheduler_for,
 )
+from soraflow.tasks.train.lr_schedule import lr_at, set_lr
 from soraflow.tasks.train.progress import write_progress
 from soraflow.tasks.train.resume import (
     Progress,
@@ -98,6 +100,7 @@ class StepInfo:
     world_size: int
     local_mode: bool
     loss: float
+    lr: float  # the learning rate this step ran at (train.lr_schedule)
 
 
 @dataclass
@@ -268,13 +271,15 @@ def run_loop(lc: LoopConfig) -> dict:
             if tc.precision == "bf16" and world > 1:
                 average_grads(model, world)  # the bf16 copy is not DDP-wrapped: average its grads here
             grad_norm = clip_grads(model, tc.grad_clip, fmt)
+            lr = lr_at(tc, p.step)
+            set_lr(optimizer, lr)
             optimizer.step()
             update_ema(ema_list, model_list, tc.ema_decay)
             loss_value = float(mean_over_ranks(loss.detach(), world))
             p.advance(loss_value, x0.shape[0] * world)
             window.append(loss_value)
             for hook in lc.on_step:
-                hook(StepInfo(p.step, lc.total_steps, rank, world, lc.local_mode, loss_value))
+                hook(StepInfo(p.step, lc.total_steps, rank, world, lc.local_mode, loss_value, lr))
 
             is_last = p.step >= lc.total_steps
             log_now, save_now = p.step % tc.log_every == 0 or is_last, p.step % tc.ckpt_every == 0 or is_last

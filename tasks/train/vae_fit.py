@@ -69,13 +69,14 @@ def collect_frames(rows: list[dict], image_size: tuple[int, int], max_per_clip: 
     return torch.cat(out)
 
 
-def _vae_loss(vae, x: torch.Tensor, kl_weight: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total loss, reconstruction MSE) for a batch of frames (B, 3, H, W)."""
-    posterior = vae.encode(x).latent_dist  # mean, std: (B, C, h, w)
-    z = posterior.mean + posterior.std * randn(posterior.mean.shape, generator, posterior.mean.device)
-    recon = vae.decode(z).sample  # (B, 3, H, W)
-    mse = F.mse_loss(recon, x)
-    kl = posterior.kl().mean() / x[0].numel()  # per pixel, so kl_weight is resolution free
+def _vae_loss(vae, x: torch.Tensor, kl_weight: float, generator: torch.Generator, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss, reconstruction MSE) for a batch of frames (B, 3, H, W); `bf16`: compute under autocast."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        posterior = vae.encode(x).latent_dist  # mean, std: (B, C, h, w)
+        z = posterior.mean + posterior.std * randn(posterior.mean.shape, generator, posterior.mean.device)
+        recon = vae.decode(z).sample  # (B, 3, H, W)
+    mse = F.mse_loss(recon.float(), x)
+    kl = posterior.kl().float().mean() / x[0].numel()  # per pixel, so kl_weight is resolution free
     return mse + kl_weight * kl, mse
 
 
@@ -189,6 +190,10 @@ def _fit(cfg: SoraFlowConfig, train_frames: torch.Tensor, test_frames: torch.Ten
     torch.manual_seed(cfg.train.seed)
     vae = build_tiny_vae(**cfg.vae.tiny.model_dump(), seed=cfg.train.seed)
     vae.train()
+    bf16 = fit.precision == "bf16"
+    if bf16:  # oneDNN's bf16 convolutions want NHWC; the saved weights are the same either way
+        vae.to(memory_format=torch.channels_last)
+        train_frames = train_frames.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(vae.parameters(), lr=fit.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(1, fit.steps))))
     g = torch.Generator().manual_seed(cfg.train.seed)
@@ -196,7 +201,7 @@ def _fit(cfg: SoraFlowConfig, train_frames: torch.Tensor, test_frames: torch.Ten
     log_every = max(1, fit.steps // 10)
     for step in range(fit.steps):
         idx = torch.randint(0, n, (min(fit.batch_size, n),), generator=g)
-        loss, mse = _vae_loss(vae, train_frames[idx], fit.kl_weight, g)
+        loss, mse = _vae_loss(vae, train_frames[idx], fit.kl_weight, g, bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -205,6 +210,8 @@ def _fit(cfg: SoraFlowConfig, train_frames: torch.Tensor, test_frames: torch.Ten
         if progress and ((step + 1) % log_every == 0 or step == 0):
             print(f"vae fit: step {step + 1}/{fit.steps} recon mse {mse.item():.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     vae.eval()
+    vae.to(memory_format=torch.contiguous_format)
+    train_frames = train_frames.contiguous()
 
     shift, std = latent_stats(vae, train_frames)
     calibrate(vae, shift, 1.0 / (cfg.vae.scaling_factor * std))

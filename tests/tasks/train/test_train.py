@@ -87,6 +87,19 @@ def test_bf16_precision_learns_with_fp32_master_state(data):
     assert torch.float32 in dtypes and torch.bfloat16 not in dtypes and torch.float16 not in dtypes
 
 
+def test_each_step_runs_at_the_scheduled_learning_rate(data):
+    from soraflow.tasks.train.driver import train
+    from soraflow.tasks.train.lr_schedule import lr_at
+
+    root, manifest, vae_dir = data
+    cfg = train_cfg(root, **{"train.steps": 12, "train.lr_schedule": "cosine", "train.warmup_steps": 3, "train.lr_min_ratio": 0.1})
+    seen: list[tuple[int, float]] = []
+    train(cfg, _split(manifest, cfg), root, run_name="cosine", vae_dir=vae_dir, on_step=[lambda info: seen.append((info.step, info.lr))])
+    assert [s for s, _ in seen] == list(range(1, 13))
+    assert [lr for _, lr in seen] == [lr_at(cfg.train, s - 1) for s in range(1, 13)]
+    assert seen[2][1] == cfg.train.lr and seen[-1][1] < 0.2 * cfg.train.lr  # warmed up, then decayed
+
+
 def test_resume_continues_step_and_loss_history(data):
     from soraflow.tasks.train.driver import train
 
