@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -164,6 +165,8 @@ class VideoConfig(Section):
 
 class ModelConfig(Section):
     preset: str = "STDiT-XL/2"  # a key of models.stdit.STDIT_PRESETS
+    # (t, h, w) latent voxels per token; None = the preset's (Open-Sora v1.0: 1 x 2 x 2)
+    patch_size: list[PositiveInt] | None = Field(None, min_length=3, max_length=3)
     space_scale: float = 1.0
     time_scale: float = 1.0
     class_dropout_prob: float = 0.1
@@ -199,8 +202,8 @@ class VaeFitConfig(Section):
     batch_size: int = 32  # frames
     lr: float = 2e-3
     kl_weight: float = 1e-6
-    # fp32 | bf16: convolutions under torch.autocast(bfloat16) in channels-last layout (oneDNN's fast
-    # path on CPUs with AVX512-BF16/AMX); the weights, AdamW state and the saved VAE stay fp32.
+    # fp32 | bf16: the fit's forward and backward under torch.autocast(bfloat16) (oneDNN's bf16
+    # convolutions on CPUs with AVX512-BF16/AMX); the weights, AdamW state and the saved VAE stay fp32.
     precision: Literal["fp32", "bf16"] = "fp32"
 
 

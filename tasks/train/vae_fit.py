@@ -190,10 +190,7 @@ def _fit(cfg: SoraFlowConfig, train_frames: torch.Tensor, test_frames: torch.Ten
     torch.manual_seed(cfg.train.seed)
     vae = build_tiny_vae(**cfg.vae.tiny.model_dump(), seed=cfg.train.seed)
     vae.train()
-    bf16 = fit.precision == "bf16"
-    if bf16:  # oneDNN's bf16 convolutions want NHWC; the saved weights are the same either way
-        vae.to(memory_format=torch.channels_last)
-        train_frames = train_frames.contiguous(memory_format=torch.channels_last)
+    bf16 = fit.precision == "bf16"  # autocast: the convolutions run in bf16, the weights stay fp32
     opt = torch.optim.AdamW(vae.parameters(), lr=fit.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(1, fit.steps))))
     g = torch.Generator().manual_seed(cfg.train.seed)
@@ -210,8 +207,6 @@ def _fit(cfg: SoraFlowConfig, train_frames: torch.Tensor, test_frames: torch.Ten
         if progress and ((step + 1) % log_every == 0 or step == 0):
             print(f"vae fit: step {step + 1}/{fit.steps} recon mse {mse.item():.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     vae.eval()
-    vae.to(memory_format=torch.contiguous_format)
-    train_frames = train_frames.contiguous()
 
     shift, std = latent_stats(vae, train_frames)
     calibrate(vae, shift, 1.0 / (cfg.vae.scaling_factor * std))

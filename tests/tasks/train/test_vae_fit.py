@@ -47,6 +47,26 @@ def test_fit_learns_calibrates_saves_and_is_reused(data):
     assert not again.fitted and again.path == result.path and again.metrics == result.metrics
 
 
+def test_bf16_fit_learns_and_saves_fp32_weights(data):
+    from safetensors import safe_open
+    from soraflow.models.vae import build_tiny_vae
+    from soraflow.tasks.train.vae_fit import _recon_mse, collect_frames, fit_vae
+
+    root, split = data
+    cfg = small_cfg(root, **{"vae.fit.precision": "bf16"})
+    result = fit_vae(cfg, split, root, progress=False)
+    from soraflow.tasks.train.model_factory import tiny_vae_dir
+
+    assert result.fitted and result.path != tiny_vae_dir(small_cfg(root), root, split.version)  # its own recipe, its own folder
+    frames = collect_frames(split.rows, (32, 32))
+    untrained = _recon_mse(build_tiny_vae(**cfg.vae.tiny.model_dump(), seed=cfg.train.seed).eval(), frames)
+    assert result.metrics["recon_mse"] < 0.5 * untrained
+    assert all(0.85 < s < 1.15 for s in result.metrics["scaled_latent_std"])  # calibrated as the fp32 fit
+    for f in result.path.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            assert {st.get_tensor(k).dtype for k in st.keys()} == {torch.float32}
+
+
 def test_configured_vae_path_is_not_fitted(data, tmp_path):
     from soraflow.tasks.train.vae_fit import fit_vae
 
