@@ -5,8 +5,9 @@ As Open-Sora v1.0 (tools/scenedetect): PySceneDetect `ContentDetector` at librar
 `min_seconds` are dropped (here: kept as rejected rows), scenes longer than `max_seconds`
 are truncated to their first `max_seconds`; clips are re-encoded at `fps` with the shorter
 side scaled to `short_side`. Unlike Open-Sora's `ffmpeg -ss` (which can be off by up to
-0.5 s, Open-Sora#567), cuts here are frame-accurate: the same PyAV decoder serves detection
-and cutting, frames are addressed by index, and every clip's frame count is checked.
+0.5 s, Open-Sora#567), cuts here are frame-accurate: detection (PySceneDetect's own OpenCV
+reader, tasks.ingest.scene_detect) and cutting (PyAV) both number frames by timestamp
+(round(t * fps), one fps), frames are addressed by index, and every clip's frame count is checked.
 
     row (path = source video, window [start_s, end_s) or whole file)
       -> detect: [(first_frame, end_frame), ...]   absolute source frame indices, end exclusive
@@ -20,18 +21,13 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import av
-import cv2
 import numpy as np
-from av.video.reformatter import VideoReformatter
 from scenedetect import AdaptiveDetector, ContentDetector
-from scenedetect.common import FrameTimecode, Timecode
-from scenedetect.scene_manager import compute_downscale_factor, get_scenes_from_cuts
-from scenedetect.video_stream import VideoOpenFailure
+from scenedetect.video_stream import FrameRateUnavailable, VideoOpenFailure
 from soraflow.configs.schema import SplitConfig
 from soraflow.storage.faults import raise_if_environment
 from soraflow.storage.layout import DataRoot, UnsafePathError, safe_id
@@ -45,6 +41,7 @@ from soraflow.storage.video_io import (
     sha256_file,
     write_video,
 )
+from soraflow.tasks.ingest import scene_detect
 
 # Errors that mean "this input is bad", as opposed to a shard-level failure (disk full), which raises.
 _BAD_VIDEO = (VideoError, VideoOpenFailure, av.error.FFmpegError, UnsafePathError)
@@ -81,76 +78,18 @@ def detect_scenes(path: str | Path, cfg: SplitConfig, start_s: float | None = No
     """Scenes of the window [start_s, end_s) (None = file start / end) -> ([(first, end), ...], fps).
 
     (first, end) are absolute source frame indices, end exclusive, at `fps`, the frame rate
-    PySceneDetect counts frames with (the stream's guessed rate); the cutter uses the same.
-    The cuts are PySceneDetect's own: its detector sees the frames its SceneManager would give it
-    (BGR, auto-downscaled with cv2 INTER_LINEAR, PTS-based timecodes), in the same order, and
-    its `get_scenes_from_cuts` turns the cuts into scenes (start_in_scene=True). What is left out
-    is its per-frame overhead: the decode thread and queue, a second frame copy, and the
-    VideoStream wrapper, which made it run at 0.6-0.8x of `scenedetect.detect()`
-    (bench/bench_scene_split.py measures the ratio). With no cut, the window is one scene;
-    an empty window gives [].
+    PySceneDetect counts frames with; the cutter uses the same. The scenes are exactly those of
+    `scenedetect.detect(path, detector, start_time=first frame, end_time=end frame,
+    start_in_scene=True)`, computed in parallel time chunks (tasks.ingest.scene_detect; its
+    docstring says why that is exact). With no cut, the window is one scene; an empty window gives [].
     """
+    if start_s is not None and end_s is not None and end_s <= start_s:
+        return [], 0.0
     try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, OSError, ValueError) as e:  # missing, not a video
+        scenes, rate = scene_detect.detect(path, make_detector(cfg), window=(start_s, end_s))
+    except (OSError, VideoOpenFailure, FrameRateUnavailable) as e:  # missing, not a video, no frame rate
         raise VideoError(f"{path}: not a readable video: {e}") from e
-    with container:
-        if not container.streams.video:
-            raise VideoError(f"{path}: not a readable video: no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"  # frame + slice threads, as PySceneDetect's threading_mode="AUTO"
-        rate = Fraction(stream.guessed_rate or stream.average_rate or 0)
-        if rate <= 0:
-            raise VideoError(f"{path}: not a readable video: no frame rate")
-        fps = float(rate)
-        start = first_frame_at(start_s, fps) if start_s is not None else 0
-        end = first_frame_at(end_s, fps) if end_s is not None else None
-        if end is not None and end <= start:
-            return [], fps
-        width, height = stream.codec_context.width, stream.codec_context.height
-        factor = compute_downscale_factor(width)  # SceneManager's auto_downscale: by frame width
-        size = (max(1, round(width / factor)), max(1, round(height / factor)))  # cv2 (w, h), as SceneManager rounds
-        detector = make_detector(cfg)
-        to_bgr = VideoReformatter()
-        cuts: list[FrameTimecode] = []
-        first = last = None
-        for idx, position, frame in _detector_frames(container, stream, start, rate):
-            if end is not None and idx >= end:
-                break
-            # (H, W, 3) uint8 BGR, the pixels VideoStreamAv.read (and OpenCV) return; one reused
-            # swscale context: frame.to_ndarray(format=...) builds a new one per frame (5x slower at 720p).
-            image = to_bgr.reformat(frame, format="bgr24", threads=1).to_ndarray()
-            if factor > 1.0:
-                image = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-            cuts += detector.process_frame(position, image)
-            first = position if first is None else first
-            last = position
-    if first is None:
-        return [], fps
-    cuts += detector.post_process(last)
-    scenes = get_scenes_from_cuts(cut_list=sorted(set(cuts)), start_pos=first, end_pos=last + 1)
-    return [(a.frame_num, b.frame_num) for a, b in sorted(scenes)], fps
-
-
-def _detector_frames(container, stream, start_frame: int, rate: Fraction):
-    """Yield (frame index, FrameTimecode, frame) from start_frame on, timed as PySceneDetect's PyAV backend.
-
-    The timecode is the frame's PTS relative to the stream start, in the frame's time base
-    (scenedetect.backends.pyav.VideoStreamAv.position); the index is its frame number.
-    """
-    for idx, frame in _indexed_frames(container, stream, start_frame, float(rate)):
-        if idx < start_frame:
-            continue  # decoded from the keyframe before the window
-        tb = Fraction(frame.time_base or stream.time_base)
-        t0 = stream.start_time or 0
-        if t0 and stream.time_base != frame.time_base:
-            t0 = int(t0 * Fraction(stream.time_base) / tb)
-        yield idx, FrameTimecode(timecode=Timecode(pts=frame.pts - t0, time_base=tb), fps=rate), frame
-
-
-def first_frame_at(t: float, fps: float) -> int:
-    """Index of the first frame whose timestamp k/fps is >= t (tolerating float noise)."""
-    return max(0, math.ceil(t * fps - 1e-3))
+    return [(a.frame_num, b.frame_num) for a, b in scenes], float(rate)
 
 
 # ---------------------------------------------------------------- geometry and naming

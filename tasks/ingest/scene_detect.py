@@ -1,0 +1,323 @@
+"""PySceneDetect's cuts, computed in parallel time chunks: exactly what `scenedetect.detect(path, detector)` returns.
+
+`scenedetect.detect` (OpenCV backend) reads the video once, in order: per frame, BGR from
+`cv2.VideoCapture`, downscaled by `SceneManager`'s auto-downscale (cv2 INTER_LINEAR), HSV, a
+content score (mean absolute HSV change from the previous frame), then the detector's decision
+(threshold + flash filter, or AdaptiveDetector's rolling ratio). The decision is sequential and
+cheap; the scores are where the time goes, and a frame's score needs only itself and its
+predecessor. So:
+
+    plan:   window -> chunks [b0, b1], [b1, b2], ...   boundaries placed by the keyframe index (PyAV)
+    scan:   each chunk in its own thread and its own `VideoStreamCv2` (cv2 releases the GIL while
+            decoding): per frame (position, score); a chunk ends on the first frame at or after its
+            end boundary, which the next chunk starts on (one frame of overlap)
+    stitch: each boundary frame must be the same in both chunks (position and downscaled pixels),
+            else the window is scanned again in one chunk
+    decide: the detector's own `process_frame` on the scores, in frame order -> cuts -> scenes
+
+Exact by construction, not by tolerance: frames come from the same reader class detect() uses
+(`scenedetect.backends.opencv.VideoStreamCv2`: same decoder build, colour conversion, rotation
+handling, positions, end-of-stream position), downscaled with SceneManager's own factor and
+interpolation, scored with ContentDetector's arithmetic (checked bit for bit against its
+`_calculate_frame_score` in tests), decided by the detector object itself. A chunk seeks with
+OpenCV's own seek, which backs up 16 frames before its target and decodes forward: the boundary
+frame is far enough past the keyframe for the decoder to be back in the sequential read's state,
+and the overlap check proves it for that frame. Where a boundary does not match (a seek that
+lands late, timestamps that differ after a seek), or frames change size mid-stream (SceneManager
+skips those), the sequential scan is used: never a different answer, only a slower one.
+
+Faster: up to one core per chunk, no decode thread and frame queue per frame, and a vectorised
+score (cv2.absdiff + sumElems on the HSV image instead of three int32 numpy passes).
+bench/bench_scene_split.py measures the ratio to `scenedetect.detect`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+from scenedetect import ContentDetector, FrameTimecode
+from scenedetect.backends.opencv import VideoStreamCv2
+from scenedetect.scene_manager import SceneManager, compute_downscale_factor, get_scenes_from_cuts
+
+# OpenCV's seek backs up 16 frames before its target and decodes forward; VideoStreamCv2.seek
+# asks for one frame early; we ask two frames before a boundary. A boundary placed this many
+# frames after a keyframe is reached by decoding from that keyframe.
+SEEK_LEAD_FRAMES = 20
+# Decoding a frame without converting, scaling and scoring it costs about this fraction of a
+# fully processed frame (H.264, 270p-1080p), which is what frames decoded only to reach a chunk cost.
+GRAB_COST = 0.75
+# Chunks are used only when the estimated longest chunk is at most this fraction of one scan:
+# a thread and a second decoder are not free, and the machine may be busy.
+MIN_GAIN = 0.8
+MIN_CHUNK_FRAMES = 48  # below this, opening and seeking another decoder does not pay
+
+
+@dataclass
+class Scan:
+    """One chunk's frames: positions and content scores, with the frames at its two ends for stitching."""
+
+    positions: list[FrameTimecode] = field(default_factory=list)
+    scores: list[float | None] = field(default_factory=list)  # None: the predecessor is in the previous chunk
+    first: np.ndarray | None = None  # downscaled BGR of positions[0]
+    last: np.ndarray | None = None  # downscaled BGR of positions[-1]
+    at_boundary: bool = False  # stopped on its end boundary frame (the next chunk's first), not at the end
+    end_position: FrameTimecode | None = None  # the reader's position when the scan stopped (SceneManager's last position)
+    sizes: set[tuple[int, int]] = field(default_factory=set)  # decoded frame sizes (W, H)
+
+
+# ---------------------------------------------------------------- scores
+
+
+def content_score(hsv: np.ndarray, prev: np.ndarray) -> float:
+    """ContentDetector's frame score of `hsv` after `prev`, both (H, W, 3) uint8 HSV, bit-identical.
+
+    ContentDetector (default weights: hue, saturation, luma 1, edges 0) averages the per-channel
+    mean absolute differences: sum(component * weight) / sum(|weight|), each component
+    sum|a - b| / pixels. cv2 sums the absolute differences exactly (integers well below 2**53),
+    so the floating-point operations, done in the same order, give the same double.
+    """
+    weights = ContentDetector.DEFAULT_COMPONENT_WEIGHTS
+    pixels = float(hsv.shape[0] * hsv.shape[1])
+    dh, ds, dv, _ = cv2.sumElems(cv2.absdiff(hsv, prev))
+    components = (dh / pixels, ds / pixels, dv / pixels, 0.0)  # edges: weight 0, not computed
+    return sum(c * w for c, w in zip(components, weights, strict=True)) / sum(abs(w) for w in weights)
+
+
+# ---------------------------------------------------------------- scanning
+
+
+def open_reader(path: str, decoder_threads: int | None = None) -> VideoStreamCv2:
+    """PySceneDetect's OpenCV reader for `path`; with `decoder_threads`, its capture reopened with
+    that many FFmpeg decoding threads (detect() leaves OpenCV's default, one per CPU).
+
+    Chunks run side by side, one core each: frame-threaded decoding there only adds thread
+    hand-offs (about a fifth more CPU per frame). FFmpeg's frame threading is bit-exact (its
+    conformance tests run with and without threads), so the frames are the same.
+    """
+    video = VideoStreamCv2(path)
+    if decoder_threads is not None and video.capture.getBackendName() == "FFMPEG":
+        cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, decoder_threads])
+        if cap.isOpened():
+            cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1.0)  # as VideoStreamCv2 opens it
+            video.capture.release()
+            video._cap = cap  # VideoStreamCv2 keeps its capture here; everything else is its own code
+    return video
+
+
+
+def scan(video: VideoStreamCv2, start_frame: int | None, end_frame: int | None, begin_s: float | None, end_s: float | None) -> Scan:
+    """Read the window's frames from the first at/after `begin_s` (None: the window start) to the
+    first at/after `end_s` (None: the window end), as SceneManager reads them, and score them.
+    `video` is freshly opened."""
+    rate = video.frame_rate
+    manager = SceneManager()  # only for detect()'s defaults: auto-downscale and its interpolation
+    factor = compute_downscale_factor(max(video.frame_size)) if manager.auto_downscale else manager.downscale
+    interpolation = manager.interpolation.value
+    # detect(): seek to start_time, then stop after the frame for which `position + 1 < end_time` fails.
+    end_time = video.base_timecode + FrameTimecode(end_frame, rate) if end_frame is not None else None
+    if begin_s is None:
+        if start_frame is not None:
+            video.seek(FrameTimecode(start_frame, rate))
+    else:
+        video.seek(max(0.0, begin_s - 2 / float(rate)))  # lands on a keyframe >= 16 frames back and decodes forward
+    out = Scan()
+    frame_size = None
+    prev = None
+    while True:
+        if not video.read(decode=False):  # grab: decode only (with VideoStreamCv2's retries on bad frames)
+            break
+        position = video.position
+        if begin_s is not None and not out.positions and position.seconds < begin_s:
+            continue  # before this chunk: the previous chunk's frame
+        ok, image = video.capture.retrieve()  # the BGR VideoStreamCv2.read() returns
+        if not ok:  # detect() fails too (SceneManager asserts it got an image)
+            raise RuntimeError(f"{video.path}: frame at {position} decoded but could not be converted")
+        size = (image.shape[1], image.shape[0])
+        out.sizes.add(size)
+        if frame_size is None:
+            frame_size = size
+        elif size != frame_size:
+            continue  # SceneManager skips frames whose size changed (then the chunks are not stitched)
+        if factor > 1.0:
+            image = cv2.resize(image, (max(1, round(size[0] / factor)), max(1, round(size[1] / factor))), interpolation=interpolation)
+        hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
+        if prev is not None:
+            score = content_score(hsv, prev)
+        else:
+            score = 0.0 if begin_s is None else None  # ContentDetector scores its first frame 0.0
+            out.first = image
+        out.positions.append(position)
+        out.scores.append(score)
+        out.last = image
+        prev = hsv
+        if end_s is not None and position.seconds >= end_s:
+            out.at_boundary = True
+            break
+        if end_time is not None and not (position + 1) < end_time:
+            break
+    out.end_position = video.position
+    return out
+
+
+def stitch(scans: list[Scan]) -> Scan | None:
+    """The chunks joined into one sequential scan, or None if two chunks disagree on a boundary frame."""
+    if any(len(s.sizes) > 1 for s in scans) or len(set().union(*(s.sizes for s in scans))) > 1:
+        return None  # frames change size: which are skipped depends on the first frame of the window
+    whole = Scan(positions=list(scans[0].positions), scores=list(scans[0].scores), first=scans[0].first)
+    done = scans[0]
+    for nxt in scans[1:]:
+        if not done.at_boundary:
+            break  # the window ended in an earlier chunk; later chunks read past it
+        if not nxt.positions or nxt.positions[0].pts != done.positions[-1].pts or nxt.positions[0].time_base != done.positions[-1].time_base:
+            return None
+        if not np.array_equal(nxt.first, done.last):
+            return None
+        whole.positions += nxt.positions[1:]
+        whole.scores += nxt.scores[1:]
+        done = nxt
+    if done.at_boundary:
+        return None  # the last chunk cannot stop at a boundary; defensive
+    whole.end_position = done.end_position
+    return whole
+
+
+# ---------------------------------------------------------------- planning
+
+
+def keyframe_time(container, stream, t: float, backward: bool) -> float | None:
+    """Time (s, from the stream start) of the keyframe at/before (backward) or at/after t, from the index."""
+    t0 = stream.start_time or 0
+    try:
+        container.seek(t0 + max(0, int(t / stream.time_base)), stream=stream, backward=backward)
+        for packet in itertools.islice(container.demux(stream), 16):
+            if packet.pts is not None:
+                return float((packet.pts - t0) * stream.time_base)
+    except (av.error.FFmpegError, StopIteration):
+        pass
+    return None
+
+
+def plan(path: str, rate: Fraction, start_s: float, end_s: float | None, workers: int) -> list[float]:
+    """Chunk boundaries (s) splitting [start_s, end_s) into up to `workers` chunks of about equal cost,
+    or [] where one scan is as fast. A boundary either sits at the even split (its chunk decodes from
+    the keyframe before it) or SEEK_LEAD_FRAMES after the next keyframe (little decoded for nothing)."""
+    fps = float(rate)
+    lead = SEEK_LEAD_FRAMES / fps
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            if end_s is None:
+                if stream.duration is not None:
+                    end_s = float(stream.duration * stream.time_base)
+                elif container.duration is not None:
+                    end_s = container.duration / av.time_base
+                else:
+                    return []
+            span = end_s - start_s
+            bounds, costs, last = [], [], start_s
+            for i in range(1, workers):
+                ideal = start_s + span * i / workers
+                before = keyframe_time(container, stream, ideal - lead, backward=True)
+                after = keyframe_time(container, stream, ideal - lead, backward=False)
+                options = [(ideal, ideal - before)] if before is not None else []
+                if after is not None and after + lead < end_s:
+                    options.append((after + lead, lead))
+                options = [(b, w) for b, w in options if b > last + lead]
+                if not options:
+                    continue
+                b, waste = min(options, key=lambda o: abs(o[0] - ideal) + GRAB_COST * o[1])
+                bounds.append(b)
+                costs.append(GRAB_COST * waste)
+                last = b
+    except (av.error.FFmpegError, OSError, IndexError):
+        return []
+    edges = [start_s, *bounds, end_s]
+    longest = max(edges[i + 1] - edges[i] + (costs[i - 1] if i else 0.0) for i in range(len(edges) - 1))
+    return bounds if bounds and longest <= MIN_GAIN * span else []
+
+
+# ---------------------------------------------------------------- detection
+
+
+def decide(detector, whole: Scan) -> list[FrameTimecode]:
+    """The detector's own decision on the scanned scores: its `process_frame`, with the score it
+    would compute from the frame handed to it (ContentDetector and AdaptiveDetector both get
+    their content score from `_calculate_frame_score`)."""
+    scores = iter(whole.scores)
+    detector._calculate_frame_score = lambda timecode, frame_img: next(scores)
+    cuts: list[FrameTimecode] = []
+    for position in whole.positions:
+        cuts += detector.process_frame(position, None)
+    cuts += detector.post_process(whole.end_position)
+    return cuts
+
+
+def first_frame_at(t: float, fps: float) -> int:
+    """Index of the first frame whose timestamp k/fps is >= t (tolerating float noise)."""
+    return max(0, math.ceil(t * fps - 1e-3))
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def chunk_bounds(video: VideoStreamCv2, path: str, start_frame: int | None, end_frame: int | None, workers: int | None = None) -> list[float]:
+    """Where detect() splits the window of the (just opened) `video` at `path`: boundaries in seconds, [] for one scan."""
+    rate = video.frame_rate
+    last_frame = video.duration.frame_num if end_frame is None else end_frame  # OpenCV's frame count: an estimate
+    workers = min(workers or usable_cpus(), (last_frame - (start_frame or 0)) // MIN_CHUNK_FRAMES)
+    if workers < 2:
+        return []
+    start_s = (video.base_timecode + FrameTimecode(start_frame or 0, rate)).seconds
+    end_s = FrameTimecode(end_frame, rate).seconds if end_frame is not None else None
+    return plan(path, rate, start_s, end_s, workers)
+
+
+def detect(path: str | Path, detector, window: tuple[float | None, float | None] = (None, None), workers: int | None = None, bounds: list[float] | None = None):
+    """Scenes of the window [start_s, end_s) (None: file start / end), as `scenedetect.detect(path,
+    detector, start_time=start_frame, end_time=end_frame, start_in_scene=True)` returns them,
+    where start_frame / end_frame are the first frames at/after start_s / end_s; and the frame
+    rate frames are counted in.
+
+    `detector`: a fresh ContentDetector or AdaptiveDetector with default weights (the score is
+    computed here). `workers`: chunks at most (default: the usable CPUs). `bounds`: chunk
+    boundaries (s) to use instead of planned ones (tests). A window without frames gives []
+    (detect() would give one empty scene).
+    """
+    path = str(path)
+    video = VideoStreamCv2(path)  # raises as detect() does for a missing or unreadable file
+    rate = video.frame_rate
+    start_frame, end_frame = (None if t is None else first_frame_at(t, float(rate)) for t in window)
+    if bounds is None:
+        bounds = chunk_bounds(video, path, start_frame, end_frame, workers)
+    whole = None
+    if bounds:
+        video.capture.release()  # chunks read with one decoding thread each (open_reader)
+        chunks = list(zip([None, *bounds], [*bounds, None]))
+        with ThreadPoolExecutor(len(chunks) - 1) as pool:
+            later = [pool.submit(lambda c: scan(open_reader(path, 1), start_frame, end_frame, *c), c) for c in chunks[1:]]
+            try:
+                whole = stitch([scan(open_reader(path, 1), start_frame, end_frame, *chunks[0]), *(f.result() for f in later)])
+            except Exception:  # noqa: BLE001 - a chunk failed after its seek: the one-chunk read decides, and raises if detect() would
+                whole = None
+        if whole is None:  # or the chunks disagree on a boundary frame: read the window as detect() does
+            video = VideoStreamCv2(path)
+    if whole is None:
+        whole = scan(video, start_frame, end_frame, None, None)
+    if not whole.positions:
+        return [], rate
+    cuts = decide(detector, whole)
+    scenes = get_scenes_from_cuts(cut_list=sorted(set(cuts)), start_pos=whole.positions[0], end_pos=whole.end_position + 1)
+    return sorted(scenes), rate
