@@ -40,11 +40,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import cv2
 import numpy as np
 from scenedetect import ContentDetector, FrameTimecode
+from scenedetect.common import Timecode
 from scenedetect.backends.opencv import VideoStreamCv2
 from scenedetect.scene_manager import SceneManager, compute_downscale_factor, get_scenes_from_cuts
 
@@ -71,6 +73,13 @@ class Scan:
     last: np.ndarray | None = None  # downscaled BGR of positions[-1]
     at_boundary: bool = False  # stopped on its end boundary frame (the next chunk's first), not at the end
     end_position: FrameTimecode | None = None  # the reader's position when the scan stopped (SceneManager's last position)
+    # OpenCV's frame counter at positions[0] and where the scan stopped, and the timestamp there.
+    # The counter counts grabs, but a seek sets it from the timestamp (avg-rate frames), and
+    # VideoStreamCv2.position falls back on it where there is no timestamp (after the last frame):
+    # stitching carries the first chunk's count across the chunks (variable frame rate).
+    first_number: int | None = None
+    end_number: int | None = None
+    end_timecode: Timecode | None = None
     sizes: set[tuple[int, int]] = field(default_factory=set)  # decoded frame sizes (W, H)
 
 
@@ -95,6 +104,24 @@ def content_score(hsv: np.ndarray, prev: np.ndarray) -> float:
 # ---------------------------------------------------------------- scanning
 
 
+def seek_before(video: VideoStreamCv2, t: float) -> bool:
+    """Seek `video` (OpenCV's seek: from the keyframe >= 16 frames before, decoding forward) and grab
+    a frame before t (or the first frame); False if the stream ended first.
+
+    OpenCV maps time to frame numbers with the average frame rate; where timestamps are uneven
+    (variable frame rate, dropped frames) it can land after t. Then it backs up further.
+    """
+    back = 2 / float(video.frame_rate)
+    while True:
+        target = max(0.0, t - back)
+        video.seek(target)
+        if not video.read(decode=False):
+            return False
+        if video.position.seconds < t or target == 0.0:
+            return True
+        back *= 4
+
+
 def open_reader(path: str, decoder_threads: int | None = None) -> VideoStreamCv2:
     """PySceneDetect's OpenCV reader for `path`; with `decoder_threads`, its capture reopened with
     that many FFmpeg decoding threads (detect() leaves OpenCV's default, one per CPU).
@@ -113,7 +140,6 @@ def open_reader(path: str, decoder_threads: int | None = None) -> VideoStreamCv2
     return video
 
 
-
 def scan(video: VideoStreamCv2, start_frame: int | None, end_frame: int | None, begin_s: float | None, end_s: float | None) -> Scan:
     """Read the window's frames from the first at/after `begin_s` (None: the window start) to the
     first at/after `end_s` (None: the window end), as SceneManager reads them, and score them.
@@ -124,17 +150,22 @@ def scan(video: VideoStreamCv2, start_frame: int | None, end_frame: int | None, 
     interpolation = manager.interpolation.value
     # detect(): seek to start_time, then stop after the frame for which `position + 1 < end_time` fails.
     end_time = video.base_timecode + FrameTimecode(end_frame, rate) if end_frame is not None else None
+    out = Scan()
+    grabbed = False  # a frame is grabbed and not yet looked at
     if begin_s is None:
         if start_frame is not None:
             video.seek(FrameTimecode(start_frame, rate))
     else:
-        video.seek(max(0.0, begin_s - 2 / float(rate)))  # lands on a keyframe >= 16 frames back and decodes forward
-    out = Scan()
+        grabbed = seek_before(video, begin_s)
+        if not grabbed:
+            out.end_position = video.position
+            return out
     frame_size = None
     prev = None
     while True:
-        if not video.read(decode=False):  # grab: decode only (with VideoStreamCv2's retries on bad frames)
+        if not grabbed and not video.read(decode=False):  # grab: decode only (VideoStreamCv2 retries bad frames)
             break
+        grabbed = False
         position = video.position
         if begin_s is not None and not out.positions and position.seconds < begin_s:
             continue  # before this chunk: the previous chunk's frame
@@ -155,6 +186,7 @@ def scan(video: VideoStreamCv2, start_frame: int | None, end_frame: int | None, 
         else:
             score = 0.0 if begin_s is None else None  # ContentDetector scores its first frame 0.0
             out.first = image
+            out.first_number = video.frame_number
         out.positions.append(position)
         out.scores.append(score)
         out.last = image
@@ -164,7 +196,7 @@ def scan(video: VideoStreamCv2, start_frame: int | None, end_frame: int | None, 
             break
         if end_time is not None and not (position + 1) < end_time:
             break
-    out.end_position = video.position
+    out.end_position, out.end_number, out.end_timecode = video.position, video.frame_number, video.timecode
     return out
 
 
@@ -186,7 +218,17 @@ def stitch(scans: list[Scan]) -> Scan | None:
         done = nxt
     if done.at_boundary:
         return None  # the last chunk cannot stop at a boundary; defensive
-    whole.end_position = done.end_position
+    # Where a sequential read would have stopped: the last chunk's timestamp there, with the
+    # first chunk's frame count carried on (grabs after each boundary frame), through
+    # VideoStreamCv2's own position property.
+    count = scans[0].end_number
+    for nxt in scans[1 : scans.index(done) + 1]:
+        count += nxt.end_number - nxt.first_number
+    stopped = SimpleNamespace(timecode=done.end_timecode, frame_number=count, frame_rate=done.end_position.frame_rate)
+    try:
+        whole.end_position = VideoStreamCv2.position.fget(stopped)
+    except AttributeError:  # a PySceneDetect whose position needs more of the reader: read in one chunk
+        return None
     return whole
 
 

@@ -56,8 +56,7 @@ def chunked(monkeypatch):
 
     def run(path, bounds, detector="content"):
         stitched.clear()
-        scenes, rate = scene_detect.detect(path, DETECTORS[detector](), bounds=bounds)
-        assert rate == FPS
+        scenes, _ = scene_detect.detect(path, DETECTORS[detector](), bounds=bounds)
         assert len(stitched) == 1 and stitched[0] is not None
         return frames(scenes)
 
@@ -72,6 +71,7 @@ def test_real_cuts_are_found(expected):
 @pytest.mark.parametrize("detector", DETECTORS)
 def test_planned_chunks_equal_pyscenedetect(concat, expected, detector):
     video = VideoStreamCv2(str(concat))
+    assert video.frame_rate == FPS
     assert scene_detect.chunk_bounds(video, str(concat), None, None, workers=2)  # the parallel path is taken
     scenes, _ = scene_detect.detect(concat, DETECTORS[detector](), workers=2)
     assert frames(scenes) == expected[detector]
@@ -117,6 +117,17 @@ def test_window_with_chunks(concat, window):
     assert frames(scenes) == want
     # and through the stage's entry point, with planned chunks
     assert detect_scenes(concat, SplitConfig(), start_s, end_s)[0] == want
+
+
+def test_variable_frame_rate(tmp_path, chunked):
+    """Frames that skip timestamp slots (from frame 250 on, every 3rd slot left out, as phones
+    drop frames): positions come from timestamps, but the end of the last scene from OpenCV's
+    frame counter, which a seek sets from the timestamp; the chunks carry the first one's count."""
+    path, _ = concat_packaged(tmp_path / "vfr.mp4", ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4"), (176, 320), fps=FPS, gop=25, drop_every=3, drop_from=250)
+    want = frames(scenedetect.detect(str(path), scenedetect.ContentDetector(), start_in_scene=True))
+    assert want[-1][1] == 502  # counted frames, while the last timestamp is ~0.75 s * fps further
+    assert chunked(path, [12.0]) == want
+    assert chunked(path, [4.0, 12.0, 20.0]) == want
 
 
 def test_disagreeing_boundary_falls_back_to_one_chunk(concat, expected, monkeypatch):
