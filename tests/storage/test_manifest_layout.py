@@ -195,8 +195,8 @@ def test_lineage_is_redacted(tmp_path):
 
     root = DataRoot(tmp_path)
     path = write_manifest([new_row(video_id="v", source="pexels", status="rejected", error="x")], "download", root,
-                          extra={"source": "https://u:secretpw@h/x?token=abc"})
-    assert "secretpw" not in json.dumps(lineage(path)) and "abc" not in json.dumps(lineage(path))
+                          extra={"source": "https://u:secretpw@h/x?token=tok-SECRET-42"})
+    assert "secretpw" not in json.dumps(lineage(path)) and "tok-SECRET-42" not in json.dumps(lineage(path))
 
 
 def test_mark_duplicates_keeps_the_first_ok_row():

@@ -117,8 +117,11 @@ def test_a_version_registered_before_mlflow_models_still_loads_and_competes(cham
     old = tmp_path / "old"
     shutil.copytree(folder, old)
     kwargs = json.loads((old / "stdit" / "config.json").read_text())
-    preset = {"depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio", "no_temporal_pos_emb"}  # from STDiT-Tiny
-    legacy = {"preset": "STDiT-Tiny", "kwargs": {k: v for k, v in kwargs.items() if k not in preset}}
+    from soraflow.models.stdit import STDIT_PRESETS
+
+    # the old layout left out what the preset (or a constructor default) already said, kept the rest
+    preset, tiny = {"depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio", "no_temporal_pos_emb"}, STDIT_PRESETS["STDiT-Tiny"]
+    legacy = {"preset": "STDiT-Tiny", "kwargs": {k: v for k, v in kwargs.items() if k not in preset or (k in tiny and tiny[k] != v)}}
     (old / "stdit" / "config.json").write_text(json.dumps(legacy))
     with registry.run("legacy") as run_id:  # what register() did before
         registry.client.log_artifacts(run_id, str(old), "model")
