@@ -33,6 +33,7 @@ bench/bench_scene_split.py measures the ratio to `scenedetect.detect`.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import os
@@ -49,6 +50,7 @@ from scenedetect import ContentDetector, FrameTimecode
 from scenedetect.common import Timecode
 from scenedetect.backends.opencv import VideoStreamCv2
 from scenedetect.scene_manager import SceneManager, compute_downscale_factor, get_scenes_from_cuts
+from scenedetect.video_stream import VideoOpenFailure
 
 # OpenCV's seek backs up 16 frames before its target and decodes forward; VideoStreamCv2.seek
 # asks for one frame early; we ask two frames before a boundary. A boundary placed this many
@@ -122,28 +124,31 @@ def seek_before(video: VideoStreamCv2, t: float) -> bool:
         back *= 4
 
 
-def open_reader(path: str, decoder_threads: int | None = None) -> VideoStreamCv2:
-    """PySceneDetect's OpenCV reader for `path`; with `decoder_threads`, its capture reopened with
-    that many FFmpeg decoding threads (detect() leaves OpenCV's default, one per CPU).
+def open_reader(video: VideoStreamCv2, decoder_threads: int) -> VideoStreamCv2:
+    """Another PySceneDetect OpenCV reader on `video`'s file, from its start, whose capture decodes
+    with `decoder_threads` FFmpeg threads (detect() leaves OpenCV's default, one per CPU).
 
     Chunks run side by side, one core each: frame-threaded decoding there only adds thread
     hand-offs (about a fifth more CPU per frame). FFmpeg's frame threading is bit-exact (its
-    conformance tests run with and without threads), so the frames are the same.
+    conformance tests run with and without threads), so the frames are the same. The reader is
+    a copy of `video` (VideoStreamCv2 keeps its capture in `_cap`; everything else is its own
+    code), which saves opening the file twice.
     """
-    video = VideoStreamCv2(path)
-    if decoder_threads is not None and video.capture.getBackendName() == "FFMPEG":
-        cap = cv2.VideoCapture(path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, decoder_threads])
-        if cap.isOpened():
-            cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1.0)  # as VideoStreamCv2 opens it
-            video.capture.release()
-            video._cap = cap  # VideoStreamCv2 keeps its capture here; everything else is its own code
-    return video
+    if video.capture.getBackendName() != "FFMPEG":
+        return VideoStreamCv2(video.path)  # the thread count is an FFmpeg option
+    reader = copy.copy(video)
+    cap = cv2.VideoCapture(video.path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, decoder_threads])
+    if not cap.isOpened():
+        raise VideoOpenFailure(f"{video.path}: could not be opened again")
+    cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 1.0)  # as VideoStreamCv2 opens it
+    reader._cap = cap
+    return reader
 
 
 def scan(video: VideoStreamCv2, start_frame: int | None, end_frame: int | None, begin_s: float | None, end_s: float | None) -> Scan:
     """Read the window's frames from the first at/after `begin_s` (None: the window start) to the
     first at/after `end_s` (None: the window end), as SceneManager reads them, and score them.
-    `video` is freshly opened."""
+    `video`: a reader at the start of the file."""
     rate = video.frame_rate
     manager = SceneManager()  # only for detect()'s defaults: auto-downscale and its interpolation
     factor = compute_downscale_factor(max(video.frame_size)) if manager.auto_downscale else manager.downscale
@@ -177,7 +182,7 @@ def scan(video: VideoStreamCv2, start_frame: int | None, end_frame: int | None, 
         if frame_size is None:
             frame_size = size
         elif size != frame_size:
-            continue  # SceneManager skips frames whose size changed (then the chunks are not stitched)
+            continue  # SceneManager skips frames whose size changed (chunks seeing two sizes are not stitched)
         if factor > 1.0:
             image = cv2.resize(image, (max(1, round(size[0] / factor)), max(1, round(size[1] / factor))), interpolation=interpolation)
         hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
@@ -202,28 +207,26 @@ def scan(video: VideoStreamCv2, start_frame: int | None, end_frame: int | None, 
 
 def stitch(scans: list[Scan]) -> Scan | None:
     """The chunks joined into one sequential scan, or None if two chunks disagree on a boundary frame."""
-    if any(len(s.sizes) > 1 for s in scans) or len(set().union(*(s.sizes for s in scans))) > 1:
-        return None  # frames change size: which are skipped depends on the first frame of the window
+    if len(set().union(*(s.sizes for s in scans))) > 1:
+        return None  # frames change size: which ones SceneManager skips depends on the window's first frame
     whole = Scan(positions=list(scans[0].positions), scores=list(scans[0].scores), first=scans[0].first)
     done = scans[0]
+    count = done.end_number  # OpenCV's frame counter as a sequential read would have it
     for nxt in scans[1:]:
         if not done.at_boundary:
             break  # the window ended in an earlier chunk; later chunks read past it
-        if not nxt.positions or nxt.positions[0].pts != done.positions[-1].pts or nxt.positions[0].time_base != done.positions[-1].time_base:
+        if not nxt.positions or (nxt.positions[0].pts, nxt.positions[0].time_base) != (done.positions[-1].pts, done.positions[-1].time_base):
             return None
         if not np.array_equal(nxt.first, done.last):
             return None
         whole.positions += nxt.positions[1:]
         whole.scores += nxt.scores[1:]
+        count += nxt.end_number - nxt.first_number  # its grabs after the boundary frame
         done = nxt
     if done.at_boundary:
         return None  # the last chunk cannot stop at a boundary; defensive
-    # Where a sequential read would have stopped: the last chunk's timestamp there, with the
-    # first chunk's frame count carried on (grabs after each boundary frame), through
-    # VideoStreamCv2's own position property.
-    count = scans[0].end_number
-    for nxt in scans[1 : scans.index(done) + 1]:
-        count += nxt.end_number - nxt.first_number
+    # Where a sequential read would have stopped: VideoStreamCv2's own position property on the
+    # last chunk's timestamp there and the carried frame count.
     stopped = SimpleNamespace(timecode=done.end_timecode, frame_number=count, frame_rate=done.end_position.frame_rate)
     try:
         whole.end_position = VideoStreamCv2.position.fget(stopped)
@@ -249,11 +252,15 @@ def keyframe_time(container, stream, t: float, backward: bool) -> float | None:
 
 
 def plan(path: str, rate: Fraction, start_s: float, end_s: float | None, workers: int) -> list[float]:
-    """Chunk boundaries (s) splitting [start_s, end_s) into up to `workers` chunks of about equal cost,
-    or [] where one scan is as fast. A boundary either sits at the even split (its chunk decodes from
-    the keyframe before it) or SEEK_LEAD_FRAMES after the next keyframe (little decoded for nothing)."""
-    fps = float(rate)
-    lead = SEEK_LEAD_FRAMES / fps
+    """Chunk boundaries (s) splitting [start_s, end_s) into up to `workers` chunks of about equal
+    cost, or [] where one scan would be about as fast.
+
+    A chunk's cost: its frames, plus GRAB_COST per frame decoded only to reach its start (from
+    the keyframe its seek lands on). Near each even split, a boundary can sit at the split itself
+    (decoding from the keyframe before it) or SEEK_LEAD_FRAMES after the keyframe before or after
+    it (little decoded for nothing); left to right, the one with the shortest longest chunk wins.
+    """
+    lead = SEEK_LEAD_FRAMES / float(rate)
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
@@ -265,25 +272,32 @@ def plan(path: str, rate: Fraction, start_s: float, end_s: float | None, workers
                 else:
                     return []
             span = end_s - start_s
-            bounds, costs, last = [], [], start_s
+            bounds, last, reach, longest = [], start_s, 0.0, 0.0  # reach: decode-only cost of the current chunk
             for i in range(1, workers):
                 ideal = start_s + span * i / workers
+                options = []  # (boundary, seconds decoded to reach it)
                 before = keyframe_time(container, stream, ideal - lead, backward=True)
+                if before is not None:
+                    options += [(ideal, ideal - before), (before + lead, lead)]
                 after = keyframe_time(container, stream, ideal - lead, backward=False)
-                options = [(ideal, ideal - before)] if before is not None else []
-                if after is not None and after + lead < end_s:
+                if after is not None:
                     options.append((after + lead, lead))
-                options = [(b, w) for b, w in options if b > last + lead]
+                options = [(b, w) for b, w in options if last + lead < b < end_s - lead]
                 if not options:
                     continue
-                b, waste = min(options, key=lambda o: abs(o[0] - ideal) + GRAB_COST * o[1])
+                rest = workers - i  # chunks after this boundary
+
+                def longest_with(option):
+                    b, w = option
+                    return max(b - last + reach, (end_s - b) / rest + GRAB_COST * w)
+
+                b, w = min(options, key=longest_with)
+                longest = max(longest, b - last + reach)
                 bounds.append(b)
-                costs.append(GRAB_COST * waste)
-                last = b
+                last, reach = b, GRAB_COST * w
     except (av.error.FFmpegError, OSError, IndexError):
         return []
-    edges = [start_s, *bounds, end_s]
-    longest = max(edges[i + 1] - edges[i] + (costs[i - 1] if i else 0.0) for i in range(len(edges) - 1))
+    longest = max(longest, end_s - last + reach)
     return bounds if bounds and longest <= MIN_GAIN * span else []
 
 
@@ -346,14 +360,15 @@ def detect(path: str | Path, detector, window: tuple[float | None, float | None]
         bounds = chunk_bounds(video, path, start_frame, end_frame, workers)
     whole = None
     if bounds:
-        video.capture.release()  # chunks read with one decoding thread each (open_reader)
         chunks = list(zip([None, *bounds], [*bounds, None]))
         with ThreadPoolExecutor(len(chunks) - 1) as pool:
-            later = [pool.submit(lambda c: scan(open_reader(path, 1), start_frame, end_frame, *c), c) for c in chunks[1:]]
             try:
-                whole = stitch([scan(open_reader(path, 1), start_frame, end_frame, *chunks[0]), *(f.result() for f in later)])
-            except Exception:  # noqa: BLE001 - a chunk failed after its seek: the one-chunk read decides, and raises if detect() would
+                readers = [open_reader(video, 1) for _ in chunks]  # one decoding thread each
+                later = [pool.submit(scan, r, start_frame, end_frame, *c) for r, c in zip(readers[1:], chunks[1:])]
+                whole = stitch([scan(readers[0], start_frame, end_frame, *chunks[0]), *(f.result() for f in later)])
+            except Exception:  # noqa: BLE001 - a chunk failed (after its seek): the one-chunk read decides, and raises if detect() would
                 whole = None
+        video.capture.release()
         if whole is None:  # or the chunks disagree on a boundary frame: read the window as detect() does
             video = VideoStreamCv2(path)
     if whole is None:
