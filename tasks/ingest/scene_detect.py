@@ -26,8 +26,12 @@ and the overlap check proves it for that frame. Where a boundary does not match 
 lands late, timestamps that differ after a seek), or frames change size mid-stream (SceneManager
 skips those), the sequential scan is used: never a different answer, only a slower one.
 
-Faster: up to one core per chunk, no decode thread and frame queue per frame, and a vectorised
-score (cv2.absdiff + sumElems on the HSV image instead of three int32 numpy passes).
+Faster: up to one core per chunk (single-threaded decoders: no frame-threading overhead), no
+decode thread and frame queue per frame, and a vectorised score (cv2.absdiff + sumElems on the
+HSV image instead of three int32 numpy passes). What is left per frame is what detect() also
+pays: decoding, the full-size BGR conversion and the resize (about nine tenths of our CPU time),
+so on cores busy with other work the gain is the CPU ratio (about 1.1-1.4x), and it grows with
+idle cores. A video with one keyframe (or too short to split) is read in one chunk.
 bench/bench_scene_split.py measures the ratio to `scenedetect.detect`.
 """
 
