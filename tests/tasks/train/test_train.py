@@ -105,19 +105,20 @@ def test_resume_continues_step_and_loss_history(data):
 
     root, manifest, vae_dir = data
     split = _split(manifest, train_cfg(root))
-    first = train(train_cfg(root, **{"train.steps": 20}), split, root, run_name="resume", vae_dir=vae_dir)
+    every = {"train.ckpt_every": 2, "train.log_every": 2}  # bookkeeping, not learning: a few steps are enough
+    first = train(train_cfg(root, **{"train.steps": 4, **every}), split, root, run_name="resume", vae_dir=vae_dir)
     assert first.resumed_from_step == 0
     hist_a = _history(first.checkpoint_dir)
-    second = train(train_cfg(root, **{"train.steps": 30}), split, root, run_name="resume", vae_dir=vae_dir)
-    assert second.resumed_from_step == 20 and second.metrics["steps"] == 30
+    second = train(train_cfg(root, **{"train.steps": 6, **every}), split, root, run_name="resume", vae_dir=vae_dir)
+    assert second.resumed_from_step == 4 and second.metrics["steps"] == 6
     hist_b = _history(second.checkpoint_dir)
-    assert [s for s, _ in hist_b] == list(range(1, 31))
-    assert hist_b[:20] == hist_a  # the first run's history is kept as it was
+    assert [s for s, _ in hist_b] == list(range(1, 7))
+    assert hist_b[:4] == hist_a  # the first run's history is kept as it was
     meta = json.loads((second.checkpoint_dir / "state.json").read_text())["meta"]
-    assert [seg["start_step"] for seg in meta["segments"]] == [0, 20]
+    assert [seg["start_step"] for seg in meta["segments"]] == [0, 4]
     # asking for no more steps than done trains nothing and exports the same checkpoint
-    third = train(train_cfg(root, **{"train.steps": 30}), split, root, run_name="resume", vae_dir=vae_dir)
-    assert third.resumed_from_step == 30 and third.checkpoint_dir == second.checkpoint_dir
+    third = train(train_cfg(root, **{"train.steps": 6, **every}), split, root, run_name="resume", vae_dir=vae_dir)
+    assert third.resumed_from_step == 6 and third.checkpoint_dir == second.checkpoint_dir
 
 
 def test_online_path_trains_too(data):
@@ -216,19 +217,19 @@ def _kill_last_rank_after(step: int, marker: Path):
 
 @pytest.mark.slow
 def test_ray_two_workers_survive_a_killed_worker(data, tmp_path):
-    """DDP over gloo with 2 Ray workers; the last rank dies after step 7; FailureConfig restarts from step 5."""
+    """DDP over gloo with 2 Ray workers; the last rank dies after step 5; FailureConfig restarts from step 3."""
     from soraflow.tasks.train.driver import train
 
     root, manifest, vae_dir = data
     marker = tmp_path / "killed"
-    cfg = train_cfg(root, **{"train.steps": 12, "train.num_workers": 2, "train.batch_size": 2, "train.ckpt_every": 5,
-                             "train.max_failures": 1})
-    result = train(cfg, _split(manifest, cfg), root, run_name="ray-kill", vae_dir=vae_dir, on_step=[_kill_last_rank_after(7, marker)])
+    cfg = train_cfg(root, **{"train.steps": 6, "train.num_workers": 2, "train.batch_size": 2, "train.ckpt_every": 3,
+                             "train.log_every": 3, "train.max_failures": 1})
+    result = train(cfg, _split(manifest, cfg), root, run_name="ray-kill", vae_dir=vae_dir, on_step=[_kill_last_rank_after(5, marker)])
     assert marker.exists()  # the worker really died
-    assert result.metrics["steps"] == 12 and result.metrics["world_size"] == 2
+    assert result.metrics["steps"] == 6 and result.metrics["world_size"] == 2
     meta = json.loads((result.checkpoint_dir / "state.json").read_text())["meta"]
-    assert [seg["start_step"] for seg in meta["segments"]] == [0, 5]  # restarted from the step-5 checkpoint
-    assert [s for s, _ in meta["loss_history"]] == list(range(1, 13))
+    assert [seg["start_step"] for seg in meta["segments"]] == [0, 3]  # restarted from the step-3 checkpoint
+    assert [s for s, _ in meta["loss_history"]] == list(range(1, 7))
     assert (result.run_dir / "checkpoint_manager_snapshot.json").exists()  # Ray Train's own bookkeeping
 
 
