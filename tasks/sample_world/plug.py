@@ -4,6 +4,8 @@
         download_stage(cfg, root)
 
 A config whose `ingest.sample_source.enabled` is false passes through untouched.
+`render_sample_videos(cfg, root)` writes the server's videos ahead of the run (the server
+then finds them on disk), so a caller can overlap that with other start-up work.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ def stable_port(root: DataRoot) -> int:
     the dataset version and the task cache keys) stay the same from one run to the next."""
     digest = hashlib.sha256(str(root.root.resolve()).encode()).digest()
     return 20000 + int.from_bytes(digest[:4], "big") % 20000
+
+
+def render_sample_videos(cfg: SoraFlowConfig, root: DataRoot) -> None:
+    """Write the sample server's videos for this config that are not on disk yet (no-op when disabled)."""
+    if cfg.ingest.sample_source.enabled:
+        server.SampleServer(root.root / "sample_source", cfg.ingest.sample_source).generate()
 
 
 @contextlib.contextmanager
