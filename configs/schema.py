@@ -221,6 +221,8 @@ class SchedulerConfig(Section):
     cfg_scale: float = 7.0
     num_train_timesteps: int = 1000
     shift: float = Field(1.0, gt=0)  # rflow only: tau' = s tau / (1 + (s - 1) tau), s > 1 trains and samples nearer noise
+    # Sampling (and the VAE decode after it) under torch.autocast: bf16 matmuls where the CPU has them.
+    sample_precision: Literal["fp32", "bf16"] = "fp32"
 
 
 # ---------------------------------------------------------------- training + after

@@ -30,6 +30,7 @@ class TextToVideo:
     scheduler: object  # models.diffusion scheduler
     num_frames: int
     image_size: tuple[int, int]  # (H, W) in pixels
+    precision: str = "fp32"  # "bf16": denoising and decoding under torch.autocast (weights stay fp32)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -55,14 +56,18 @@ class TextToVideo:
         generator = torch.Generator().manual_seed(seed)
         cond = self.text_encoder.encode(prompts)  # y (B, 1, L, C_text), mask (B, L)
         z = randn((len(prompts), *self.latent_shape), generator, "cpu")  # (B, C, T, H/f, W/f)
-        latents = self.scheduler.sample(
-            self.stdit,
-            z,
-            model_kwargs={"y": cond["y"], "mask": cond["mask"]},
-            y_null=self.null_caption(len(prompts)),
-            cfg_scale=cfg_scale,
-            num_steps=steps,
-            progress=progress,
-            generator=generator,
-        )  # (B, C, T, H/f, W/f)
-        return self.vae.decode(latents).clamp(-1, 1)  # (B, 3, T, H, W)
+        # bf16: the STDiT's and the VAE decoder's matmuls and convolutions in bf16; the Euler
+        # update itself stays fp32 (the scheduler keeps x in fp32).
+        with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            latents = self.scheduler.sample(
+                self.stdit,
+                z,
+                model_kwargs={"y": cond["y"], "mask": cond["mask"]},
+                y_null=self.null_caption(len(prompts)),
+                cfg_scale=cfg_scale,
+                num_steps=steps,
+                progress=progress,
+                generator=generator,
+            )  # (B, C, T, H/f, W/f)
+            video = self.vae.decode(latents)  # (B, 3, T, H, W)
+        return video.float().clamp(-1, 1)

@@ -99,5 +99,5 @@ def load_model_folder(folder: str | Path, base: SoraFlowConfig | None = None, nu
     scheduler = build_scheduler(s.type, num_sampling_steps=s.num_sampling_steps, cfg_scale=s.cfg_scale,
                                 num_train_timesteps=s.num_train_timesteps, shift=s.shift)
     pipe = TextToVideo(stdit=stdit.eval(), vae=vae, text_encoder=text_encoder, scheduler=scheduler,
-                       num_frames=cfg.video.num_frames, image_size=tuple(cfg.video.image_size))
+                       num_frames=cfg.video.num_frames, image_size=tuple(cfg.video.image_size), precision=s.sample_precision)
     return pipe, cfg

@@ -206,5 +206,6 @@ def load_pipeline(
         scheduler=scheduler_for(cfg),
         num_frames=cfg.video.num_frames,
         image_size=tuple(cfg.video.image_size),
+        precision=cfg.scheduler.sample_precision,
     )
     return pipe, source
