@@ -89,7 +89,7 @@ def test_process_work_pool_runs_the_pipeline_deployment_from_prefect_yaml(tmp_pa
                     return r if r.state.is_final() else None
 
                 try:
-                    done = wait_for("the pipeline deployment run", finished, timeout=600, interval=3)
+                    done = wait_for("the pipeline deployment run", finished, timeout=600, interval=1)
                 except BaseException:
                     print(worker.tail(), tail(server.log, 2000))
                     raise

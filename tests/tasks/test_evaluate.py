@@ -8,22 +8,19 @@ import numpy as np
 import torch
 import pytest
 from soraflow.storage.holdout import DatasetSplit, holdout_split
-from soraflow.storage.layout import DataRoot
 from soraflow.storage.manifest import ok_rows
-from training_data import make_clip_manifest, train_cfg
+from training_data import train_cfg
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(fitted_clips):
+    """10 steps of training on the session's 10 clips and their fitted VAE (tests/tasks/conftest.py)."""
     from soraflow.tasks.train.driver import train
-    from soraflow.tasks.train.vae_fit import fit_vae
 
-    base = tmp_path_factory.mktemp("eval")
-    root = DataRoot(base / "data")
-    manifest = make_clip_manifest(base / "videos", root, n=10, frames=12)
+    root, manifest, vae_dir = fitted_clips
     cfg = train_cfg(root, **{"train.steps": 10, "eval.num_prompts": 3})
     split = DatasetSplit.read(manifest, cfg.train.val_fraction)
-    result = train(cfg, split, root, fit_vae(cfg, split, root, progress=False).path, run_name="eval")
+    result = train(cfg, split, root, vae_dir, run_name="eval")
     return cfg, root, split, result
 
 

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 from soraflow.storage.holdout import DatasetSplit, holdout_split
-from soraflow.storage.layout import DataRoot
 from soraflow.storage.manifest import ok_rows
-from training_data import make_clip_manifest, train_cfg
+from training_data import train_cfg
 
 
 def _split(manifest, cfg):
@@ -29,15 +28,9 @@ def _split(manifest, cfg):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    base = tmp_path_factory.mktemp("train")
-    root = DataRoot(base / "data")
-    manifest = make_clip_manifest(base / "videos", root, n=10, frames=12)
-    from soraflow.tasks.train.vae_fit import fit_vae
-
-    cfg = train_cfg(root)
-    vae = fit_vae(cfg, _split(manifest, cfg), root, progress=False)
-    return root, manifest, vae.path
+def data(fitted_clips):
+    """(root, manifest, VAE folder): the session's 10 clips and their fitted VAE (tests/tasks/conftest.py)."""
+    return fitted_clips
 
 
 def _history(checkpoint_dir):
