@@ -14,6 +14,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two test processes share the 2 cores: one torch/OpenMP thread each (and in their children),
+    # since oversubscribed OpenMP threads wait on each other and run several times slower.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # One fresh Prefect home per test session: the ephemeral API server's SQLite database,
 # cached task results and settings never leak between runs or into ~/.prefect.

@@ -38,7 +38,9 @@ def start_ray(cfg: SoraFlowConfig) -> bool:
         ray.init(address=cfg.train.ray_address, runtime_env=runtime_env)
     else:
         # `_node_ip_address` is ray.init's documented keyword for this node's address (Ray 2.60).
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, runtime_env=runtime_env,
+        # address="local": a new instance for this run. With no address, ray.init joins any Ray
+        # already running on the machine (it scans for a GCS process), e.g. someone's `ray start`.
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, runtime_env=runtime_env,
                  _node_ip_address=LOCAL_NODE_IP)
     return True
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import torch
 import pytest
+import torch
 from soraflow.storage.holdout import DatasetSplit, holdout_split
 from soraflow.storage.manifest import ok_rows
 from training_data import train_cfg
