@@ -20,7 +20,7 @@ BUDGETS: dict[str, list[str]] = {
     "small": ["train.steps=300", "vae.fit.steps=150", "eval.num_prompts=4",
               "ingest.sample_source.hdvg_videos=12", "ingest.sample_source.pexels_videos=24"],
     "default": [],
-    # More steps need more clips: on the default 156, the validation loss rises after 2500 steps.
+    # More steps need more clips: on the default 156, the validation loss rises after 2500-3000 steps.
     "large": ["train.steps=5000", "ingest.sample_source.hdvg_videos=72", "ingest.sample_source.pexels_videos=96"],
 }
 
