@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_local.py [--budget small|default|large] [--root DIR] [--set key=value ...]
 
-Runs `soraflow run local` in this process (ephemeral Prefect server under a fresh PREFECT_HOME
+Runs `soraflow run local` in this process (its start-up, then the flow) (ephemeral Prefect server under a fresh PREFECT_HOME
 unless one is set): sample source -> ingest -> VAE fit -> latent cache -> Ray Train -> evaluate
 -> register -> generate. The stage times are the flow's own (its summary's "wall time (s)").
 With no --root, a temporary data root is used and removed, so every stage does its full work
@@ -36,12 +36,14 @@ def main() -> None:
     os.environ.setdefault("PREFECT_HOME", str(tmp / "prefect"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import soraflow.flows.cli  # noqa: F401  (the CLI's Prefect defaults: ephemeral server timeout, no telemetry)
-    from soraflow.flows.local import local_flow
+    from soraflow.flows.local import local_flow, start_up
     from soraflow.flows.params import RunParams
 
     try:
         t = time.perf_counter()
-        summary = local_flow(RunParams(config="local", overrides=args.overrides, data_root=str(root)), budget=args.budget)
+        params = RunParams(config="local", overrides=args.overrides, data_root=str(root))
+        start_up(params, budget=args.budget)  # as `soraflow run local` does
+        summary = local_flow(params, budget=args.budget)
         total = time.perf_counter() - t
     finally:
         if not args.root:

@@ -262,13 +262,13 @@ def run_local(
 ) -> None:
     """The whole life cycle on a synthetic sample served on loopback: ingest, train, evaluate, register, generate."""
     params = _params(config, set_, root)
-    from soraflow.flows.local import BUDGETS, local_flow
+    from soraflow.flows.local import local_flow, start_up
 
     quiet_tracebacks()
     quiet_ray()
 
     with stdout_for(as_json):
-        _start_up(params.with_overrides(*BUDGETS[budget.value]))
+        start_up(params, budget=budget.value)
         summary = local_flow(params, budget=budget.value)
     _show("SoraFlow local run", summary, as_json)
 
@@ -286,22 +286,6 @@ def run_pipeline(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt
     with stdout_for(as_json):
         result = pipeline_flow(params)
     _show("pipeline", result, as_json)
-
-
-def _start_up(params) -> None:
-    """Render the sample source's videos while Prefect's temporary server starts: each takes
-    10-14 s and mostly one core, so together they take the time of one."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from prefect import get_client
-    from soraflow.tasks.sample_world.plug import render_sample_videos
-
-    cfg, data_root = params.load()
-    with ThreadPoolExecutor(1) as pool:
-        rendering = pool.submit(render_sample_videos, cfg, data_root)
-        with get_client(sync_client=True):  # starts the temporary server when no PREFECT_API_URL is set; the flow reuses it
-            pass
-        rendering.result()
 
 
 @app.command()
