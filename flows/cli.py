@@ -411,8 +411,8 @@ def explain(
     f = result.facts
     console.print(f"weights: {result.weights}")
     console.print(f"{result.mode}: {prompt!r}; video (T, H, W) = ({f['T']}, {f['H']}, {f['W']}), latents (C, T, H/f, W/f) = "
-                  f"({f['C']}, {f['T']}, {f['h']}, {f['w']}) with f = {f['f']}; token grid {f['grid_t']}x{f['grid_h']}x{f['grid_w']}, "
-                  f"S = {f['S']} tokens per frame; D = {f['D']}, {f['heads']} heads, {f['depth']} blocks; L = {f['L']} text tokens")
+                  f"({f['C']}, {f['T']}, {f['h']}, {f['w']}) with f = {f['f']}; patches {f['pt']}x{f['ph']}x{f['pw']}, "
+                  f"token grid T'xH'xW' = {f['grid_t']}x{f['grid_h']}x{f['grid_w']}, S = {f['S']} tokens per time step; D = {f['D']}, {f['heads']} heads, {f['depth']} blocks; L = {f['L']} text tokens")
     rows = [(s.stage, s.module, s.shape, s.meaning) for s in result.stages]
     widths = [max(len(r[k]) for r in rows) for k in range(2)]
     console.print(f"{'stage':<{widths[0]}}  {'module':<{widths[1]}}  shape  |  meaning", markup=False)

@@ -36,14 +36,14 @@ MEANING = {
     "tokens": "T5 tokenizer: token ids padded to max_length, mask 1 = real token (the rest is padding)",
     "text": "T5 encoder: one feature vector per token; the video attends to these (cross attention)",
     "noise": "latent noise z (B, C, T, H/f, W/f): the VAE's latent grid, f = the VAE's downsampling",
-    "patchify": "x_embedder: Conv3d, kernel = stride = patch: every (1, p, p) latent patch -> one token of D channels",
+    "patchify": "x_embedder: Conv3d, kernel = stride = patch (pt, ph, pw): every latent patch -> one token of D channels",
     "pos_spatial": "spatial sin-cos position embedding, added to every frame's S tokens (where in the frame)",
-    "pos_temporal": "temporal sin-cos position embedding, added in block 0's temporal attention input (which frame)",
+    "pos_temporal": "temporal sin-cos position embedding, added in block 0's temporal attention input (which time step T')",
     "timestep": "t_embedder: sinusoid of the diffusion time t -> MLP -> one vector per sample",
     "adaln": "t_block (adaLN-single): t -> 6 vectors per sample: shift/scale/gate for attention and MLP in every block",
     "caption": "y_embedder: T5 features projected to D (in training, 10% of captions are swapped for the null caption)",
-    "spatial": "spatial self-attention: the S tokens of each frame attend to each other (batch B*T)",
-    "temporal": "temporal self-attention: each spatial position attends across the T frames (batch B*S)",
+    "spatial": "spatial self-attention: the S tokens of each time step attend to each other (batch B*T')",
+    "temporal": "temporal self-attention: each spatial position attends across the T' = T/pt time steps (batch B*S)",
     "cross": "cross attention: every video token attends to the caption's valid tokens (key-padding mask)",
     "block": "one STDiT block: spatial attn, temporal attn, cross attn, MLP, each added to the residual stream",
     "final": "final_layer: adaLN on raw t, then a linear map from each token back to a latent patch",
@@ -149,6 +149,7 @@ def _facts(pipe, batch: int, length: int) -> dict[str, int]:
     c, t, h, w = pipe.latent_shape
     return {"B": batch, "C": c, "T": t, "h": h, "w": w, "f": pipe.vae.downsample, "H": pipe.image_size[0], "W": pipe.image_size[1],
             "grid_t": s.grid_size[0], "grid_h": s.grid_size[1], "grid_w": s.grid_size[2], "S": s.num_spatial,
+            "pt": s.patch_size[0], "ph": s.patch_size[1], "pw": s.patch_size[2],
             "D": s.hidden_size, "heads": s.num_heads, "depth": len(s.blocks), "L": length, "C_out": s.out_channels}
 
 

@@ -9,8 +9,8 @@
 
 It depends on the step alone (no scheduler object with state), so a run resumed from a checkpoint,
 or restarted on fewer workers, follows the same curve, and the registry can log it after the fact.
-Why cosine for the local preset: a short run reaches the same loss with a decaying rate in far fewer
-steps than at a constant rate, where only the EMA averages the late noise away (README, measured).
+The local preset stays constant: on its budget, every cosine run tried lost the direction of
+motion (README, measured).
 """
 
 from __future__ import annotations

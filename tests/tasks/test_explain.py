@@ -32,7 +32,8 @@ def _check_model_shapes(r, batch: int):
     # the config the model was built from: 4 frames of 16x16, STDiT-Tiny (D 128, depth 4), 16 text tokens
     assert (f["T"], f["H"], f["W"], f["D"], f["depth"], f["L"]) == (4, 16, 16, 128, 4, 16)
     assert (f["h"], f["w"]) == (16 // f["f"], 16 // f["f"]) and s == f["grid_h"] * f["grid_w"]
-    assert (f["grid_h"], f["grid_w"]) == (f["h"] // 2, f["w"] // 2)  # patch (1, 2, 2)
+    assert (f["pt"], f["ph"], f["pw"]) == (2, 2, 2)  # configs/local.yaml model.patch_size
+    assert (f["grid_t"], f["grid_h"], f["grid_w"]) == (f["T"] // 2, f["h"] // 2, f["w"] // 2)
     assert _shape(r, "patchify") == [(batch, f["C"], f["T"], f["h"], f["w"]), (batch, n, d)]
     assert _shape(r, "pos_spatial") == [(1, s, d)]
     assert _shape(r, "pos_temporal") == [(1, f["grid_t"], d)]
