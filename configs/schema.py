@@ -172,6 +172,9 @@ class ModelConfig(Section):
     class_dropout_prob: float = 0.1
     pred_sigma: bool = True  # IDDPM learns the variance; rectified flow sets this False
     drop_path: float = 0.0
+    # where the temporal position embedding enters STDiT: attention (block 0's temporal attention
+    # input, Open-Sora v1.0) | stream (the residual stream at the input, as the spatial one)
+    temporal_pos: Literal["attention", "stream"] = "attention"
     grad_checkpoint: bool = False
     from_pretrained: str | None = None  # SoraFlow safetensors dir or Open-Sora .pth
 
@@ -243,6 +246,9 @@ class TrainConfig(Section):
     grad_clip: float = 1.0
     seed: int = 42
     num_workers: int = 0  # Ray Train workers; 0 = in this process (Ray local mode)
+    # In this process: split each batch over this many threads, one torch thread each, and sum
+    # their gradients (tasks/train/thread_parallel.py). Ignored on more than one Ray worker.
+    batch_threads: int = Field(1, ge=1)
     use_gpu: bool = False
     strategy: Literal["ddp", "fsdp"] = "ddp"
     # fp32 | bf16 (a bf16 working copy of the model, fp32 master weights and AdamW state:

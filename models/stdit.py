@@ -10,6 +10,7 @@ Shapes: B batch, C latent channels, (T, H, W) latent video, patch (pt, ph, pw),
 S = ceil(H/ph)*ceil(W/pw) tokens per frame, N = T'*S tokens, D hidden size, L text tokens.
 
     x (B, C, T, H, W) -> patches (B, N, D) + spatial pos embed
+        (+ temporal pos embed when temporal_pos="stream"; v1.0 adds it in block 0's temporal attention only)
     timestep (B,) -> t (B, D) -> t0 = t_block(t) (B, 6D)          adaLN-single
     y (B, 1, L, C_text) -> caption tokens (B, L, D)
     depth x STDiTBlock: spatial attn (B*T, S, D), temporal attn (B*S, T, D), cross attn, MLP
@@ -49,6 +50,10 @@ STDIT_PRESETS: dict[str, dict] = {
                        input_size=[8, 8, 8], caption_channels=64, model_max_length=16),
 }
 
+
+# Where the temporal position embedding enters: "attention" = block 0's temporal attention input
+# only (Open-Sora v1.0); "stream" = the residual stream at the input, beside the spatial one.
+TEMPORAL_POS = ("attention", "stream")
 
 # Saved in every state dict, but recomputed from the config on load (opensora/utils/ckpt_utils.py).
 POSITIONAL_BUFFERS = ("pos_embed", "pos_embed_temporal")
@@ -138,15 +143,18 @@ class STDiT(nn.Module, PyTorchModelHubMixin, library_name="soraflow", pipeline_t
         space_scale: float = 1.0,
         time_scale: float = 1.0,
         enable_grad_checkpoint: bool = False,
+        temporal_pos: str = "attention",
     ):
         super().__init__()
+        if temporal_pos not in TEMPORAL_POS:
+            raise ValueError(f"temporal_pos must be one of {TEMPORAL_POS}, got {temporal_pos!r}")
         self.config = dict(
             input_size=[int(v) for v in input_size], in_channels=int(in_channels), patch_size=[int(v) for v in patch_size],
             hidden_size=int(hidden_size), depth=int(depth), num_heads=int(num_heads), mlp_ratio=float(mlp_ratio),
             class_dropout_prob=float(class_dropout_prob), pred_sigma=bool(pred_sigma), drop_path=float(drop_path),
             no_temporal_pos_emb=bool(no_temporal_pos_emb), caption_channels=int(caption_channels),
             model_max_length=int(model_max_length), space_scale=float(space_scale), time_scale=float(time_scale),
-            enable_grad_checkpoint=bool(enable_grad_checkpoint),
+            enable_grad_checkpoint=bool(enable_grad_checkpoint), temporal_pos=temporal_pos,
         )
         self.input_size = tuple(self.config["input_size"])
         self.patch_size = tuple(self.config["patch_size"])
@@ -156,6 +164,7 @@ class STDiT(nn.Module, PyTorchModelHubMixin, library_name="soraflow", pipeline_t
         self.space_scale, self.time_scale = space_scale, time_scale
         self.no_temporal_pos_emb = no_temporal_pos_emb
         self.enable_grad_checkpoint = enable_grad_checkpoint
+        self.temporal_pos = temporal_pos
         # token grid after right-padding (Open-Sora floors, which only differs when it would crash)
         self.grid_size = tuple(-(-i // p) for i, p in zip(self.input_size, self.patch_size))  # (T', H', W')
         self.num_temporal = self.grid_size[0]
@@ -231,8 +240,13 @@ class STDiT(nn.Module, PyTorchModelHubMixin, library_name="soraflow", pipeline_t
                 raise RuntimeError(f"STDiT state dict does not fit: missing {missing}, unexpected {sorted(result.unexpected_keys)}")
         return result
 
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, T, H, W), timestep (B,), y (B, 1, L, C_text) or (B, L, C_text), mask (B, L) -> (B, C_out, T, H, W) float32."""
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None,
+                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, T, H, W), timestep (B,), y (B, 1, L, C_text) or (B, L, C_text), mask (B, L) -> (B, C_out, T, H, W) float32.
+
+        force_drop_ids (B,): 1 = this sample gets the null caption. None: in train mode the caption
+        dropout is drawn here from the global RNG; a caller that splits a batch over threads draws it first.
+        """
         dtype = self.x_embedder.proj.weight.dtype
         b, _, t_in, h_in, w_in = x.shape
         x = x.to(dtype)
@@ -251,12 +265,16 @@ class STDiT(nn.Module, PyTorchModelHubMixin, library_name="soraflow", pipeline_t
             raise ValueError(f"input (T, H, W) = {(t_in, h_in, w_in)} makes a token grid {grid}, but this model was "
                              f"built for input_size {self.input_size} (grid {self.grid_size}); rebuild it with that input_size")
         t_, s, d = self.num_temporal, self.num_spatial, self.hidden_size
-        x = (x.reshape(b, t_, s, d) + self.pos_embed.to(dtype)).reshape(b, t_ * s, d)  # (B, T, S, D) -> (B, T*S, D)
+        pos = self.pos_embed.to(dtype)[:, None]  # (1, 1, S, D): where in the frame
+        tpe = self.pos_embed_temporal.to(dtype)  # (1, T', D): which time step
+        if self.temporal_pos == "stream":  # every layer sees the time step, not only block 0's temporal attention
+            pos, tpe = pos + tpe[:, :, None], None  # (1, T', S, D)
+        x = (x.reshape(b, t_, s, d) + pos).reshape(b, t_ * s, d)  # (B, T', S, D) -> (B, T'*S, D)
 
         # timestep and caption conditioning
         t = self.t_embedder(timestep)  # (B, D)
         t0 = self.t_block(t)  # (B, 6D)
-        y = self.y_embedder(y, self.training).squeeze(1)  # (B', L, D); B' = k*B under CFG
+        y = self.y_embedder(y, self.training, force_drop_ids).squeeze(1)  # (B', L, D); B' = k*B under CFG
         if mask is not None:
             mask = mask.to(y.device) != 0  # (B_m, L) bool
             if mask.shape[0] != y.shape[0]:
@@ -264,7 +282,6 @@ class STDiT(nn.Module, PyTorchModelHubMixin, library_name="soraflow", pipeline_t
         if y.shape[0] != b:
             raise ValueError(f"x has {b} samples but y has {y.shape[0]}")
 
-        tpe = self.pos_embed_temporal.to(dtype)  # (1, T, D), block 0 only
         for i, block in enumerate(self.blocks):
             args = (x, y, t0, mask, t_, tpe if i == 0 else None)
             if self.enable_grad_checkpoint and self.training and torch.is_grad_enabled():

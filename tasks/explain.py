@@ -39,6 +39,7 @@ MEANING = {
     "patchify": "x_embedder: Conv3d, kernel = stride = patch (pt, ph, pw): every latent patch -> one token of D channels",
     "pos_spatial": "spatial sin-cos position embedding, added to every frame's S tokens (where in the frame)",
     "pos_temporal": "temporal sin-cos position embedding, added in block 0's temporal attention input (which time step T')",
+    "pos_temporal_stream": "temporal sin-cos position embedding, added to every token at the input (which time step T')",
     "timestep": "t_embedder: sinusoid of the diffusion time t -> MLP -> one vector per sample",
     "adaln": "t_block (adaLN-single): t -> 6 vectors per sample: shift/scale/gate for attention and MLP in every block",
     "caption": "y_embedder: T5 features projected to D (in training, 10% of captions are swapped for the null caption)",
@@ -135,7 +136,8 @@ def _model_stages(tracer: Tracer, stdit, facts: dict) -> list[Stage]:
         if key == "patchify":
             pe = dict(stdit.named_buffers())
             rows.append(Stage("pos_spatial", "pos_embed (buffer)", _fmt([tuple(pe["pos_embed"].shape)]), MEANING["pos_spatial"]))
-            rows.append(Stage("pos_temporal", "pos_embed_temporal (buffer)", _fmt([tuple(pe["pos_embed_temporal"].shape)]), MEANING["pos_temporal"]))
+            meaning = MEANING["pos_temporal_stream" if getattr(stdit, "temporal_pos", "attention") == "stream" else "pos_temporal"]
+            rows.append(Stage("pos_temporal", "pos_embed_temporal (buffer)", _fmt([tuple(pe["pos_embed_temporal"].shape)]), meaning))
     for i in range(facts["depth"]):
         for suffix, key in (("attn", "spatial"), ("attn_temp", "temporal"), ("cross_attn", "cross")):
             rows.append(Stage(f"{key}[{i}]", f"blocks.{i}.{suffix}", _io(tracer.first(f"blocks.{i}.{suffix}")), MEANING[key]))

@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -37,6 +38,7 @@ import ray.train.torch
 import torch
 from ray.train import Checkpoint
 from soraflow.configs.schema import SoraFlowConfig, config_hash
+from soraflow.models.noise import randn
 from soraflow.models.stdit import build_stdit
 from soraflow.storage.checkpoints import (
     load_weights_into,
@@ -64,6 +66,7 @@ from soraflow.tasks.train.model_factory import (
     scheduler_for,
 )
 from soraflow.tasks.train.lr_schedule import lr_at, set_lr
+from soraflow.tasks.train.thread_parallel import BatchThreads, split_batch, torch_threads
 from soraflow.tasks.train.progress import write_progress
 from soraflow.tasks.train.resume import (
     Progress,
@@ -255,55 +258,79 @@ def run_loop(lc: LoopConfig) -> dict:
     if device.type == "cpu":  # subnormal floats are 10-100x slower on CPUs; flush them to zero
         torch.set_flush_denormal(True)
     precision = build_precision(model, tc.precision, fmt, world)
-    t_start, window, last_metrics = time.perf_counter(), [], {}
-    while p.step < lc.total_steps:
-        sampler.set_epoch(p.epoch)
-        dataset.set_epoch(p.epoch)
-        sampler.set_start_index(p.batch_in_epoch * tc.batch_size)
-        for batch in loader:
-            batch = to_device(batch, device)
-            if encoder is not None:
-                batch = encoder(batch, generator=gen)
-            x0 = batch["x0"]  # (B, C, T, h, w)
-            t = scheduler.sample_timesteps(x0.shape[0], device, gen)  # (B,)
-            optimizer.zero_grad(set_to_none=True)
-            with precision.step() as m:  # forward + backward in the configured precision; grads land on the fp32 model
-                out = scheduler.training_loss(m, x0, model_kwargs={"y": batch["y"], "mask": batch["mask"]}, t=t, generator=gen)
-                loss = out["loss"].float().mean()
-                loss.backward()
-            if tc.precision == "bf16" and world > 1:
-                average_grads(model, world)  # the bf16 copy is not DDP-wrapped: average its grads here
-            grad_norm = clip_grads(model, tc.grad_clip, fmt)
-            lr = lr_at(tc, p.step)
-            set_lr(optimizer, lr)
-            optimizer.step()
-            update_ema(ema_list, model_list, tc.ema_decay)
-            loss_value = float(mean_over_ranks(loss.detach(), world))
-            p.advance(loss_value, x0.shape[0] * world)
-            window.append(loss_value)
-            for hook in lc.on_step:
-                hook(StepInfo(p.step, lc.total_steps, rank, world, lc.local_mode, loss_value, lr))
+    split = BatchThreads(tc.batch_threads if world == 1 else 1)
+    with split, torch_threads(1) if split.n > 1 else nullcontext():  # one torch thread per batch thread
+        t_start, window, last_metrics = time.perf_counter(), [], {}
+        while p.step < lc.total_steps:
+            sampler.set_epoch(p.epoch)
+            dataset.set_epoch(p.epoch)
+            sampler.set_start_index(p.batch_in_epoch * tc.batch_size)
+            for batch in loader:
+                batch = to_device(batch, device)
+                if encoder is not None:
+                    batch = encoder(batch, generator=gen)
+                x0 = batch["x0"]  # (B, C, T, h, w)
+                t = scheduler.sample_timesteps(x0.shape[0], device, gen)  # (B,)
+                optimizer.zero_grad(set_to_none=True)
+                with precision.step() as m:  # forward + backward in the configured precision; grads land on the fp32 model
+                    if split.n > 1:
+                        loss = threaded_loss(split, precision, scheduler, m, batch, t, gen, cfg.model.class_dropout_prob)
+                    else:
+                        out = scheduler.training_loss(m, x0, model_kwargs={"y": batch["y"], "mask": batch["mask"]}, t=t, generator=gen)
+                        loss = out["loss"].float().mean()
+                        loss.backward()
+                if tc.precision == "bf16" and world > 1:
+                    average_grads(model, world)  # the bf16 copy is not DDP-wrapped: average its grads here
+                grad_norm = clip_grads(model, tc.grad_clip, fmt)
+                lr = lr_at(tc, p.step)
+                set_lr(optimizer, lr)
+                optimizer.step()
+                update_ema(ema_list, model_list, tc.ema_decay)
+                loss_value = float(mean_over_ranks(loss.detach(), world))
+                p.advance(loss_value, x0.shape[0] * world)
+                window.append(loss_value)
+                for hook in lc.on_step:
+                    hook(StepInfo(p.step, lc.total_steps, rank, world, lc.local_mode, loss_value, lr))
 
-            is_last = p.step >= lc.total_steps
-            log_now, save_now = p.step % tc.log_every == 0 or is_last, p.step % tc.ckpt_every == 0 or is_last
-            if log_now or save_now:
-                metrics = {**step_metrics(p, window, time.perf_counter() - t_start, tc.batch_size, world), "grad_norm": float(grad_norm)}
-                if rank == 0 and log_now:
-                    write_progress(lc.run_dir, p.step, lc.total_steps, metrics["avg_loss"], metrics["samples_per_s"])
-                    print(f"train: step {p.step}/{lc.total_steps} loss {metrics['avg_loss']:.4f} (mean of {len(window)}) "
-                          f"grad-norm {float(grad_norm):.2f} {metrics['samples_per_s']:.1f} samples/s, "
-                          f"{time.perf_counter() - t_start:.0f} s", flush=True)
-                if save_now:
-                    meta = {**p.meta(tc.batch_size, world), "samples_per_s": metrics["samples_per_s"], "config_hash": config_hash(cfg),
-                            "preset": cfg.model.preset, "model_kwargs": lc.model_kwargs, "optimizer_format": fmt}
-                    save_and_report(lc, model, ema, optimizer, fmt, meta, metrics, rank)
-                else:
-                    ray.train.report(metrics)
-                window, last_metrics = [], metrics
-            if is_last:
-                break
-        else:  # the epoch ran out (no break): the next one starts at its first batch
-            p.next_epoch()
+                is_last = p.step >= lc.total_steps
+                log_now, save_now = p.step % tc.log_every == 0 or is_last, p.step % tc.ckpt_every == 0 or is_last
+                if log_now or save_now:
+                    metrics = {**step_metrics(p, window, time.perf_counter() - t_start, tc.batch_size, world), "grad_norm": float(grad_norm)}
+                    if rank == 0 and log_now:
+                        write_progress(lc.run_dir, p.step, lc.total_steps, metrics["avg_loss"], metrics["samples_per_s"])
+                        print(f"train: step {p.step}/{lc.total_steps} loss {metrics['avg_loss']:.4f} (mean of {len(window)}) "
+                              f"grad-norm {float(grad_norm):.2f} {metrics['samples_per_s']:.1f} samples/s, "
+                              f"{time.perf_counter() - t_start:.0f} s", flush=True)
+                    if save_now:
+                        meta = {**p.meta(tc.batch_size, world), "samples_per_s": metrics["samples_per_s"], "config_hash": config_hash(cfg),
+                                "preset": cfg.model.preset, "model_kwargs": lc.model_kwargs, "optimizer_format": fmt}
+                        save_and_report(lc, model, ema, optimizer, fmt, meta, metrics, rank)
+                    else:
+                        ray.train.report(metrics)
+                    window, last_metrics = [], metrics
+                if is_last:
+                    break
+            else:  # the epoch ran out (no break): the next one starts at its first batch
+                p.next_epoch()
     if device.type == "cpu":
         torch.set_flush_denormal(False)  # the default, for the caller in local mode
     return last_metrics
+
+
+def threaded_loss(split: BatchThreads, precision, scheduler, m, batch: dict, t: torch.Tensor, gen, drop_prob: float) -> torch.Tensor:
+    """The batch's mean loss with its gradients on m's parameters, computed in split.n threads.
+
+    The noise and the caption dropout are drawn here, before the split, so the parts share nothing random.
+    """
+    x0 = batch["x0"]  # (B, C, T, h, w)
+    rows = {"x0": x0, "y": batch["y"], "mask": batch["mask"], "t": t, "noise": randn(x0.shape, gen, x0.device, x0.dtype)}
+    if drop_prob > 0:
+        rows["drop"] = (torch.rand(x0.shape[0], generator=gen, device=gen.device) < drop_prob).long().to(x0.device)  # (B,)
+
+    def part_loss(part: dict) -> torch.Tensor:
+        kwargs = {"y": part["y"], "mask": part["mask"], "force_drop_ids": part.get("drop")}
+        with precision.forward_context():
+            out = scheduler.training_loss(m, part["x0"], model_kwargs=kwargs, t=part["t"], noise=part["noise"])
+        return out["loss"].float().mean()
+
+    return split.loss_and_grads(part_loss, split_batch(rows, split.n), [q for q in m.parameters() if q.requires_grad])

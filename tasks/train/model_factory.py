@@ -123,6 +123,7 @@ def stdit_kwargs(cfg: SoraFlowConfig, vae: VideoVAE, caption_channels: int) -> d
         "space_scale": cfg.model.space_scale,
         "time_scale": cfg.model.time_scale,
         "enable_grad_checkpoint": cfg.model.grad_checkpoint,
+        "temporal_pos": cfg.model.temporal_pos,
         **({"patch_size": list(cfg.model.patch_size)} if cfg.model.patch_size else {}),
     }
 

@@ -83,6 +83,10 @@ class Precision:
             with self._autocast():
                 yield self.module
 
+    def forward_context(self):
+        """The per-thread context a forward pass needs inside step() (autocast is thread-local)."""
+        return self._autocast()
+
     def _autocast(self):
         if self.mode != "autocast":
             return nullcontext()

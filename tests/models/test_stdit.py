@@ -65,7 +65,10 @@ def reference_forward(m: STDiT, x, timestep, y, mask, temporal=True):
     tok = F.conv3d(x, m.x_embedder.proj.weight, m.x_embedder.proj.bias, stride=m.patch_size)
     tok = tok.flatten(2).transpose(1, 2)  # (B, N, D)
     S = (H // ph) * (W // pw)
-    tok = (tok.view(b, T, S, d) + m.pos_embed).view(b, T * S, d)
+    tok = tok.view(b, T, S, d) + m.pos_embed
+    if m.temporal_pos == "stream":  # SoraFlow's option: the time step enters the stream at the input
+        tok = tok + m.pos_embed_temporal.view(1, T, 1, d)
+    tok = tok.view(b, T * S, d)
     half = 128
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
     arg = timestep.float()[:, None] * freqs
@@ -79,7 +82,7 @@ def reference_forward(m: STDiT, x, timestep, y, mask, temporal=True):
         tok = tok + g1 * xs
         if temporal:
             xt = tok.view(b, T, S, d).permute(0, 2, 1, 3).reshape(b * S, T, d)
-            if i == 0:
+            if i == 0 and m.temporal_pos == "attention":
                 xt = xt + m.pos_embed_temporal
             xt = _attn(xt, blk.attn_temp.qkv, blk.attn_temp.proj, heads)
             tok = tok + g1 * xt.view(b, S, T, d).permute(0, 2, 1, 3).reshape(b, T * S, d)
@@ -240,14 +243,28 @@ def test_non_divisible_sizes():
         m(torch.randn(1, 4, 3, 12, 12), torch.tensor([1]), torch.randn(1, 1, L, C_TEXT))
 
 
-def test_matches_reference_forward():
-    m = randomize_zero_inits(tiny()).eval()
+@pytest.mark.parametrize("temporal_pos", ["attention", "stream"])
+def test_matches_reference_forward(temporal_pos):
+    m = randomize_zero_inits(tiny(temporal_pos=temporal_pos)).eval()
     x, t, y, mask = inputs()
     with torch.no_grad():
         out, ref = m(x, t, y, mask), reference_forward(m, x, t, y, mask)
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(m(x, t, y), reference_forward(m, x, t, y, None), rtol=1e-4, atol=1e-5)
     assert out.abs().mean() > 1e-2  # the comparison is not between zeros
+
+
+def test_temporal_pos_stream_is_a_different_model_with_the_same_weights():
+    a = randomize_zero_inits(tiny()).eval()
+    b = randomize_zero_inits(tiny(temporal_pos="stream")).eval()
+    assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    assert b.config["temporal_pos"] == "stream" and STDiT(**b.config).temporal_pos == "stream"
+    x, t, y, mask = inputs()
+    with torch.no_grad():
+        assert not torch.allclose(a(x, t, y, mask), b(x, t, y, mask), atol=1e-4)
+    with pytest.raises(ValueError, match="temporal_pos"):
+        tiny(temporal_pos="everywhere")
 
 
 def test_zero_init_temporal_is_pixart_at_init():

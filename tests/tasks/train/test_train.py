@@ -80,6 +80,18 @@ def test_bf16_precision_learns_with_fp32_master_state(data):
     assert torch.float32 in dtypes and torch.bfloat16 not in dtypes and torch.float16 not in dtypes
 
 
+def test_batch_split_over_threads_learns_and_restores_torch_threads(data):
+    from soraflow.tasks.train.driver import train
+
+    root, manifest, vae_dir = data
+    cfg = train_cfg(root, **{"train.steps": 40, "train.batch_threads": 2})
+    before = torch.get_num_threads()
+    result = train(cfg, _split(manifest, cfg), root, run_name="threads", vae_dir=vae_dir)
+    assert torch.get_num_threads() == before
+    losses = [v for _, v in _history(result.checkpoint_dir)]
+    assert len(losses) == 40 and sum(losses[-10:]) < 0.8 * sum(losses[:10]), losses
+
+
 def test_each_step_runs_at_the_scheduled_learning_rate(data):
     from soraflow.tasks.train.driver import train
     from soraflow.tasks.train.lr_schedule import lr_at
