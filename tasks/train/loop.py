@@ -260,7 +260,7 @@ def run_loop(lc: LoopConfig) -> dict:
     precision = build_precision(model, tc.precision, fmt, world)
     split = BatchThreads(tc.batch_threads if world == 1 else 1)
     with split, torch_threads(1) if split.n > 1 else nullcontext():  # one torch thread per batch thread
-        t_start, window, last_metrics = time.perf_counter(), [], {}
+        t_start, window, last_metrics, nonfinite = time.perf_counter(), [], {}, 0
         while p.step < lc.total_steps:
             sampler.set_epoch(p.epoch)
             dataset.set_epoch(p.epoch)
@@ -284,8 +284,13 @@ def run_loop(lc: LoopConfig) -> dict:
                 grad_norm = clip_grads(model, tc.grad_clip, fmt)
                 lr = lr_at(tc, p.step)
                 set_lr(optimizer, lr)
-                optimizer.step()
-                update_ema(ema_list, model_list, tc.ema_decay)
+                if torch.isfinite(grad_norm):
+                    optimizer.step()
+                    update_ema(ema_list, model_list, tc.ema_decay)
+                    nonfinite = 0
+                else:  # one bad batch must not poison the weights: skip its update, as AMP's GradScaler does
+                    nonfinite += 1
+                    check_nonfinite(nonfinite, p.step + 1, float(grad_norm), tc.lr, rank)
                 loss_value = float(mean_over_ranks(loss.detach(), world))
                 p.advance(loss_value, x0.shape[0] * world)
                 window.append(loss_value)
@@ -315,6 +320,18 @@ def run_loop(lc: LoopConfig) -> dict:
     if device.type == "cpu":
         torch.set_flush_denormal(False)  # the default, for the caller in local mode
     return last_metrics
+
+
+MAX_NONFINITE_STEPS = 5  # in a row: the run has diverged, it did not just meet one bad batch
+
+
+def check_nonfinite(in_a_row: int, step: int, grad_norm: float, lr: float, rank: int) -> None:
+    """Say that a step was skipped; stop the run once MAX_NONFINITE_STEPS in a row were."""
+    if rank == 0:
+        print(f"train: step {step}: gradient norm {grad_norm}, update skipped ({in_a_row} in a row)", flush=True)
+    if in_a_row >= MAX_NONFINITE_STEPS:
+        raise FloatingPointError(f"train: {in_a_row} steps in a row up to step {step} had non-finite gradients: the run "
+                                 f"diverged; lower train.lr (now {lr}) or resume from an earlier checkpoint")
 
 
 def threaded_loss(split: BatchThreads, precision, scheduler, m, batch: dict, t: torch.Tensor, gen, drop_prob: float) -> torch.Tensor:

@@ -92,6 +92,40 @@ def test_batch_split_over_threads_learns_and_restores_torch_threads(data):
     assert len(losses) == 40 and sum(losses[-10:]) < 0.8 * sum(losses[:10]), losses
 
 
+def test_a_non_finite_gradient_skips_its_update_and_a_diverged_run_stops(data, monkeypatch, capsys):
+    import soraflow.tasks.train.loop as loop
+    from soraflow.tasks.train.driver import train
+
+    root, manifest, vae_dir = data
+    real = loop.clip_grads
+    nan_at = {"steps": {3}}  # the third step's gradient is NaN; then (None) every step's
+    calls = []
+
+    def clip(model, max_norm, fmt):
+        calls.append(1)
+        norm = real(model, max_norm, fmt)
+        if nan_at["steps"] is None or len(calls) in nan_at["steps"]:
+            for q in model.parameters():
+                if q.grad is not None:
+                    q.grad.fill_(float("nan"))
+            return torch.tensor(float("nan"))
+        return norm
+
+    monkeypatch.setattr(loop, "clip_grads", clip)
+    cfg = train_cfg(root, **{"train.steps": 6})
+    result = train(cfg, _split(manifest, cfg), root, run_name="nan-once", vae_dir=vae_dir)
+    assert "step 3: gradient norm nan, update skipped (1 in a row)" in capsys.readouterr().out
+    state = result.checkpoint_dir / "state.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(state), "pt") as f:  # the skipped step left no NaN in the weights, EMA or AdamW state
+        assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())
+
+    nan_at["steps"] = None
+    with pytest.raises(Exception, match="5 steps in a row up to step 5 had non-finite gradients"):
+        train(cfg, _split(manifest, cfg), root, run_name="nan-always", vae_dir=vae_dir)
+
+
 def test_each_step_runs_at_the_scheduled_learning_rate(data):
     from soraflow.tasks.train.driver import train
     from soraflow.tasks.train.lr_schedule import lr_at
