@@ -254,7 +254,7 @@ def export(
 @run_app.command("local")
 @cli_errors
 def run_local(
-    budget: Annotated[Budget, typer.Option(help="Training budget: small (60 clips, 300 steps: about 1.5 min on 2 cores), default (156 clips, 3000 steps: about 9 min on 2 cores) or large (276 clips, 5000 steps: about twice default).")] = Budget.default,
+    budget: Annotated[Budget, typer.Option(help="Training budget: small (60 clips, 300 steps: about 1.5 min on 2 cores), default (156 clips, 2000 steps: about 6 min on 2 cores) or large (276 clips, 5000 steps, decaying rate: about twice default).")] = Budget.default,
     config: ConfigOpt = "local",
     set_: SetOpt = None,
     root: RootOpt = None,
