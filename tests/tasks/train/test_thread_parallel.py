@@ -85,3 +85,21 @@ def test_force_drop_ids_give_the_null_caption():
 def test_batch_threads_below_one_is_refused():
     with pytest.raises(ValueError, match="batch_threads"):
         BatchThreads(0)
+
+
+def test_autocast_reaches_the_worker_threads():
+    """Autocast is thread-local: forward_context() inside each part makes the threads compute in bf16 too."""
+    batch = _batch(4)
+    prec = Precision(_model(), "autocast")
+    dtypes = []
+    hook = prec.master.blocks[0].attn.qkv.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+
+    def part_loss(part):
+        with prec.forward_context():
+            return _loss(prec.module, part)
+
+    with BatchThreads(2) as split, torch_threads(1), prec.step() as m:
+        split.loss_and_grads(part_loss, split_batch(batch, 2), [p for p in m.parameters() if p.requires_grad])
+    hook.remove()
+    assert dtypes == [torch.bfloat16, torch.bfloat16]
+    assert all(p.grad is None or (p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()) for p in prec.master.parameters())
