@@ -6,7 +6,9 @@ Each worker (or the caller itself in Ray's local mode, num_workers=0):
     t = scheduler.sample_timesteps(B)                             (B,)
     loss = scheduler.training_loss(STDiT, x0, {y, mask}, t)["loss"].mean()
         (caption dropout happens inside STDiT in train mode)
+        (train.batch_threads > 1, in process: the batch in parts on as many threads, tasks/train/thread_parallel.py)
     backward -> clip_grad_norm_(train.grad_clip) -> AdamW(lr_at(step), weight_decay) step
+        (a step whose gradient norm is not finite is skipped; MAX_NONFINITE_STEPS in a row stop the run)
         (lr_at: train.lr_schedule, tasks/train/lr_schedule.py)
     EMA (fp32, decay train.ema_decay, trainable parameters, every step)
     every log_every steps: a progress line + ray.train.report(metrics)
@@ -350,4 +352,5 @@ def threaded_loss(split: BatchThreads, precision, scheduler, m, batch: dict, t: 
             out = scheduler.training_loss(m, part["x0"], model_kwargs=kwargs, t=part["t"], noise=part["noise"])
         return out["loss"].float().mean()
 
-    return split.loss_and_grads(part_loss, split_batch(rows, split.n), [q for q in m.parameters() if q.requires_grad])
+    parts = split_batch(rows, min(split.n, x0.shape[0]))  # a batch smaller than the threads leaves some idle
+    return split.loss_and_grads(part_loss, parts, [q for q in m.parameters() if q.requires_grad])

@@ -103,3 +103,14 @@ def test_autocast_reaches_the_worker_threads():
     hook.remove()
     assert dtypes == [torch.bfloat16, torch.bfloat16]
     assert all(p.grad is None or (p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()) for p in prec.master.parameters())
+
+
+def test_a_batch_smaller_than_the_threads_still_trains():
+    from soraflow.tasks.train.loop import threaded_loss
+
+    b = _batch(1)
+    prec = Precision(_model(), "fp32")
+    with BatchThreads(2) as split, torch_threads(1), prec.step() as m:
+        loss = threaded_loss(split, prec, RFlow(), m, {"x0": b["x0"], "y": b["y"], "mask": b["mask"]}, b["t"],
+                             torch.Generator().manual_seed(0), drop_prob=0.1)
+    assert torch.isfinite(loss) and any(p.grad is not None for p in prec.master.parameters())
