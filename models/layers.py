@@ -128,12 +128,18 @@ class CaptionEmbedder(nn.Module):
         self.register_buffer("y_embedding", torch.randn(token_num, in_channels) / in_channels**0.5)
         self.uncond_prob = uncond_prob
 
+    def draw_drop_ids(self, n: int, device, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """(n,) int64, 1 = use the null caption, each with prob uncond_prob (global RNG without `generator`); None if it is 0."""
+        if self.uncond_prob <= 0:
+            return None
+        where = generator.device if generator is not None else device
+        return (torch.rand(n, generator=generator, device=where) < self.uncond_prob).long().to(device)
+
     def token_drop(self, caption: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Replace the captions of dropped samples (prob uncond_prob, or force_drop_ids == 1) by the null caption."""
         if force_drop_ids is None:
-            drop = torch.rand(caption.shape[0], device=caption.device) < self.uncond_prob
-        else:
-            drop = torch.as_tensor(force_drop_ids, device=caption.device) == 1
+            force_drop_ids = self.draw_drop_ids(caption.shape[0], caption.device)
+        drop = torch.as_tensor(force_drop_ids, device=caption.device) == 1
         null = self.y_embedding.to(caption.dtype)  # (L, C_text)
         return torch.where(drop[:, None, None, None], null, caption)  # (B, 1, L, C_text)
 

@@ -136,7 +136,7 @@ def _model_stages(tracer: Tracer, stdit, facts: dict) -> list[Stage]:
         if key == "patchify":
             pe = dict(stdit.named_buffers())
             rows.append(Stage("pos_spatial", "pos_embed (buffer)", _fmt([tuple(pe["pos_embed"].shape)]), MEANING["pos_spatial"]))
-            meaning = MEANING["pos_temporal_stream" if getattr(stdit, "temporal_pos", "attention") == "stream" else "pos_temporal"]
+            meaning = MEANING["pos_temporal_stream" if stdit.temporal_pos == "stream" else "pos_temporal"]
             rows.append(Stage("pos_temporal", "pos_embed_temporal (buffer)", _fmt([tuple(pe["pos_embed_temporal"].shape)]), meaning))
     for i in range(facts["depth"]):
         for suffix, key in (("attn", "spatial"), ("attn_temp", "temporal"), ("cross_attn", "cross")):

@@ -276,7 +276,7 @@ def run_loop(lc: LoopConfig) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 with precision.step() as m:  # forward + backward in the configured precision; grads land on the fp32 model
                     if split.n > 1:
-                        loss = threaded_loss(split, precision, scheduler, m, batch, t, gen, cfg.model.class_dropout_prob)
+                        loss = threaded_loss(split, precision, scheduler, m, batch, t, gen)
                     else:
                         out = scheduler.training_loss(m, x0, model_kwargs={"y": batch["y"], "mask": batch["mask"]}, t=t, generator=gen)
                         loss = out["loss"].float().mean()
@@ -336,15 +336,16 @@ def check_nonfinite(in_a_row: int, step: int, grad_norm: float, lr: float, rank:
                                  f"diverged; lower train.lr (now {lr}) or resume from an earlier checkpoint")
 
 
-def threaded_loss(split: BatchThreads, precision, scheduler, m, batch: dict, t: torch.Tensor, gen, drop_prob: float) -> torch.Tensor:
+def threaded_loss(split: BatchThreads, precision, scheduler, m, batch: dict, t: torch.Tensor, gen) -> torch.Tensor:
     """The batch's mean loss with its gradients on m's parameters, computed in split.n threads.
 
     The noise and the caption dropout are drawn here, before the split, so the parts share nothing random.
     """
     x0 = batch["x0"]  # (B, C, T, h, w)
     rows = {"x0": x0, "y": batch["y"], "mask": batch["mask"], "t": t, "noise": randn(x0.shape, gen, x0.device, x0.dtype)}
-    if drop_prob > 0:
-        rows["drop"] = (torch.rand(x0.shape[0], generator=gen, device=gen.device) < drop_prob).long().to(x0.device)  # (B,)
+    drop = m.y_embedder.draw_drop_ids(x0.shape[0], x0.device, gen)  # (B,) or None: the model's own caption dropout
+    if drop is not None:
+        rows["drop"] = drop
 
     def part_loss(part: dict) -> torch.Tensor:
         kwargs = {"y": part["y"], "mask": part["mask"], "force_drop_ids": part.get("drop")}

@@ -28,9 +28,14 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 
+def batch_rows(batch: dict) -> int:
+    """B of a {name: (B, ...) tensor or anything else} batch: its first tensor's leading size."""
+    return next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+
+
 def split_batch(batch: dict, n: int) -> list[dict]:
-    """{name: (B, ...) tensor} -> n dicts of row slices as even as possible (the first B % n get one more)."""
-    b = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+    """{name: (B, ...) tensor} -> n dicts of row slices as even as possible (the last B % n get one more)."""
+    b = batch_rows(batch)
     if not 1 <= n <= b:
         raise ValueError(f"cannot split a batch of {b} into {n} parts")
     bounds = [b * k // n for k in range(n + 1)]
@@ -70,10 +75,10 @@ class BatchThreads:
 
         `parts` are the row slices of one batch (split_batch); loss_fn(part) returns the part's mean loss.
         """
-        total = sum(self._rows(p) for p in parts)
+        total = sum(batch_rows(p) for p in parts)
 
         def work(part: dict) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
-            loss = loss_fn(part).float() * (self._rows(part) / total)  # this part's share of the batch mean
+            loss = loss_fn(part).float() * (batch_rows(part) / total)  # this part's share of the batch mean
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             return loss.detach(), grads
 
@@ -88,7 +93,3 @@ class BatchThreads:
                     g = g + more
                 param.grad = g if param.grad is None else param.grad + g
         return torch.stack([loss for loss, _ in results]).sum()
-
-    @staticmethod
-    def _rows(part: dict) -> int:
-        return next(v.shape[0] for v in part.values() if isinstance(v, torch.Tensor))

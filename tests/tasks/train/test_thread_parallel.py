@@ -82,6 +82,14 @@ def test_force_drop_ids_give_the_null_caption():
     assert torch.equal(dropped, via_null)
 
 
+def test_drawn_drop_ids_follow_the_model_and_its_generator():
+    emb = _model().y_embedder
+    draw = lambda: emb.draw_drop_ids(1000, torch.device("cpu"), torch.Generator().manual_seed(5))  # noqa: E731
+    assert torch.equal(draw(), draw()) and 50 < int(draw().sum()) < 150  # uncond_prob 0.1
+    emb.uncond_prob = 0.0
+    assert draw() is None
+
+
 def test_batch_threads_below_one_is_refused():
     with pytest.raises(ValueError, match="batch_threads"):
         BatchThreads(0)
@@ -112,5 +120,5 @@ def test_a_batch_smaller_than_the_threads_still_trains():
     prec = Precision(_model(), "fp32")
     with BatchThreads(2) as split, torch_threads(1), prec.step() as m:
         loss = threaded_loss(split, prec, RFlow(), m, {"x0": b["x0"], "y": b["y"], "mask": b["mask"]}, b["t"],
-                             torch.Generator().manual_seed(0), drop_prob=0.1)
+                             torch.Generator().manual_seed(0))
     assert torch.isfinite(loss) and any(p.grad is not None for p in prec.master.parameters())
