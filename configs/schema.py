@@ -224,6 +224,7 @@ class SchedulerConfig(Section):
     cfg_scale: float = 7.0
     num_train_timesteps: int = 1000
     shift: float = Field(1.0, gt=0)  # rflow only: tau' = s tau / (1 + (s - 1) tau), s > 1 trains and samples nearer noise
+    logit_std: float = Field(1.0, gt=0)  # rflow only: training times logit-normal(ln shift, logit_std); > 1 reaches mid and high noise more often
     # Sampling (and the VAE decode after it) under torch.autocast: bf16 matmuls where the CPU has them.
     sample_precision: Literal["fp32", "bf16"] = "fp32"
 
@@ -343,9 +344,11 @@ class SoraFlowConfig(Section):
     def _sigma_matches_scheduler(self) -> "SoraFlowConfig":
         if self.scheduler.type == "rflow" and self.model.pred_sigma:
             raise ValueError("model.pred_sigma must be false with scheduler.type 'rflow' (it predicts a velocity only)")
-        if self.scheduler.type != "rflow" and self.scheduler.shift != 1.0:
-            raise ValueError(f"scheduler.shift={self.scheduler.shift} applies to scheduler.type 'rflow' only; "
-                             f"set it to 1.0 for {self.scheduler.type!r}")
+        for key in ("shift", "logit_std"):
+            value = getattr(self.scheduler, key)
+            if self.scheduler.type != "rflow" and value != 1.0:
+                raise ValueError(f"scheduler.{key}={value} applies to scheduler.type 'rflow' only; "
+                                 f"set it to 1.0 for {self.scheduler.type!r}")
         return self
 
 

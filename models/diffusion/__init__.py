@@ -20,16 +20,18 @@ SCHEDULERS = {"iddpm": IDDPM, "rflow": RFlow}
 
 
 def build_scheduler(type: str, num_sampling_steps: int = 100, cfg_scale: float = 7.0, num_train_timesteps: int = 1000,
-                    shift: float = 1.0) -> IDDPM | RFlow:
+                    shift: float = 1.0, logit_std: float = 1.0) -> IDDPM | RFlow:
     """A scheduler by name: "iddpm" (v1.0, 1000 training steps, respaced sampling) or "rflow"
-    (`shift` > 1 moves training and sampling times towards noise; IDDPM has no shift)."""
+    (`shift` > 1 moves training and sampling times towards noise, `logit_std` widens the training
+    times; IDDPM has neither)."""
     if type not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {type!r}; known: {', '.join(SCHEDULERS)}")
     kwargs = dict(num_sampling_steps=num_sampling_steps, cfg_scale=cfg_scale, num_train_timesteps=num_train_timesteps)
     if type == "rflow":
-        return RFlow(**kwargs, shift=shift)
-    if shift != 1.0:
-        raise ValueError(f"scheduler {type!r}: shift={shift} applies to rflow only; leave it at 1.0")
+        return RFlow(**kwargs, shift=shift, logit_std=logit_std)
+    for key, value in (("shift", shift), ("logit_std", logit_std)):
+        if value != 1.0:
+            raise ValueError(f"scheduler {type!r}: {key}={value} applies to rflow only; leave it at 1.0")
     return SCHEDULERS[type](**kwargs)
 
 

@@ -4,14 +4,17 @@ Time tau in [0, 1]: tau = 0 is data, tau = 1 is noise; the model sees t = 1000 *
 
     x_tau  = (1 - tau) x0 + tau noise             straight line from data to noise
     target = x0 - noise                            the velocity the model predicts (d x / d(-tau))
-    training: tau = sigmoid(n), n ~ N(0, 1)        logit-normal: most samples near tau = 0.5
+    training: tau = sigmoid(n), n ~ N(0, sd^2)     logit-normal (SD3's, sd = `logit_std`): most samples near tau = 0.5
               loss = mean((model - target)^2) per sample
     sampling: tau_i = 1 - i/N for i = 0..N-1, then 0; Euler x <- x + v * (tau_i - tau_{i+1}),
               v = uncond + s (cond - uncond) on ALL channels (v1.2; unlike IDDPM's 3-channel quirk)
 
 Models built with pred_sigma=True return 2C channels; the first C are used as the velocity.
 `shift` > 1 is v1.2's resolution-aware timestep transform, tau' = s tau / (1 + (s - 1) tau), which
-spends more steps at high noise; the default 1 leaves timesteps unchanged.
+spends more steps at high noise; the default 1 leaves timesteps unchanged. In logit space the shift
+is a translation, logit(tau') = logit(tau) + ln s, so training times are logit-normal(ln s, sd):
+`logit_std` sd > 1 widens them to both ends (more high-noise and more mid-noise samples) without
+moving their centre; sampling uses the shift alone.
 """
 
 from __future__ import annotations
@@ -50,15 +53,17 @@ def euler_timesteps(num_steps: int, shift: float = 1.0) -> torch.Tensor:
 class RFlow:
     """Rectified-flow scheduler with the IDDPM scheduler's interface."""
 
-    def __init__(self, num_sampling_steps: int = 30, cfg_scale: float = 7.0, num_train_timesteps: int = 1000, shift: float = 1.0):
+    def __init__(self, num_sampling_steps: int = 30, cfg_scale: float = 7.0, num_train_timesteps: int = 1000, shift: float = 1.0,
+                 logit_std: float = 1.0):
         self.num_timesteps = num_train_timesteps  # model time scale: t = num_timesteps * tau
         self.num_sampling_steps = num_sampling_steps
         self.cfg_scale = cfg_scale
         self.shift = shift
+        self.logit_std = logit_std
 
     def sample_timesteps(self, batch_size: int, device="cpu", generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B,) float model times t = 1000 * sigmoid(N(0, 1)) (logit-normal tau, then the shift)."""
-        tau = torch.sigmoid(randn((batch_size,), generator, device))
+        """(B,) float model times t = 1000 * sigmoid(N(0, logit_std^2)) (logit-normal tau, then the shift)."""
+        tau = torch.sigmoid(self.logit_std * randn((batch_size,), generator, device))
         return shift_timesteps(tau, self.shift) * self.num_timesteps
 
     def training_loss(self, model: Callable, x0: torch.Tensor, model_kwargs: dict, t: torch.Tensor | None = None,

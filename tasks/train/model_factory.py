@@ -135,7 +135,7 @@ def build_model(cfg: SoraFlowConfig, vae: VideoVAE, caption_channels: int) -> ST
 def scheduler_for(cfg: SoraFlowConfig):
     s = cfg.scheduler
     return build_scheduler(s.type, num_sampling_steps=s.num_sampling_steps, cfg_scale=s.cfg_scale,
-                           num_train_timesteps=s.num_train_timesteps, shift=s.shift)
+                           num_train_timesteps=s.num_train_timesteps, shift=s.shift, logit_std=s.logit_std)
 
 
 # ---------------------------------------------------------------- model folders

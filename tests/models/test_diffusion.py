@@ -406,6 +406,21 @@ def test_rflow_shift_moves_training_times_towards_noise():
     assert (shifted > 0.9).float().mean() > 5 * (plain > 0.9).float().mean()
 
 
+def test_rflow_logit_std_widens_training_times_about_the_shifted_centre():
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    narrow = RFlow(shift=6.0).sample_timesteps(8192, "cpu", g()) / 1000
+    wide = RFlow(shift=6.0, logit_std=2.0).sample_timesteps(8192, "cpu", g()) / 1000
+    for tau, sd in ((narrow, 1.0), (wide, 2.0)):  # logit-normal(ln 6, sd): the shift is a translation in logit space
+        logit = torch.logit(tau.double())
+        assert abs(logit.mean().item() - math.log(6.0)) < 0.05 * sd and abs(logit.std().item() - sd) < 0.05 * sd
+    # both ends gain: mid noise (where shapes form) and the noise end (where motion is decided)
+    assert (wide < 0.5).float().mean() > 2.5 * (narrow < 0.5).float().mean()
+    assert (wide > 0.95).float().mean() > 1.5 * (narrow > 0.95).float().mean()
+    assert build_scheduler("rflow", shift=6.0, logit_std=2.0).logit_std == 2.0
+    with pytest.raises(ValueError, match="logit_std=2.0 applies to rflow only"):
+        build_scheduler("iddpm", logit_std=2.0)
+
+
 @pytest.mark.parametrize("kind,steps,ratio", [("iddpm", 100, 0.5), ("rflow", 150, 0.8)])
 def test_tiny_stdit_overfits_one_batch(kind, steps, ratio):
     """The loss at fixed (t, noise) on one memorised batch falls clearly after a short training."""
