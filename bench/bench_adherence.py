@@ -2,7 +2,7 @@
 
     .venv/bin/soraflow ingest --config local --root /tmp/sf/data      # once: the sample manifest
     .venv/bin/python bench/bench_adherence.py --manifest <manifest.parquet> --root /tmp/sf/data \
-        [--steps 300,600,900,1200] [--set key=value ...]
+        [--steps 300,600,900,1200] [--train-prompts] [--set key=value ...]
 
 Trains one run of the local preset (Ray Train workers as configured) up to each step count in
 turn, resuming from the previous one (the learning rate is constant, so this is the same run as
@@ -22,10 +22,29 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from soraflow.configs.schema import load_config  # noqa: E402
+from soraflow.configs.schema import load_config, parse_override  # noqa: E402
 from soraflow.storage.layout import DataRoot  # noqa: E402
 
 ATTRS = ("color", "shape", "direction", "all")
+
+
+def score_training_captions(cfg, split, model_dir, root) -> dict:
+    """Adherence of a model folder on the first eval.num_prompts distinct *training* captions
+    (eval.samples_per_prompt seeds each), scored as evaluation scores held-out prompts."""
+    from soraflow.storage.dataset import VideoClipDataset
+    from soraflow.storage.video_io import to_uint8_frames
+    from soraflow.tasks.eval_scorers import run_scorers
+    from soraflow.tasks.evaluate import held_out_prompts
+    from soraflow.tasks.train.model_factory import load_pipeline
+
+    pipe, _ = load_pipeline(cfg, root, ckpt=model_dir)
+    v = cfg.video
+    clips = lambda rows: VideoClipDataset(rows, v.num_frames, v.frame_interval, tuple(v.image_size), train=False)  # noqa: E731
+    prompts = [p for p in held_out_prompts(split.train, cfg.eval.num_prompts) for _ in range(cfg.eval.samples_per_prompt)]
+    videos = pipe(prompts, steps=cfg.eval.sampling_steps or cfg.scheduler.num_sampling_steps,
+                  cfg_scale=cfg.scheduler.cfg_scale, seed=cfg.eval.seed)  # (B, 3, T, H, W)
+    frames = [to_uint8_frames(x) for x in videos]
+    return run_scorers(cfg, pipe, frames, prompts, clips(split.val), lambda: clips(split.train)).metrics
 
 
 def main() -> None:
@@ -36,6 +55,8 @@ def main() -> None:
     ap.add_argument("--steps", default="300,600,900,1200", help="comma-separated step counts to evaluate at")
     ap.add_argument("--run-name", default="bench-adherence")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
+    ap.add_argument("--train-prompts", action="store_true",
+                    help="also score the model on captions it trained on (as many prompts and seeds): not learnt vs not generalised")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "adherence.json"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,7 +67,7 @@ def main() -> None:
     from soraflow.tasks.train.vae_fit import fit_vae
 
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
-    overrides = dict(kv.split("=", 1) for kv in args.overrides)
+    overrides = dict(parse_override(kv) for kv in args.overrides)  # values parsed as YAML, as the CLI's --set
     root = DataRoot(args.root)
     cfg = load_config(args.config, {**overrides, "data.root": str(root.root)})
     split = DatasetSplit.read(args.manifest, cfg.train.val_fraction)
@@ -63,6 +84,10 @@ def main() -> None:
                      "final_loss": round(result.metrics["final_loss"], 4), "val_loss": round(m["val_loss"], 4),
                      **{a: round(m[f"adherence_{a}"], 3) for a in ATTRS},
                      "samples": m["num_samples"], "grid": str(ev.samples_gif)})
+        if args.train_prompts:
+            got = score_training_captions(cfg, split, result.model_dir, root)
+            rows[-1]["on_training_captions"] = {a: round(got[f"adherence_{a}"], 3) for a in ATTRS}
+            print("on training captions: " + " / ".join(f"{a} {got[f'adherence_{a}']:.2f}" for a in ATTRS), flush=True)
     chance = {a: round(m[f"chance_{a}"], 3) for a in ATTRS}
     ceiling = {a: round(m[f"recon_adherence_{a}"], 3) for a in ATTRS}
 
