@@ -154,6 +154,21 @@ class CaptionEmbedder(nn.Module):
 # ---------------------------------------------------------------- attention
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` (scale Dh^-0.5), run in fp32 on CPU when q is bf16/fp16.
+
+    PyTorch's CPU flash-attention kernel is 3-15x slower in bf16 than in fp32 at STDiT-Tiny's
+    sequence and head sizes (16-64 tokens, Dh 32), forward and backward (bench/bench_precision.py
+    measures a model step). The projections around it stay bf16; only the attention itself is
+    upcast, outside autocast so that autocast does not cast it back.
+    """
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over the middle axis of (batch, tokens, D)."""
 
@@ -167,7 +182,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape  # (B', N', D)
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B', heads, N', Dh)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B', heads, N', Dh), scale Dh^-0.5
+        out = attend(qkv[0], qkv[1], qkv[2])  # (B', heads, N', Dh), scale Dh^-0.5
         return self.proj(out.transpose(1, 2).reshape(b, n, d))  # (B', N', D)
 
 
@@ -192,7 +207,7 @@ class MultiHeadCrossAttention(nn.Module):
             # A sample with no valid token attends to nothing: give it a full mask (no NaN) and zero its output.
             empty = ~mask.any(dim=1)  # (B,)
             attn_mask = (mask | empty[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=attn_mask)  # (B, heads, N, Dh)
+        out = attend(q, kv[0], kv[1], attn_mask=attn_mask)  # (B, heads, N, Dh)
         if empty is not None:
             out = out.masked_fill(empty[:, None, None, None], 0.0)  # no `if empty.any()`: no host sync
         return self.proj(out.transpose(1, 2).reshape(b, n, d))  # (B, N, D)

@@ -8,7 +8,8 @@ import pytest
 import soraflow.models.stdit as stdit_mod
 import torch
 import torch.nn.functional as F
-from soraflow.models.layers import PatchEmbed3D, TimestepEmbedder
+import soraflow.models.layers as layers_mod
+from soraflow.models.layers import PatchEmbed3D, TimestepEmbedder, attend
 from soraflow.models.stdit import (
     STDIT_PRESETS,
     STDiT,
@@ -365,6 +366,33 @@ def test_low_precision_model_returns_float32():
         torch.testing.assert_close(out, ref, rtol=0.1, atol=0.1)
         # timesteps are cast to the model dtype before the sinusoid (Open-Sora v1.0, bf16: 999 -> 1000)
         torch.testing.assert_close(m16(x, torch.tensor([999, 999]), y, mask), m16(x, torch.tensor([1000, 1000]), y, mask), rtol=0, atol=0)
+
+
+def test_attend_runs_low_precision_attention_in_fp32_on_cpu():
+    """bf16 q, k, v reach the CPU attention kernel as fp32 (its bf16 kernel is 3-15x slower), come back bf16."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 32, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    mask = torch.ones(2, 1, 1, 16, dtype=torch.bool)
+    mask[1, ..., 8:] = False
+    seen = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kw):
+        seen.append(args[0].dtype)
+        return real_sdpa(*args, **kw)
+
+    with mock.patch.object(layers_mod.F, "scaled_dot_product_attention", side_effect=spy):
+        out = attend(q, k, v, attn_mask=mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast must not cast it back to bf16
+            out_ac = attend(q, k, v, attn_mask=mask)
+        attend(q.float(), k.float(), v.float())  # fp32 passes straight through
+    assert seen == [torch.float32] * 3
+    assert out.dtype == out_ac.dtype == torch.bfloat16
+    ref = real_sdpa(q.float(), k.float(), v.float(), attn_mask=mask)
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=1e-2)
+    torch.testing.assert_close(out_ac, out, rtol=0, atol=0)
+    out.float().square().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all() and q.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------- config and checkpoints
