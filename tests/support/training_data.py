@@ -88,6 +88,9 @@ TRAIN = {
     "vae.fit.steps": 40,
     "train.batch_size": 4,
     "train.lr": 0.001,
+    "train.lr_schedule": "constant",  # tens of steps: the preset's warm-up and decay would hide the learning
+    "train.warmup_steps": 0,
+    "train.precision": "fp32",
     "train.ema_decay": 0.9,
     "train.num_workers": 0,
     "train.log_every": 5,
