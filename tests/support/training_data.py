@@ -91,6 +91,7 @@ TRAIN = {
     "train.lr_schedule": "constant",  # tens of steps: the preset's warm-up and decay would hide the learning
     "train.warmup_steps": 0,
     "train.precision": "fp32",
+    "scheduler.shift": 6.0,  # the recipe these 40-step "it learns" thresholds were set on
     "train.ema_decay": 0.9,
     "train.num_workers": 0,
     "train.log_every": 5,
