@@ -325,13 +325,15 @@ def explain_training(cfg: SoraFlowConfig, root: DataRoot, prompt: str, out_dir: 
     for name, value in terms.items():
         numbers[f"loss.{name}"] = float(value.detach().mean())
         rows.append(Stage(f"loss.{name}", "scheduler.training_loss", f"{numbers[f'loss.{name}']:.4f}", "loss term, mean over the batch"))
+    grad_meaning = "gradient norm of this part's parameters" + (
+        " (untrained: only the zero-initialised final layer gets one)" if "untrained" in source else "")
     for name, module in stdit.named_children():
         parts = [(f"{name}.{i}", m) for i, m in enumerate(module)] if isinstance(module, torch.nn.ModuleList) else [(name, module)]
         for label, m in parts:
             grads = [p.grad.norm() ** 2 for p in m.parameters() if p.grad is not None]
             if grads:
                 numbers[f"grad_norm.{label}"] = float(torch.stack(grads).sum().sqrt())
-                rows.append(Stage(f"grad {label}", label, f"|g| = {numbers[f'grad_norm.{label}']:.3e}", "gradient norm of this part's parameters (untrained: only the zero-initialised final layer gets one)"))
+                rows.append(Stage(f"grad {label}", label, f"|g| = {numbers[f'grad_norm.{label}']:.3e}", grad_meaning))
     stdit.zero_grad(set_to_none=True)
     stdit.eval()
     with torch.no_grad():
