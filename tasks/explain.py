@@ -87,22 +87,22 @@ def _io(call: Call) -> str:
 
 
 def load_models(cfg: SoraFlowConfig, root: DataRoot, model_ref: str | None = "champion", ckpt: str | None = None):
-    """The pipeline and where its weights came from: --ckpt, else the registry's `model_ref`, else random."""
+    """(pipeline, where its weights came from, trained?): --ckpt, else the registry's `model_ref`, else random."""
     if ckpt is None and model_ref:
         from soraflow.storage.registry import ModelRegistry, RegistryError
 
         if not cfg.registry.tracking_uri and not (root.registry / "mlflow.db").exists():  # nothing trained here yet
             pipe, source = load_pipeline(cfg, root, None)
-            return pipe, f"{source} (no registry under {root.registry}: untrained)"
+            return pipe, f"{source} (no registry under {root.registry}: untrained)", False
         try:  # through the version's MLflow model, as `soraflow generate --model` loads it
             pipe, source = ModelRegistry(root, cfg.registry).load_pipeline(model_ref, cfg)
         except (RegistryError, FileNotFoundError) as e:
             log.info("no registry model %r: %s", model_ref, e)
             pipe, source = load_pipeline(cfg, root, None)
-            return pipe, f"{source} (registry has no {model_ref!r}: untrained)"
-        return pipe, f"{source} (trained)"
+            return pipe, f"{source} (registry has no {model_ref!r}: untrained)", False
+        return pipe, f"{source} (trained)", True
     pipe, source = load_pipeline(cfg, root, ckpt)
-    return pipe, source + (" (trained)" if ckpt else " (untrained)")
+    return pipe, source + (" (trained)" if ckpt else " (untrained)"), bool(ckpt)
 
 
 def _watch_model(tracer: Tracer, pipe, cross_block: int, on_step=None) -> tuple[str, str]:
@@ -228,7 +228,7 @@ def explain_generation(cfg: SoraFlowConfig, root: DataRoot, prompt: str, out_dir
     """One generation of `prompt`, traced; writes denoising.png and cross_attention.png under out_dir."""
     if not prompt.strip():
         raise ValueError("explain: the prompt is empty")
-    pipe, source = load_models(cfg, root, model_ref, ckpt)
+    pipe, source, _ = load_models(cfg, root, model_ref, ckpt)
     stdit, scheduler, out = pipe.stdit.eval(), pipe.scheduler, Path(out_dir)
     cfg_scale = cfg_scale if cfg_scale is not None else (cfg.generate.cfg_scale if cfg.generate.cfg_scale is not None else scheduler.cfg_scale)
     steps_seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (x_t, t, output) per model call
@@ -289,7 +289,7 @@ def render_prompt_clip(prompt: str, num_frames: int, image_size: tuple[int, int]
 def explain_training(cfg: SoraFlowConfig, root: DataRoot, prompt: str, out_dir: str | Path, model_ref: str | None = "champion",
                      ckpt: str | None = None, seed: int = 0) -> ExplainResult:
     """One training step on the sample-world clip of `prompt`, traced; the weights are not changed."""
-    pipe, source = load_models(cfg, root, model_ref, ckpt)
+    pipe, source, trained = load_models(cfg, root, model_ref, ckpt)
     stdit, scheduler, out = pipe.stdit.train(), pipe.scheduler, Path(out_dir)
     torch.manual_seed(seed)  # caption dropout draws from the global RNG
     generator = torch.Generator().manual_seed(seed)
@@ -326,7 +326,7 @@ def explain_training(cfg: SoraFlowConfig, root: DataRoot, prompt: str, out_dir: 
         numbers[f"loss.{name}"] = float(value.detach().mean())
         rows.append(Stage(f"loss.{name}", "scheduler.training_loss", f"{numbers[f'loss.{name}']:.4f}", "loss term, mean over the batch"))
     grad_meaning = "gradient norm of this part's parameters" + (
-        " (untrained: only the zero-initialised final layer gets one)" if "untrained" in source else "")
+        "" if trained else " (untrained: only the zero-initialised final layer gets one)")
     for name, module in stdit.named_children():
         parts = [(f"{name}.{i}", m) for i, m in enumerate(module)] if isinstance(module, torch.nn.ModuleList) else [(name, module)]
         for label, m in parts:

@@ -75,6 +75,8 @@ def test_explain_training_step(setup, tmp_path):
     norms = {k: v for k, v in r.numbers.items() if k.startswith("grad_norm.")}
     assert {f"grad_norm.blocks.{i}" for i in range(f["depth"])} <= set(norms)
     assert all(v >= 0 for v in norms.values()) and norms["grad_norm.final_layer"] > 0  # zero-init output layer gets a gradient
+    grad_rows = [row for row in r.stages if row.stage.startswith("grad ")]
+    assert grad_rows and all("untrained" in row.meaning for row in grad_rows)  # random weights, and it says so
     assert Image.open(r.images["training_step"]).size == (4 * 18 * 4, 4 * 18 * 4)  # clip, x0, x_t, prediction
     assert r.images["cross_attention"].exists()
 
