@@ -32,18 +32,14 @@ def score_training_captions(cfg, split, model_dir, root) -> dict:
     """Adherence of a model folder on the first eval.num_prompts distinct *training* captions
     (eval.samples_per_prompt seeds each), scored as evaluation scores held-out prompts."""
     from soraflow.storage.dataset import VideoClipDataset
-    from soraflow.storage.video_io import to_uint8_frames
     from soraflow.tasks.eval_scorers import run_scorers
-    from soraflow.tasks.evaluate import held_out_prompts
+    from soraflow.tasks.evaluate import sample_prompts
     from soraflow.tasks.train.model_factory import load_pipeline
 
     pipe, _ = load_pipeline(cfg, root, ckpt=model_dir)
     v = cfg.video
     clips = lambda rows: VideoClipDataset(rows, v.num_frames, v.frame_interval, tuple(v.image_size), train=False)  # noqa: E731
-    prompts = [p for p in held_out_prompts(split.train, cfg.eval.num_prompts) for _ in range(cfg.eval.samples_per_prompt)]
-    videos = pipe(prompts, steps=cfg.eval.sampling_steps or cfg.scheduler.num_sampling_steps,
-                  cfg_scale=cfg.scheduler.cfg_scale, seed=cfg.eval.seed)  # (B, 3, T, H, W)
-    frames = [to_uint8_frames(x) for x in videos]
+    _, prompts, frames, _ = sample_prompts(cfg, pipe, split.train)
     return run_scorers(cfg, pipe, frames, prompts, clips(split.val), lambda: clips(split.train)).metrics
 
 

@@ -57,6 +57,18 @@ def held_out_prompts(val_rows: list[dict], n: int) -> list[str]:
     return prompts[:n]
 
 
+def sample_prompts(cfg: SoraFlowConfig, pipe, rows: list[dict]) -> tuple[list[str], list[str], list, float]:
+    """Up to eval.num_prompts distinct captions of `rows`, eval.samples_per_prompt seeds each, sampled
+    as evaluation samples them: (distinct captions, prompts, (T, H, W, 3) uint8 frames each, seconds)."""
+    distinct = held_out_prompts(rows, cfg.eval.num_prompts)
+    prompts = [p for p in distinct for _ in range(cfg.eval.samples_per_prompt)]  # each eval.samples_per_prompt times, different noise
+    steps = cfg.eval.sampling_steps or cfg.scheduler.num_sampling_steps
+    t = time.perf_counter()
+    videos = pipe(prompts, steps=steps, cfg_scale=cfg.scheduler.cfg_scale, seed=cfg.eval.seed)  # (B, 3, T, H, W)
+    seconds = time.perf_counter() - t
+    return distinct, prompts, [to_uint8_frames(x) for x in videos], seconds
+
+
 @torch.no_grad()
 def validation_loss(pipe, clips: VideoClipDataset, seed: int, repeats: int = VAL_REPEATS, batch: int = 16) -> float:
     """Mean diffusion loss over held-out clips at seeded timesteps and noise (deterministic)."""
@@ -111,14 +123,8 @@ def evaluate(
         raise ValueError(f"{manifest_path}: none of the {len(val_rows)} held-out clips is usable: {clips.skipped[:3]}")
     val_loss = validation_loss(pipe, clips, cfg.eval.seed)
 
-    distinct = held_out_prompts(clips.rows, cfg.eval.num_prompts)
-    reps = cfg.eval.samples_per_prompt
-    prompts = [p for p in distinct for _ in range(reps)]  # each prompt `reps` times, different noise
-    steps = cfg.eval.sampling_steps or cfg.scheduler.num_sampling_steps
-    t = time.perf_counter()
-    videos = pipe(prompts, steps=steps, cfg_scale=cfg.scheduler.cfg_scale, seed=cfg.eval.seed)  # (B, 3, T, H, W)
-    sample_s = time.perf_counter() - t
-    frames = [to_uint8_frames(x) for x in videos]  # (T, H, W, 3) each
+    distinct, prompts, frames, sample_s = sample_prompts(cfg, pipe, clips.rows)
+    reps, steps = cfg.eval.samples_per_prompt, cfg.eval.sampling_steps or cfg.scheduler.num_sampling_steps
     mp4s = []
     for k, (prompt, f) in enumerate(zip(prompts, frames)):
         mp4s.append(write_video(out_dir / f"{k // reps:02d}-{k % reps}-{slug(prompt)}.mp4", f, fps=v.fps))
