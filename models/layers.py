@@ -57,13 +57,29 @@ class DropPath(nn.Module):
         return x * keep / (1 - self.p)
 
 
+class TanhGELU(nn.Module):
+    """GELU's tanh approximation (Open-Sora's MLPs); in bf16 on CPU computed as the exact (erf) GELU.
+
+    The two differ by at most 4.7e-4 (at x = 2.7), below bf16's resolution there (2^-6 for
+    values in [2, 4)): in bf16 their outputs differ by at most one unit in the last place, as
+    rounding alone would. PyTorch's CPU tanh-GELU kernel is 3-6x slower than its erf kernel
+    (0.7 against 0.12 ms for STDiT-Tiny's (16, 64, 512) activations), about 9% of a bf16
+    training step. fp32 keeps the tanh form, so fp32 outputs match Open-Sora's exactly.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+            return F.gelu(x)
+        return F.gelu(x, approximate="tanh")
+
+
 class Mlp(nn.Module):
     """timm-style MLP: fc1, tanh-GELU, fc2 (key names fc1/fc2 as in Open-Sora checkpoints)."""
 
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = TanhGELU()
         self.fc2 = nn.Linear(hidden_features, out_features or in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,17 +171,21 @@ class CaptionEmbedder(nn.Module):
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.scaled_dot_product_attention` (scale Dh^-0.5), run in fp32 on CPU when q is bf16/fp16.
+    """Scaled dot-product attention (scale Dh^-0.5); q (..., Nq, Dh), k and v (..., Nk, Dh) -> (..., Nq, Dh).
 
-    PyTorch's CPU flash-attention kernel is 3-15x slower in bf16 than in fp32 at STDiT-Tiny's
-    sequence and head sizes (16-64 tokens, Dh 32), forward and backward (bench/bench_precision.py
-    measures a model step). The projections around it stay bf16; only the attention itself is
-    upcast, outside autocast so that autocast does not cast it back.
+    attn_mask: bool, True = attend, broadcast to (..., Nq, Nk). On CPU in bf16/fp16 it runs as
+    plain matmuls: PyTorch's CPU flash-attention kernel is 3-15x slower in bf16 than in fp32 at
+    STDiT-Tiny's sizes (4-64 tokens, Dh 32), and even its fp32 kernel is slower there than two
+    bf16 matmuls around an fp32 softmax (a local-preset step 1.16x, bench/bench_precision.py).
+    The scores are rounded to bf16 once, as the matmul writes them; the softmax runs in fp32.
+    Autocast is off inside, so that it does not pick the precision of the softmax itself.
     """
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cpu", enabled=False):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
-        return out.to(q.dtype)
+            scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5  # (..., Nq, Nk) fp32
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            return scores.softmax(dim=-1).to(q.dtype) @ v  # (..., Nq, Dh)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
