@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -67,7 +68,7 @@ from soraflow.tasks.train.model_factory import (
     scheduler_for,
 )
 from soraflow.tasks.train.lr_schedule import lr_at, set_lr
-from soraflow.tasks.train.thread_parallel import BatchThreads, split_batch
+from soraflow.tasks.train.thread_parallel import BatchThreads, split_batch, torch_threads
 from soraflow.tasks.train.progress import write_progress
 from soraflow.tasks.train.resume import (
     Progress,
@@ -260,7 +261,7 @@ def run_loop(lc: LoopConfig) -> dict:
         torch.set_flush_denormal(True)
     precision = build_precision(model, tc.precision, fmt, world)
     split = BatchThreads(tc.batch_threads if world == 1 else 1)
-    with split:  # each batch thread runs on one torch thread (thread_parallel.py); the rest of the step on all
+    with split, torch_threads(1) if split.n > 1 else nullcontext():  # one torch thread per batch thread
         t_start, window, last_metrics, nonfinite = time.perf_counter(), [], {}, 0
         while p.step < lc.total_steps:
             sampler.set_epoch(p.epoch)

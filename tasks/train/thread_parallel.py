@@ -16,10 +16,7 @@ thread runs its backward on itself (autograd's CPU engine works on the calling t
 Each part's gradients come back from `torch.autograd.grad`, never accumulated into `.grad` from
 two threads at once, and are summed in part order, so a run is as deterministic as its parts.
 Everything random (timesteps, noise, caption dropout) is drawn by the caller before the split.
-Autocast is per thread: `loss_fn` enters whatever context it needs itself. Only the threaded part
-runs on one torch thread each; the caller's own work around it (weight casts, gradient clipping,
-the optimizer, EMA) keeps the process's thread count: a local-preset step 1.08x against one torch
-thread throughout.
+Autocast is per thread: `loss_fn` enters whatever context it needs itself.
 """
 
 from __future__ import annotations
@@ -85,11 +82,7 @@ class BatchThreads:
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             return loss.detach(), grads
 
-        if self.pool is None:
-            results = [work(p) for p in parts]
-        else:  # one torch thread per batch thread while they run; the rest of the step keeps every core
-            with torch_threads(1):
-                results = list(self.pool.map(work, parts))
+        results = [work(p) for p in parts] if self.pool is None else list(self.pool.map(work, parts))
         with torch.no_grad():
             for i, param in enumerate(params):
                 grads = [g[i] for _, g in results if g[i] is not None]
