@@ -3,9 +3,9 @@
 
 They follow Open-Sora v1.0.0's `opensora/models/layers/blocks.py` and the block class of
 `opensora/models/stdit/stdit.py`, with the same parameter names, so the state-dict keys of
-models/stdit.py's `STDiT` match the official checkpoints. Attention runs through
-`F.scaled_dot_product_attention` (no xformers). Shapes as in models/stdit.py: D hidden size,
-S tokens per frame, T frames, N = T*S, L text tokens.
+models/stdit.py's `STDiT` match the official checkpoints. Attention runs through `attend()`:
+`F.scaled_dot_product_attention` (no xformers), or plain matmuls in bf16 on CPU. Shapes as in
+models/stdit.py: D hidden size, S tokens per frame, T frames, N = T*S, L text tokens.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Same maths, names and state-dict layout as Open-Sora v1.0.0 (`opensora/models/stdit/stdit.py`), so
 its checkpoints load (548 keys; the two positional buffers are recomputed from the config).
-Attention runs through `F.scaled_dot_product_attention`: no xformers, flash-attn, apex or colossalai.
+Attention runs through `F.scaled_dot_product_attention` (plain matmuls in bf16 on CPU, models/layers.py's
+`attend()`): no xformers, flash-attn, apex or colossalai.
 The building blocks (embedders, attention, STDiTBlock, final layer) live in models/layers.py; this
 module holds the STDiT class, the presets table and the checkpoint helpers.
 
