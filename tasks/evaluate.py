@@ -57,14 +57,18 @@ def held_out_prompts(val_rows: list[dict], n: int) -> list[str]:
     return prompts[:n]
 
 
+def sampling_steps(cfg: SoraFlowConfig) -> int:
+    """The evaluation's denoising steps: eval.sampling_steps, else the scheduler's own."""
+    return cfg.eval.sampling_steps or cfg.scheduler.num_sampling_steps
+
+
 def sample_prompts(cfg: SoraFlowConfig, pipe, rows: list[dict]) -> tuple[list[str], list[str], list, float]:
     """Up to eval.num_prompts distinct captions of `rows`, eval.samples_per_prompt seeds each, sampled
     as evaluation samples them: (distinct captions, prompts, (T, H, W, 3) uint8 frames each, seconds)."""
     distinct = held_out_prompts(rows, cfg.eval.num_prompts)
     prompts = [p for p in distinct for _ in range(cfg.eval.samples_per_prompt)]  # each eval.samples_per_prompt times, different noise
-    steps = cfg.eval.sampling_steps or cfg.scheduler.num_sampling_steps
     t = time.perf_counter()
-    videos = pipe(prompts, steps=steps, cfg_scale=cfg.scheduler.cfg_scale, seed=cfg.eval.seed)  # (B, 3, T, H, W)
+    videos = pipe(prompts, steps=sampling_steps(cfg), cfg_scale=cfg.scheduler.cfg_scale, seed=cfg.eval.seed)  # (B, 3, T, H, W)
     seconds = time.perf_counter() - t
     return distinct, prompts, [to_uint8_frames(x) for x in videos], seconds
 
@@ -124,7 +128,7 @@ def evaluate(
     val_loss = validation_loss(pipe, clips, cfg.eval.seed)
 
     distinct, prompts, frames, sample_s = sample_prompts(cfg, pipe, clips.rows)
-    reps, steps = cfg.eval.samples_per_prompt, cfg.eval.sampling_steps or cfg.scheduler.num_sampling_steps
+    reps = cfg.eval.samples_per_prompt
     mp4s = []
     for k, (prompt, f) in enumerate(zip(prompts, frames)):
         mp4s.append(write_video(out_dir / f"{k // reps:02d}-{k % reps}-{slug(prompt)}.mp4", f, fps=v.fps))
@@ -138,7 +142,7 @@ def evaluate(
         "num_prompts": len(distinct),
         "num_samples": len(prompts),
         "val_clips": len(clips),
-        "sampling_steps": steps,
+        "sampling_steps": sampling_steps(cfg),
         "cfg_scale": cfg.scheduler.cfg_scale,
         "sample_seconds": sample_s,
         "seconds": time.perf_counter() - t0,
