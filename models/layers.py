@@ -61,8 +61,8 @@ class TanhGELU(nn.Module):
     """GELU's tanh approximation (Open-Sora's MLPs); in bf16 on CPU computed as the exact (erf) GELU.
 
     The two differ by at most 4.7e-4 (at x = 2.7), below bf16's resolution there (2^-6 for
-    values in [2, 4)): in bf16 their outputs differ by at most one unit in the last place, as
-    rounding alone would. PyTorch's CPU tanh-GELU kernel is 3-6x slower than its erf kernel
+    values in [2, 4)): in bf16, outputs of magnitude 1/16 or more differ by at most one unit in
+    the last place, as rounding alone would, and smaller ones by at most 5e-4. PyTorch's CPU tanh-GELU kernel is 3-6x slower than its erf kernel
     (0.7 against 0.12 ms for STDiT-Tiny's (16, 64, 512) activations), about 9% of a bf16
     training step. fp32 keeps the tanh form, so fp32 outputs match Open-Sora's exactly.
     """
@@ -176,7 +176,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.T
     attn_mask: bool, True = attend, broadcast to (..., Nq, Nk). On CPU in bf16/fp16 it runs as
     plain matmuls: PyTorch's CPU flash-attention kernel is 3-15x slower in bf16 than in fp32 at
     STDiT-Tiny's sizes (4-64 tokens, Dh 32), and even its fp32 kernel is slower there than two
-    bf16 matmuls around an fp32 softmax (a local-preset step 1.16x, bench/bench_precision.py).
+    bf16 matmuls around an fp32 softmax (a local-preset step 1.16x, interleaved in one process; README).
     The scores are rounded to bf16 once, as the matmul writes them; the softmax runs in fp32.
     Autocast is off inside, so that it does not pick the precision of the softmax itself.
     """
