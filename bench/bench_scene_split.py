@@ -12,8 +12,8 @@ gives the medians, the ratio (PySceneDetect time / ours, of the medians; "best":
 runs), the CPU time of each (all threads of this process), the ceiling (PySceneDetect's time
 over the least time any exact detector needs here: every frame decoded once and nothing else;
 that CPU time spread over all usable cores where the video splits into chunks, the wall time of
-an in-order decode on FFmpeg's frame threads where it does not), how many chunks ours read in
-parallel, and whether the scenes (frame numbers) are equal. A video with one keyframe cannot be
+the fastest in-order decode, on FFmpeg's frame threads or one thread, where it does not), how
+many chunks ours read in parallel, and whether the scenes (frame numbers) are equal. A video with one keyframe cannot be
 split: its frames decode in order, and that alone takes most of detect()'s time (the ceiling
 column says how much). On a machine whose cores are busy with other work the wall-clock ratio
 tends to the CPU ratio (no core to spare for a chunk). The JSON also carries this machine's
@@ -59,36 +59,24 @@ from soraflow.tasks.ingest.scene_split import detect_scenes, split_rows  # noqa:
 from videos import make_scene_video  # noqa: E402
 
 
-def decode_cpu_seconds(path: Path) -> float:
-    """CPU seconds to decode every frame once, on one single-threaded decoder, and do nothing else.
+def decode_only(path: Path, threads: int) -> tuple[float, float]:
+    """(wall, CPU) seconds to decode every frame once, in order, and do nothing else; `threads`:
+    FFmpeg decoder threads (0: its default, one per core, frame threads).
 
     cv2's grab() decodes (FFmpeg, as detect() reads) but leaves out the BGR conversion. Any exact
-    ContentDetector must decode every frame, so this over the usable cores is the least wall time
-    any exact detector can take here: detect()'s time over it is the highest ratio reachable.
+    ContentDetector must decode every frame, so this bounds what it can do here, detect()'s time
+    over it being the highest ratio reachable. Where the video splits into chunks at keyframes the
+    decoding spreads over the cores: the bound is one single-threaded decoder's CPU time over the
+    usable cores. Where it does not (one keyframe, or too short), every frame needs the one before
+    it: the bound is the wall time of the fastest in-order decode (frame threads or one thread).
     """
-    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
-    c = time.process_time()
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, threads])
+    c, t = time.process_time(), time.perf_counter()
     while cap.grab():
         pass
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
     cap.release()
-    return time.process_time() - c
-
-
-def sequential_decode_seconds(path: Path) -> float:
-    """Wall seconds to decode every frame once in order on FFmpeg's default threading (one thread
-    per core, frame threads), doing nothing else.
-
-    A video that cannot be read in parallel chunks (one keyframe, or too short) must be decoded in
-    order: a decoder's frames depend on the ones before, back to a keyframe. That is what decoding
-    alone takes, so detect()'s time over it is the highest ratio any exact detector can reach on
-    such a video (its ceiling there, in place of decode_cpu_seconds's).
-    """
-    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
-    t = time.perf_counter()
-    while cap.grab():
-        pass
-    cap.release()
-    return time.perf_counter() - t
+    return wall, cpu
 
 
 def keyframes(path: Path) -> int:
@@ -144,10 +132,10 @@ def compare_real(videos: list[Path], repeat: int) -> list[dict]:
                 cpu.append(time.process_time() - c)  # all threads of this process: decoding threads included
         video = VideoStreamCv2(str(path))
         chunks = 1 + len(scene_detect.chunk_bounds(video, str(path), None, None))
-        if chunks > 1:  # read in parallel chunks: decoding spreads over the cores
-            floor = min(decode_cpu_seconds(path) for _ in range(repeat)) / scene_detect.usable_cpus()
-        else:  # read in order: decoding alone, on the decoder's own threads
-            floor = min(sequential_decode_seconds(path) for _ in range(repeat))
+        if chunks > 1:  # read in parallel chunks: one decoder's CPU time spread over the cores
+            floor = min(decode_only(path, 1)[1] for _ in range(repeat)) / scene_detect.usable_cpus()
+        else:  # read in order: the fastest in-order decode, on FFmpeg's frame threads or one thread
+            floor = min(decode_only(path, threads)[0] for _ in range(repeat) for threads in (0, 1))
         w, h = video.frame_size
         rows.append({
             "video": path.name, "size (WxH)": f"{w}x{h}", "frames": expected[-1][1], "cuts": len(expected) - 1,
@@ -156,8 +144,7 @@ def compare_real(videos: list[Path], repeat: int) -> list[dict]:
             "ratio_of_best": round(min(t_ref) / min(t_ours), 2),  # closest to an otherwise idle machine
             "pyscenedetect_cpu_s": round(statistics.median(c_ref), 4), "ours_cpu_s": round(statistics.median(c_ours), 4),
             "cpu_ratio": round(statistics.median(c_ref) / statistics.median(c_ours), 2),
-            # Every frame decoded once and nothing else: spread over all usable cores where the video
-            # splits into chunks, in order on FFmpeg's frame threads where it does not.
+            # Every frame decoded once and nothing else (decode_only: spread over the cores, or in order)
             "decode_floor_s": round(floor, 4),
             "max_ratio": round(statistics.median(t_ref) / floor, 2),  # no exact detector can beat this here
             "keyframes": keyframes(path), "chunks": chunks, "exact": got == expected,
