@@ -13,9 +13,9 @@ runs), the CPU time of each (all threads of this process), the ceiling (PySceneD
 over the least time any exact detector needs here: every frame decoded once and nothing else;
 that CPU time spread over all usable cores where the video splits into chunks, the wall time of
 the fastest in-order decode, on FFmpeg's frame threads or one thread, where it does not), how
-many chunks ours read in parallel, and whether the scenes (frame numbers) are equal. A video with one keyframe cannot be
-split: its frames decode in order, and that alone takes most of detect()'s time (the ceiling
-column says how much). On a machine whose cores are busy with other work the wall-clock ratio
+many chunks ours read in parallel, and whether the scenes (frame numbers) are equal. A video
+with one keyframe cannot be split: its frames decode in order, and that alone takes most of
+detect()'s time (the ceiling column says how much). On a machine whose cores are busy with other work the wall-clock ratio
 tends to the CPU ratio (no core to spare for a chunk). The JSON also carries this machine's
 matmul rates (bench/machine.py), so figures from different machines can be compared.
 
@@ -41,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 
@@ -81,8 +82,6 @@ def decode_only(path: Path, threads: int) -> tuple[float, float]:
 
 def keyframes(path: Path) -> int:
     """Keyframes in the first video stream (from its packets: nothing is decoded)."""
-    import av
-
     with av.open(str(path)) as container:
         return sum(1 for p in container.demux(container.streams.video[0]) if p.is_keyframe)
 
@@ -185,17 +184,17 @@ def main() -> None:
                 "all_exact": all(r["exact"] for r in real),
                 "max_ratio_geomean": round(statistics.geometric_mean(r["max_ratio"] for r in real), 2),
             }
-            for kind, group in (("split", [r for r in real if r["chunks"] > 1]), ("in_order", [r for r in real if r["chunks"] == 1])):
-                if group:  # the videos read in parallel chunks, and those read in order (one keyframe, short)
-                    summary[f"{kind}_videos"] = len(group)
-                    summary[f"{kind}_ratio_geomean"] = round(statistics.geometric_mean(r["ratio"] for r in group), 2)
-                    summary[f"{kind}_max_ratio_geomean"] = round(statistics.geometric_mean(r["max_ratio"] for r in group), 2)
             print(f"all videos: {summary['ratio_of_sums']:.2f}x (sum of PySceneDetect medians / sum of ours), geometric mean "
                   f"{summary['ratio_geomean']:.2f}x, lowest {summary['ratio_min']:.2f}x; all exact: {summary['all_exact']}; "
                   f"ceiling (detect() over decoding alone on {scene_detect.usable_cpus()} cores) {summary['max_ratio_geomean']:.2f}x")
-            for kind, words in (("split", "read in parallel chunks"), ("in_order", "read in order (one keyframe or short)")):
-                if f"{kind}_videos" in summary:
-                    print(f"  {summary[f'{kind}_videos']} {words}: {summary[f'{kind}_ratio_geomean']:.2f}x, ceiling {summary[f'{kind}_max_ratio_geomean']:.2f}x (geometric means)")
+            # the videos read in parallel chunks, and those read in order (one keyframe, or short)
+            for kind, split, words in (("split", True, "read in parallel chunks"), ("in_order", False, "read in order (one keyframe or short)")):
+                group = [r for r in real if (r["chunks"] > 1) == split]
+                if group:
+                    ratio = round(statistics.geometric_mean(r["ratio"] for r in group), 2)
+                    ceiling = round(statistics.geometric_mean(r["max_ratio"] for r in group), 2)
+                    summary.update({f"{kind}_videos": len(group), f"{kind}_ratio_geomean": ratio, f"{kind}_max_ratio_geomean": ceiling})
+                    print(f"  {len(group)} {words}: {ratio:.2f}x, ceiling {ceiling:.2f}x (geometric means)")
         rng = np.random.default_rng(0)
         for size in args.sizes if args.synthetic else []:
             h, w = (int(x) for x in size.split("x"))

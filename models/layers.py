@@ -62,9 +62,9 @@ class TanhGELU(nn.Module):
 
     The two differ by at most 4.7e-4 (at x = 2.7), below bf16's resolution there (2^-6 for
     values in [2, 4)): in bf16, outputs of magnitude 1/16 or more differ by at most one unit in
-    the last place, as rounding alone would, and smaller ones by at most 5e-4. PyTorch's CPU tanh-GELU kernel is 3-6x slower than its erf kernel
-    (0.7 against 0.12 ms for STDiT-Tiny's (16, 64, 512) activations), about 9% of a bf16
-    training step. fp32 keeps the tanh form, so fp32 outputs match Open-Sora's exactly.
+    the last place, as rounding alone would, and smaller ones by at most 5e-4. PyTorch's CPU
+    tanh-GELU kernel is 3-6x slower than its erf kernel (0.7 against 0.12 ms for STDiT-Tiny's
+    (16, 64, 512) activations), about 9% of a bf16 training step. fp32 keeps the tanh form, so fp32 outputs match Open-Sora's exactly.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
