@@ -31,7 +31,7 @@ ATTRS = ("color", "shape", "direction", "all")
 def score_training_captions(cfg, split, model_dir, root) -> dict:
     """Adherence of a model folder on the first eval.num_prompts distinct *training* captions
     (eval.samples_per_prompt seeds each), scored as evaluation scores held-out prompts."""
-    from soraflow.storage.dataset import VideoClipDataset
+    from soraflow.storage.data.dataset import VideoClipDataset
     from soraflow.tasks.eval_scorers import run_scorers
     from soraflow.tasks.evaluate import sample_prompts
     from soraflow.tasks.train.model_factory import load_pipeline
@@ -57,7 +57,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from soraflow.storage.holdout import DatasetSplit
+    from soraflow.storage.data.holdout import DatasetSplit
     from soraflow.tasks.evaluate import evaluate
     from soraflow.tasks.train.driver import train
     from soraflow.tasks.train.vae_fit import fit_vae

@@ -85,7 +85,7 @@ class StageClock:
 
 def run_once(label: str, params, clock: StageClock, truth: dict[str, str]) -> tuple[list[dict], dict]:
     from soraflow.flows.ingest import run_ingest
-    from soraflow.storage.manifest import read_rows
+    from soraflow.storage.data.manifest import read_rows
 
     clock.seconds.clear()
     t = time.perf_counter()

@@ -54,7 +54,7 @@ from packaged_videos import concat_packaged, packaged_videos  # noqa: E402
 from scenedetect.backends.opencv import VideoStreamCv2  # noqa: E402
 from soraflow.configs.schema import SplitConfig  # noqa: E402
 from soraflow.storage.layout import DataRoot  # noqa: E402
-from soraflow.storage.manifest import new_row  # noqa: E402
+from soraflow.storage.data.manifest import new_row  # noqa: E402
 from soraflow.tasks.ingest import scene_detect  # noqa: E402
 from soraflow.tasks.ingest.scene_split import detect_scenes, split_rows  # noqa: E402
 from videos import make_scene_video  # noqa: E402

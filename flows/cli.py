@@ -115,7 +115,7 @@ def _show(title: str, data: dict, as_json: bool, paths: list[str] | None = None)
 
 def _champion_or_none(cfg, data_root) -> str | None:
     """'champion' when the registry has one, else None (a fresh data root has no registry)."""
-    from soraflow.storage.registry import ModelRegistry, RegistryError
+    from soraflow.storage.registry.model_registry import ModelRegistry, RegistryError
 
     if not data_root.registry.exists() and cfg.registry.tracking_uri is None:
         return None
@@ -334,7 +334,7 @@ def sample_server(
 
 def _registry(config: str, set_: list[str] | None, root: str | None):
     cfg, data_root = _load(config, set_, root)
-    from soraflow.storage.registry import ModelRegistry
+    from soraflow.storage.registry.model_registry import ModelRegistry
 
     return cfg, ModelRegistry(data_root, cfg.registry)
 

@@ -13,7 +13,7 @@ from prefect.artifacts import (
 from soraflow.configs.schema import SoraFlowConfig, config_hash
 from soraflow.flows.params import RunParams
 from soraflow.storage.layout import DataRoot, file_lock
-from soraflow.storage.manifest import (
+from soraflow.storage.data.manifest import (
     dataset_version,
     read_rows,
     shard_ranges,

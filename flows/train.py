@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.concurrency.sync import concurrency
 from soraflow.flows.params import RunParams
-from soraflow.storage.holdout import DatasetSplit
+from soraflow.storage.data.holdout import DatasetSplit
 from soraflow.tasks.evaluate import evaluate_task
 from soraflow.tasks.register import register_task
 from soraflow.tasks.train.driver import run_name_for, train_task

@@ -32,8 +32,8 @@ from typing import Callable
 import numpy as np
 import torch
 from soraflow.configs.schema import SCORER_METRICS, ConfigError, SoraFlowConfig
-from soraflow.storage.dataset import VideoClipDataset
-from soraflow.storage.video_io import to_uint8_frames
+from soraflow.storage.data.dataset import VideoClipDataset
+from soraflow.storage.data.video_io import to_uint8_frames
 
 ATTRS = ("color", "shape", "direction", "all")
 CALIBRATION_CLIPS = 96  # training clips whose VAE reconstructions calibrate the shape detector

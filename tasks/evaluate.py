@@ -1,6 +1,6 @@
 """Evaluate a trained model folder on the held-out clips: validation loss, samples, the configured scorers.
 
-    DatasetSplit --held_out--> held-out clips (training never saw them; storage/holdout.py)
+    DatasetSplit --held_out--> held-out clips (training never saw them; storage/data/holdout.py)
       val loss : each clip's centred window, posterior mean (VAE) and caption (T5) ->
                  scheduler.training_loss at timesteps and noise drawn from a generator seeded
                  with eval.seed, averaged. The same model always gives the same number.
@@ -26,11 +26,11 @@ import torch
 from prefect import task
 from soraflow.configs.schema import SoraFlowConfig
 from soraflow.models.noise import randn
-from soraflow.storage.dataset import VideoClipDataset
-from soraflow.storage.holdout import DatasetSplit, clip_fraction
+from soraflow.storage.data.dataset import VideoClipDataset
+from soraflow.storage.data.holdout import DatasetSplit, clip_fraction
 from soraflow.storage.layout import DataRoot, atomic_write_text
-from soraflow.storage.model_folder import is_model_folder
-from soraflow.storage.video_io import tile_grid, to_uint8_frames, write_gif, write_video
+from soraflow.storage.registry.model_folder import is_model_folder
+from soraflow.storage.data.video_io import tile_grid, to_uint8_frames, write_gif, write_video
 from soraflow.tasks.generate import slug
 from soraflow.tasks.eval_scorers import run_scorers
 from soraflow.tasks.task_policy import STAGE_RETRIES

@@ -26,7 +26,7 @@ from soraflow.models.noise import randn
 from soraflow.models.text_encoder import preprocess
 from soraflow.models.tracing import Call, Tracer, cross_attention_weights
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.video_io import to_uint8_frames
+from soraflow.storage.data.video_io import to_uint8_frames
 from soraflow.tasks.train.model_factory import load_pipeline
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def _io(call: Call) -> str:
 def load_models(cfg: SoraFlowConfig, root: DataRoot, model_ref: str | None = "champion", ckpt: str | None = None):
     """(pipeline, where its weights came from, trained?): --ckpt, else the registry's `model_ref`, else random."""
     if ckpt is None and model_ref:
-        from soraflow.storage.registry import ModelRegistry, RegistryError
+        from soraflow.storage.registry.model_registry import ModelRegistry, RegistryError
 
         if not cfg.registry.tracking_uri and not (root.registry / "mlflow.db").exists():  # nothing trained here yet
             pipe, source = load_pipeline(cfg, root, None)

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from soraflow.storage.layout import atomic_write_text
-from soraflow.storage.manifest import read_rows
+from soraflow.storage.data.manifest import read_rows
 
 
 def export_opensora_csv(manifest: str | Path, out: str | Path, root: str | Path | None = None) -> dict:

@@ -11,7 +11,7 @@ import torch
 from prefect import task
 from soraflow.configs.schema import SoraFlowConfig
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.video_io import to_uint8_frames, write_gif, write_video
+from soraflow.storage.data.video_io import to_uint8_frames, write_gif, write_video
 from soraflow.tasks.train.model_factory import load_pipeline
 
 
@@ -52,7 +52,7 @@ def generate_videos(
     started = time.perf_counter()
     torch.manual_seed(cfg.generate.seed if seed is None else seed)
     if model_ref is not None:  # through the version's MLflow model, as mlflow.pyfunc.load_model loads it
-        from soraflow.storage.registry import ModelRegistry
+        from soraflow.storage.registry.model_registry import ModelRegistry
 
         pipe, source = ModelRegistry(root, cfg.registry).load_pipeline(model_ref, cfg, num_frames)
     else:

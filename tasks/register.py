@@ -14,12 +14,12 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from soraflow.configs.schema import SoraFlowConfig, config_hash
-from soraflow.storage.holdout import DatasetSplit
+from soraflow.storage.data.holdout import DatasetSplit
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.model_card import write_model_card
+from soraflow.storage.registry.model_card import write_model_card
 from soraflow.storage.redact import redact_config, redact_url
-from soraflow.storage.registry import ModelRegistry
-from soraflow.storage.tracking import (
+from soraflow.storage.registry.model_registry import ModelRegistry
+from soraflow.storage.registry.tracking import (
     log_dataset_input,
     log_history,
     read_loss_history,

@@ -14,7 +14,7 @@ from soraflow.configs.schema import ConfigError
 from soraflow.storage.checkpoints import CheckpointError
 from soraflow.storage.faults import EnvironmentFault
 from soraflow.storage.layout import UnsafePathError
-from soraflow.storage.manifest import ManifestError
+from soraflow.storage.data.manifest import ManifestError
 
 # Retrying these cannot help: the input itself is wrong.
 BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ManifestError, UnsafePathError, CheckpointError, FileNotFoundError, ValueError)

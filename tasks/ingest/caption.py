@@ -30,8 +30,8 @@ from urllib.parse import unquote, urlsplit
 from soraflow.configs.schema import CaptionConfig, ConfigError
 from soraflow.storage.faults import raise_if_environment
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.manifest import read_rows, reject, write_manifest
-from soraflow.storage.video_io import VideoError, probe_video, read_frames
+from soraflow.storage.data.manifest import read_rows, reject, write_manifest
+from soraflow.storage.data.video_io import VideoError, probe_video, read_frames
 
 # Open-Sora v1.0 tools/caption/utils.py `prompts`, verbatim.
 NAIVE_PROMPT = "Describe the video"

@@ -31,8 +31,8 @@ from scenedetect.video_stream import FrameRateUnavailable, VideoOpenFailure
 from soraflow.configs.schema import SplitConfig
 from soraflow.storage.faults import raise_if_environment
 from soraflow.storage.layout import DataRoot, UnsafePathError, safe_id
-from soraflow.storage.manifest import read_rows, reject, write_manifest
-from soraflow.storage.video_io import (
+from soraflow.storage.data.manifest import read_rows, reject, write_manifest
+from soraflow.storage.data.video_io import (
     VideoError,
     VideoInfo,
     check_decode_bytes,

@@ -29,8 +29,8 @@ import numpy as np
 from soraflow.configs.schema import ConfigError, ScoreConfig
 from soraflow.storage.faults import raise_if_environment
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.manifest import read_rows, reject, write_manifest
-from soraflow.storage.video_io import VideoError, probe_video, read_frames
+from soraflow.storage.data.manifest import read_rows, reject, write_manifest
+from soraflow.storage.data.video_io import VideoError, probe_video, read_frames
 
 FLOW_SIZE = (160, 288)  # (H, W) where flow is computed: half of Open-Sora's 320x576
 FLOW_SCALE = 320 / FLOW_SIZE[0]  # pixels at FLOW_SIZE -> pixels at 320x576

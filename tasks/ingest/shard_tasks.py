@@ -28,7 +28,7 @@ from soraflow.configs.schema import (
     SplitConfig,
 )
 from soraflow.storage.layout import DataRoot, atomic_write_text
-from soraflow.storage.manifest import (
+from soraflow.storage.data.manifest import (
     ManifestError,
     mark_duplicates,
     read_rows,
@@ -141,7 +141,7 @@ def score_shard(manifest: str, start: int, stop: int, score: ScoreConfig, data_r
 @task(name="merge-shards", **_task_options)
 def merge_shards(shards: list[str], stage: str, inputs: list[str], config_hash: str, data_root: str) -> str:
     """Concatenate shard manifests (in order) into the stage's manifest."""
-    from soraflow.storage.manifest import lineage
+    from soraflow.storage.data.manifest import lineage
 
     rows, notes = [], []
     for path in shards:

@@ -29,7 +29,7 @@ from itertools import product
 from pathlib import Path
 
 import numpy as np
-from soraflow.storage.video_io import write_video
+from soraflow.storage.data.video_io import write_video
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),  # luma  94

@@ -205,7 +205,7 @@ class SampleServer:
             atomic_write_bytes(self.zip_path, inter4k_zip([(p.video_id, self.inter4k_path(p.video_id).read_bytes()) for p in self.inter4k]))
 
     def _write(self, path: Path, frames) -> None:
-        from soraflow.storage.video_io import write_video
+        from soraflow.storage.data.video_io import write_video
 
         write_video(path, frames, self.fps)
 

@@ -30,8 +30,8 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from soraflow.configs.schema import SoraFlowConfig, config_hash
 from soraflow.storage.checkpoints import CheckpointError
-from soraflow.storage.holdout import DatasetSplit
-from soraflow.storage.latent_cache import CacheInfo
+from soraflow.storage.data.holdout import DatasetSplit
+from soraflow.storage.data.latent_cache import CacheInfo
 from soraflow.storage.layout import DataRoot
 from soraflow.tasks.task_policy import STAGE_RETRIES
 from soraflow.tasks.train.encode import prepare_latent_cache

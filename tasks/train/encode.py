@@ -1,6 +1,6 @@
 """The latent-cache stage: encode every clip (VAE) and caption (T5) once, keyed by dataset and encoders.
 
-The cache format and its dataset live in storage/latent_cache.py; this stage loads the encoders
+The cache format and its dataset live in storage/data/latent_cache.py; this stage loads the encoders
 named by the config and builds (or reuses) the cache for one manifest.
 """
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 from prefect import task
 from soraflow.configs.schema import SoraFlowConfig
-from soraflow.storage.holdout import DatasetSplit
-from soraflow.storage.latent_cache import CacheInfo, build_latent_cache, folder_identity
+from soraflow.storage.data.holdout import DatasetSplit
+from soraflow.storage.data.latent_cache import CacheInfo, build_latent_cache, folder_identity
 from soraflow.storage.layout import DataRoot
 from soraflow.tasks.task_policy import STAGE_RETRIES, stage_cache_key
 from soraflow.tasks.train.model_factory import (

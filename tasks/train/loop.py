@@ -47,8 +47,8 @@ from soraflow.storage.checkpoints import (
     read_state_dict,
     save_training_state,
 )
-from soraflow.storage.dataset import VideoClipDataset
-from soraflow.storage.latent_cache import LatentCacheDataset, OnlineEncoder
+from soraflow.storage.data.dataset import VideoClipDataset
+from soraflow.storage.data.latent_cache import LatentCacheDataset, OnlineEncoder
 from soraflow.storage.layout import DataRoot
 from soraflow.tasks.train.distributed import (
     StatefulDistributedSampler,
@@ -81,7 +81,7 @@ from torch.utils.data import DataLoader
 
 @dataclass
 class CacheData:
-    """Train on the latent cache (storage/latent_cache.py)."""
+    """Train on the latent cache (storage/data/latent_cache.py)."""
 
     cache_dir: str
 

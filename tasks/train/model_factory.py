@@ -5,7 +5,7 @@ path, the tiny parts live under <data root>/models/: the tiny T5 is built once f
 config, the tiny VAE is fitted by the train flow (tasks/train/vae_fit.py).
 
 A *model folder* is what the registry stores and `--ckpt` accepts; its layout (Hugging Face
-conventions, a model card README.md) is described and read in storage/model_folder.py.
+conventions, a model card README.md) is described and read in storage/registry/model_folder.py.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from soraflow.storage.checkpoints import (
     save_model_dir,
 )
 from soraflow.storage.layout import DataRoot, atomic_write_text
-from soraflow.storage.model_card import write_model_card
-from soraflow.storage.model_folder import is_model_folder, load_model_folder
+from soraflow.storage.registry.model_card import write_model_card
+from soraflow.storage.registry.model_folder import is_model_folder, load_model_folder
 from soraflow.storage.redact import redact_config
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def export_model_dir(
     dataset_version: str | None = None,
     metrics: dict | None = None,
 ) -> Path:
-    """Write a self-contained model folder (storage/model_folder.py) with its model card.
+    """Write a self-contained model folder (storage/registry/model_folder.py) with its model card.
 
     stdit/ is what `STDiT.save_pretrained` writes (model.safetensors without the recomputed
     positional buffers, config.json = the constructor kwargs), so `STDiT.from_pretrained` reads it.

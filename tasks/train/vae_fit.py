@@ -40,9 +40,9 @@ from prefect import task
 from soraflow.configs.schema import SoraFlowConfig
 from soraflow.models.noise import randn
 from soraflow.models.vae import build_tiny_vae
-from soraflow.storage.dataset import VideoClipDataset
-from soraflow.storage.holdout import DatasetSplit
-from soraflow.storage.latent_cache import read_clip_frames
+from soraflow.storage.data.dataset import VideoClipDataset
+from soraflow.storage.data.holdout import DatasetSplit
+from soraflow.storage.data.latent_cache import read_clip_frames
 from soraflow.storage.layout import DataRoot, atomic_write_text
 from soraflow.tasks.task_policy import STAGE_RETRIES, stage_cache_key
 from soraflow.tasks.train.model_factory import tiny_vae_dir

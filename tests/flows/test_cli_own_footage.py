@@ -20,7 +20,7 @@ import yaml
 from footage import copy_real
 from soraflow.configs.schema import CONFIG_DIR
 from soraflow.flows.cli import app
-from soraflow.storage.manifest import read_rows
+from soraflow.storage.data.manifest import read_rows
 from typer.testing import CliRunner
 
 pytestmark = pytest.mark.slow

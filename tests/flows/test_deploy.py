@@ -252,7 +252,7 @@ def _dataset_events(stack) -> list[dict]:
 
 def test_dataset_event_triggers_retrain_on_a_new_manifest(stack, pipeline_run):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-    from soraflow.storage.manifest import dataset_version
+    from soraflow.storage.data.manifest import dataset_version
 
     flow_run_id, _ = pipeline_run
     retrain = stack.deployments["soraflow-train/retrain-on-new-data"]

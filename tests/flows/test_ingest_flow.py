@@ -28,8 +28,8 @@ from rich.console import Console
 from soraflow.flows.ingest import run_ingest
 from soraflow.flows.params import RunParams
 from soraflow.storage.faults import EnvironmentFault
-from soraflow.storage.manifest import ok_rows, read_rows
-from soraflow.storage.video_io import probe_video
+from soraflow.storage.data.manifest import ok_rows, read_rows
+from soraflow.storage.data.video_io import probe_video
 from soraflow.tasks.sample_world.scenes import plan_videos
 from typer.testing import CliRunner
 

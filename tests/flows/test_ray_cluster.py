@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.manifest import new_row, read_rows, write_manifest
+from soraflow.storage.data.manifest import new_row, read_rows, write_manifest
 from videos import make_scene_video
 
 pytestmark = pytest.mark.slow
@@ -118,7 +118,7 @@ def test_training_spreads_two_workers_over_both_nodes(cluster, tmp_path):
         from pathlib import Path
         from ray.util.state import list_actors
         from training_data import make_clip_manifest, train_cfg
-        from soraflow.storage.holdout import DatasetSplit
+        from soraflow.storage.data.holdout import DatasetSplit
         from soraflow.storage.layout import DataRoot
         from soraflow.tasks.train.driver import train
         from soraflow.tasks.train.vae_fit import fit_vae

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from soraflow.storage.dataset import VideoClipDataset, frame_indices, resize_crop
+from soraflow.storage.data.dataset import VideoClipDataset, frame_indices, resize_crop
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.manifest import reject, write_manifest
-from soraflow.storage.video_io import write_video
+from soraflow.storage.data.manifest import reject, write_manifest
+from soraflow.storage.data.video_io import write_video
 
 LEVEL0, STEP = 10, 6  # frame i is a flat grey of level 10 + 6 * i, so a decoded value names its index
 

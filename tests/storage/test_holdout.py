@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from soraflow.storage.holdout import DatasetSplit, holdout_split
+from soraflow.storage.data.holdout import DatasetSplit, holdout_split
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.manifest import dataset_version, new_row, ok_rows, write_manifest
+from soraflow.storage.data.manifest import dataset_version, new_row, ok_rows, write_manifest
 
 
 def test_split_is_deterministic_disjoint_and_never_empty():

@@ -10,7 +10,7 @@ from soraflow.storage.layout import (
     safe_id,
     safe_join,
 )
-from soraflow.storage.manifest import (
+from soraflow.storage.data.manifest import (
     ManifestError,
     dataset_version,
     lineage,
@@ -22,7 +22,7 @@ from soraflow.storage.manifest import (
     summarize,
     write_manifest,
 )
-from soraflow.storage.video_io import (
+from soraflow.storage.data.video_io import (
     VideoError,
     probe_video,
     read_frames,
@@ -191,7 +191,7 @@ def test_redact_config_masks_secrets_everywhere():
 
 
 def test_lineage_is_redacted(tmp_path):
-    from soraflow.storage.manifest import lineage
+    from soraflow.storage.data.manifest import lineage
 
     root = DataRoot(tmp_path)
     path = write_manifest([new_row(video_id="v", source="pexels", status="rejected", error="x")], "download", root,
@@ -200,7 +200,7 @@ def test_lineage_is_redacted(tmp_path):
 
 
 def test_mark_duplicates_keeps_the_first_ok_row():
-    from soraflow.storage.manifest import mark_duplicates
+    from soraflow.storage.data.manifest import mark_duplicates
 
     rows = [new_row(video_id="1", source="pexels", path="/a"), new_row(video_id="1", source="pexels", path="/a"),
             new_row(video_id="2", source="hdvg", clip_id="c", path="/b"), new_row(video_id="2", source="hdvg", clip_id="c", path="/c"),
@@ -221,7 +221,7 @@ def test_clip_paths_are_keyed_by_the_split_settings(tmp_path):
 
 
 def test_decode_caps_before_allocation(tmp_path, monkeypatch):
-    import soraflow.storage.video_io as vio
+    import soraflow.storage.data.video_io as vio
 
     with pytest.raises(vio.VideoError, match="aspect ratio"):
         vio.check_geometry("x.mp4", 2, 4096)

@@ -16,7 +16,7 @@ import torch
 from model_folder import make_model_folder
 from soraflow.configs.schema import RegistryConfig
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.registry import ModelRegistry
+from soraflow.storage.registry.model_registry import ModelRegistry
 
 PROMPTS = ["a red circle moving right", "a blue square moving left"]
 

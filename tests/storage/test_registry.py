@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from soraflow.configs.schema import RegistryConfig
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.registry import ModelRegistry, RegistryError
+from soraflow.storage.registry.model_registry import ModelRegistry, RegistryError
 
 
 def _model_dir(folder: Path, value: float) -> Path:
@@ -161,7 +161,7 @@ def test_empty_registry(tmp_path):
 
 
 def test_import_is_cheap_and_offline():
-    code = "import sys, storage.registry, os; assert 'mlflow' not in sys.modules; print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"
+    code = "import sys, storage.registry.model_registry, os; assert 'mlflow' not in sys.modules; print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr

@@ -1,4 +1,4 @@
-"""storage/video_io.py: frames read through one reused swscale context are the frames PyAV's
+"""storage/data/video_io.py: frames read through one reused swscale context are the frames PyAV's
 per-frame conversion gives, on a real clip (H.264, yuv420p) and on noise."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import av
 import numpy as np
 import pytest
 from footage import copy_real, write_noise_video
-from soraflow.storage.video_io import read_frames
+from soraflow.storage.data.video_io import read_frames
 
 
 def _per_frame(path, size=None, limit: int = 12) -> np.ndarray:

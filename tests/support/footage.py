@@ -13,7 +13,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from soraflow.storage.video_io import write_video
+from soraflow.storage.data.video_io import write_video
 
 # file -> (frames, fps, height, width), as probed
 REAL_VIDEOS = {

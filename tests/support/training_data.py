@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from soraflow.configs.schema import load_config
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.manifest import new_row, write_manifest
-from soraflow.storage.video_io import write_video
+from soraflow.storage.data.manifest import new_row, write_manifest
+from soraflow.storage.data.video_io import write_video
 
 STEPS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 

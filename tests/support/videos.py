@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from soraflow.storage.video_io import write_video
+from soraflow.storage.data.video_io import write_video
 
 # Background grey levels; consecutive entries differ by >= 90, so any two adjacent scenes do.
 _BRIGHTNESS = (30, 200, 90, 235, 60, 170)

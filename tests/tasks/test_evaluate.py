@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from soraflow.storage.holdout import DatasetSplit, holdout_split
-from soraflow.storage.manifest import ok_rows
+from soraflow.storage.data.holdout import DatasetSplit, holdout_split
+from soraflow.storage.data.manifest import ok_rows
 from training_data import train_cfg
 
 
@@ -25,7 +25,7 @@ def trained(fitted_clips):
 
 
 def test_evaluate_reports_metrics_samples_and_adherence(trained, tmp_path):
-    from soraflow.storage.video_io import probe_video
+    from soraflow.storage.data.video_io import probe_video
     from soraflow.tasks.evaluate import evaluate, held_out_prompts
 
     cfg, root, split, result = trained
@@ -58,7 +58,7 @@ def test_evaluate_reports_metrics_samples_and_adherence(trained, tmp_path):
 
 def test_validation_loss_separates_models(trained, tmp_path):
     """A trained model's held-out loss beats the same architecture with random (zero-output) weights."""
-    from soraflow.storage.dataset import VideoClipDataset
+    from soraflow.storage.data.dataset import VideoClipDataset
     from soraflow.tasks.evaluate import validation_loss
     from soraflow.tasks.train.model_factory import load_pipeline
 
@@ -84,7 +84,7 @@ def test_evaluate_needs_a_model_folder(trained, tmp_path):
 def test_bf16_sampling_keeps_fp32_output_and_the_same_video(trained):
     """scheduler.sample_precision=bf16 runs the denoising and the decode under autocast: the
     video comes back in fp32 and within bf16 rounding of the fp32 one (same noise, same weights)."""
-    from soraflow.storage.model_folder import load_model_folder
+    from soraflow.storage.registry.model_folder import load_model_folder
 
     cfg, _, _, result = trained
     pipe, _ = load_model_folder(result.model_dir, cfg)

@@ -9,7 +9,7 @@ import pytest
 from footage import copy_real
 from soraflow.configs.schema import HttpConfig, SourceConfig
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.manifest import new_row, write_manifest
+from soraflow.storage.data.manifest import new_row, write_manifest
 from soraflow.tasks.export import export_opensora_csv
 from soraflow.tasks.ingest.sources import download_items, list_items
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from model_folder import make_model_folder
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.manifest import dataset_version
+from soraflow.storage.data.manifest import dataset_version
 from training_data import make_clip_manifest
 
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
-    from soraflow.storage.holdout import DatasetSplit
+    from soraflow.storage.data.holdout import DatasetSplit
     from soraflow.tasks.evaluate import EvalResult
     from soraflow.tasks.register import register_model
     from soraflow.tasks.train.driver import TrainResult
@@ -44,7 +44,7 @@ def registered(tmp_path_factory):
 
 
 def test_run_has_per_step_history_dataset_input_and_artifacts(registered):
-    from soraflow.storage.registry import ModelRegistry
+    from soraflow.storage.registry.model_registry import ModelRegistry
 
     out, cfg, root, manifest, _, _ = registered
     registry = ModelRegistry(root, cfg.registry)
@@ -63,7 +63,7 @@ def test_run_has_per_step_history_dataset_input_and_artifacts(registered):
 
 
 def test_logged_config_and_card_are_redacted(registered):
-    from soraflow.storage.registry import ModelRegistry
+    from soraflow.storage.registry.model_registry import ModelRegistry
 
     out, cfg, root, _, folder, secret_url = registered
     params = ModelRegistry(root, cfg.registry).client.get_run(out["run_id"]).data.params
@@ -77,7 +77,7 @@ def test_logged_config_and_card_are_redacted(registered):
 
 
 def test_version_loads_as_the_champion(registered):
-    from soraflow.storage.registry import ModelRegistry
+    from soraflow.storage.registry.model_registry import ModelRegistry
 
     out, cfg, root, _, _, _ = registered
     assert out["promoted"] and out["version"] == 1

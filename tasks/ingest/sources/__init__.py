@@ -30,9 +30,9 @@ import requests
 from soraflow.configs.schema import HttpConfig, SourceConfig
 from soraflow.storage.faults import raise_if_environment
 from soraflow.storage.layout import DataRoot, LockHeldError, UnsafePathError
-from soraflow.storage.manifest import new_row, reject
+from soraflow.storage.data.manifest import new_row, reject
 from soraflow.storage.redact import redact_text, redact_url
-from soraflow.storage.video_io import VideoError, VideoInfo, probe_video, sha256_file
+from soraflow.storage.data.video_io import VideoError, VideoInfo, probe_video, sha256_file
 from soraflow.tasks.ingest.http import BadInputError, TransientError
 
 __all__ = ["list_items", "list_items_or_error", "download_items"]

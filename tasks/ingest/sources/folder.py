@@ -23,7 +23,7 @@ from pathlib import Path
 
 from soraflow.configs.schema import HttpConfig, SourceConfig
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.video_io import VideoError, VideoInfo, probe_video
+from soraflow.storage.data.video_io import VideoError, VideoInfo, probe_video
 from soraflow.tasks.ingest.http import BadInputError
 from soraflow.tasks.ingest.sources import video_row
 

@@ -40,8 +40,8 @@ from soraflow.storage.layout import (
     safe_id,
     safe_join,
 )
-from soraflow.storage.manifest import new_row, reject
-from soraflow.storage.video_io import VideoError, VideoInfo, stream_reformatter
+from soraflow.storage.data.manifest import new_row, reject
+from soraflow.storage.data.video_io import VideoError, VideoInfo, stream_reformatter
 from soraflow.tasks.ingest.http import (
     BadInputError,
     TransientError,

@@ -10,7 +10,7 @@ import torch
 from soraflow.configs.schema import CaptionConfig, ConfigError
 from soraflow.models.llava import LlavaCaptionModel, build_tiny_llava
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.manifest import lineage, new_row, read_rows, write_manifest
+from soraflow.storage.data.manifest import lineage, new_row, read_rows, write_manifest
 from soraflow.tasks.ingest.caption import (
     THREE_FRAMES_PROMPT,
     LlavaCaptioner,

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from soraflow.configs.schema import HttpConfig, SourceConfig
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.manifest import COLUMNS, validate_rows
-from soraflow.storage.video_io import probe_video, read_frames, sha256_file, write_video
+from soraflow.storage.data.manifest import COLUMNS, validate_rows
+from soraflow.storage.data.video_io import probe_video, read_frames, sha256_file, write_video
 from soraflow.tasks.ingest.http import BadInputError
 from soraflow.tasks.ingest.sources import (
     download_items,
@@ -824,7 +824,7 @@ def test_failing_source_listing_is_one_rejected_row(src, tmp_path):
 
 def test_duplicates_end_as_one_ok_row(src, px, tmp_path):
     """The same Pexels video on two pages is listed once; a duplicate HD-VG clip_id is rejected at the merge."""
-    from soraflow.storage.manifest import mark_duplicates
+    from soraflow.storage.data.manifest import mark_duplicates
 
     px.pexels_videos.insert(3, dict(px.pexels_videos[0]))  # video 101 again, on page 2
     root = DataRoot(tmp_path / "data")

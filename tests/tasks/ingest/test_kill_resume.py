@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from soraflow.storage.video_io import write_video
+from soraflow.storage.data.video_io import write_video
 from loopback import LoopbackServer
 from videos import make_scene_video
 
@@ -186,7 +186,7 @@ SPLIT_CHILD = textwrap.dedent("""
     import soraflow.tasks.ingest.scene_split as ss
     from soraflow.configs.schema import SplitConfig
     from soraflow.storage.layout import DataRoot
-    from soraflow.storage.manifest import read_rows
+    from soraflow.storage.data.manifest import read_rows
     real = ss.write_video
     def slow_write(*a, **k):  # a test hook in this child only: leaves time to kill between clips
         out = real(*a, **k)
@@ -201,8 +201,8 @@ SPLIT_CHILD = textwrap.dedent("""
 
 def test_kill_mid_split_then_rerun(tmp_path):
     from soraflow.storage.layout import DataRoot
-    from soraflow.storage.manifest import new_row, write_manifest
-    from soraflow.storage.video_io import probe_video
+    from soraflow.storage.data.manifest import new_row, write_manifest
+    from soraflow.storage.data.video_io import probe_video
 
     root = DataRoot(tmp_path / "data")
     rows = []

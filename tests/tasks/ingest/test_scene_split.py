@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from soraflow.configs.schema import SplitConfig
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.manifest import lineage, new_row, read_rows, write_manifest
-from soraflow.storage.video_io import probe_video, read_frames, sha256_file
+from soraflow.storage.data.manifest import lineage, new_row, read_rows, write_manifest
+from soraflow.storage.data.video_io import probe_video, read_frames, sha256_file
 from soraflow.tasks.ingest.scene_split import (
     clip_size,
     detect_scenes,

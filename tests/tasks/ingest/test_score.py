@@ -10,8 +10,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from soraflow.configs.schema import ConfigError, ScoreConfig
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.manifest import lineage, new_row, read_rows, write_manifest
-from soraflow.storage.video_io import read_frames
+from soraflow.storage.data.manifest import lineage, new_row, read_rows, write_manifest
+from soraflow.storage.data.video_io import read_frames
 from soraflow.tasks.ingest.score import (
     AES_SKIPPED,
     flow_pairs,

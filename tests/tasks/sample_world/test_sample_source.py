@@ -14,7 +14,7 @@ import pytest
 import requests
 from soraflow.configs.schema import SampleSourceConfig
 from soraflow.storage.layout import safe_id
-from soraflow.storage.video_io import probe_video, read_frames
+from soraflow.storage.data.video_io import probe_video, read_frames
 from soraflow.tasks.sample_world import scenes as S
 from soraflow.tasks.sample_world.server import (
     PEXELS_MAX_PER_PAGE,

@@ -34,7 +34,7 @@ def clips(tmp_path_factory):
 
 
 def _build(clips, encoders, **kw):
-    from soraflow.storage.latent_cache import build_latent_cache, folder_identity
+    from soraflow.storage.data.latent_cache import build_latent_cache, folder_identity
 
     root, manifest = clips
     base, vae, te = encoders
@@ -44,7 +44,7 @@ def _build(clips, encoders, **kw):
 
 
 def test_cache_builds_once_and_serves_items(clips, encoders):
-    from soraflow.storage.latent_cache import INDEX, LatentCacheDataset, read_index
+    from soraflow.storage.data.latent_cache import INDEX, LatentCacheDataset, read_index
 
     root, _ = clips
     _, vae, te = encoders
@@ -77,8 +77,8 @@ def test_cache_builds_once_and_serves_items(clips, encoders):
     assert mean.shape == (4, 12, 8, 8) and (std > 0).all()
     torch.testing.assert_close(ev[0]["x0"], mean[:, 2:10])
     # stored moments are the VAE's for the whole clip
-    from soraflow.storage.latent_cache import read_clip_frames
-    from soraflow.storage.manifest import ok_rows
+    from soraflow.storage.data.latent_cache import read_clip_frames
+    from soraflow.storage.data.manifest import ok_rows
 
     first = index["clips"][0]
     row = [r for r in ok_rows(clips[1]) if r["clip_id"] == first["clip_id"]][0]
@@ -97,7 +97,7 @@ def test_cache_key_changes_with_inputs(clips, encoders, tmp_path):
     # a new manifest (one more clip) is a new dataset version, so a new key
     root, _ = clips
     other = make_clip_manifest(tmp_path / "more", root, n=7, frames=12)
-    from soraflow.storage.latent_cache import build_latent_cache, folder_identity
+    from soraflow.storage.data.latent_cache import build_latent_cache, folder_identity
 
     b, vae, te = encoders
     info = build_latent_cache(other, root, vae, te, folder_identity(b / "vae"), folder_identity(b / "t5"), 8, 1, (32, 32))
@@ -107,7 +107,7 @@ def test_cache_key_changes_with_inputs(clips, encoders, tmp_path):
 def test_folder_identity_follows_the_weights(encoders, tmp_path):
     import shutil
 
-    from soraflow.storage.latent_cache import folder_identity
+    from soraflow.storage.data.latent_cache import folder_identity
 
     base, _, _ = encoders
     shutil.copytree(base / "vae", tmp_path / "vae")
@@ -119,8 +119,8 @@ def test_folder_identity_follows_the_weights(encoders, tmp_path):
 
 
 def test_online_path_gives_the_same_batch_as_the_cache(clips, encoders):
-    from soraflow.storage.dataset import VideoClipDataset
-    from soraflow.storage.latent_cache import LatentCacheDataset, OnlineEncoder
+    from soraflow.storage.data.dataset import VideoClipDataset
+    from soraflow.storage.data.latent_cache import LatentCacheDataset, OnlineEncoder
     from torch.utils.data import DataLoader
 
     _, manifest = clips
@@ -136,7 +136,7 @@ def test_online_path_gives_the_same_batch_as_the_cache(clips, encoders):
     assert list(online["clip_id"]) == list(cached["clip_id"])
     torch.testing.assert_close(online["y"], cached["y"])
     # the online x0 is a posterior sample: (x0 - mean) / std is standard normal
-    from soraflow.storage.dataset import frame_indices
+    from soraflow.storage.data.dataset import frame_indices
 
     ds = LatentCacheDataset(info.path, 8, 1, train=False)
     idx = frame_indices(12, 8, 1, None)
@@ -146,7 +146,7 @@ def test_online_path_gives_the_same_batch_as_the_cache(clips, encoders):
 
 
 def test_missing_cache_is_a_clear_error(tmp_path):
-    from soraflow.storage.latent_cache import LatentCacheDataset, LatentCacheError
+    from soraflow.storage.data.latent_cache import LatentCacheDataset, LatentCacheError
 
     with pytest.raises(LatentCacheError, match="not a latent cache"):
         LatentCacheDataset(tmp_path, 8, 1)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from soraflow.storage.holdout import DatasetSplit, holdout_split
-from soraflow.storage.manifest import ok_rows
+from soraflow.storage.data.holdout import DatasetSplit, holdout_split
+from soraflow.storage.data.manifest import ok_rows
 from training_data import train_cfg
 
 
@@ -184,7 +184,7 @@ from pathlib import Path
 
 sys.path.insert(0, sys.argv[5])  # tests/support
 from soraflow.storage import checkpoints
-from soraflow.storage.holdout import DatasetSplit
+from soraflow.storage.data.holdout import DatasetSplit
 from soraflow.storage.layout import DataRoot
 from soraflow.tasks.train.driver import train
 from training_data import train_cfg

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from soraflow.storage.holdout import DatasetSplit
+from soraflow.storage.data.holdout import DatasetSplit
 from soraflow.storage.layout import DataRoot
 from training_data import make_clip_manifest, small_cfg
 

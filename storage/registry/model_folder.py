@@ -3,7 +3,7 @@
 A model folder (written by tasks/train/model_factory.export_model_dir) follows the Hugging Face
 conventions, one sub-folder per part, each loadable on its own:
 
-    README.md                                     the model card (storage/model_card.py)
+    README.md                                     the model card (storage/registry/model_card.py)
     soraflow.json                                 the full SoraFlow config it was trained with
     stdit/model.safetensors + stdit/config.json   STDiT EMA weights and constructor kwargs
                                                   (`STDiT.from_pretrained`)
@@ -11,7 +11,7 @@ conventions, one sub-folder per part, each loadable on its own:
     text_encoder/                                 T5 encoder + tokenizer (only if the tiny one)
 
 This is the one reader of that layout: `load_pipeline` (tasks/train/model_factory.py) and the
-MLflow pyfunc model (storage/mlflow_model.py) both call `load_model_folder`.
+MLflow pyfunc model (storage/registry/mlflow_model.py) both call `load_model_folder`.
 """
 
 from __future__ import annotations

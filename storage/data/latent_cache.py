@@ -25,7 +25,7 @@ Both training datasets give the loss the same batch, {"x0": (B, C, T, h, w), "y"
 L, C_text), "mask": (B, L)}: `LatentCacheDataset` directly, and the online path
 (`VideoClipDataset` + `OnlineEncoder`, as v1.0 does) after encoding in the training step.
 
-The held-out split lives in storage/holdout.py.
+The held-out split lives in storage/data/holdout.py.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from soraflow.models.noise import randn
-from soraflow.storage.dataset import VideoClipDataset, frame_indices, to_model_input
+from soraflow.storage.data.dataset import VideoClipDataset, frame_indices, to_model_input
 from soraflow.storage.layout import DataRoot, atomic_write_text
-from soraflow.storage.manifest import dataset_version
-from soraflow.storage.video_io import read_frames
+from soraflow.storage.data.manifest import dataset_version
+from soraflow.storage.data.video_io import read_frames
 from torch.utils.data import Dataset
 
 INDEX = "index.json"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-from soraflow.storage.manifest import dataset_version, ok_rows, read_rows
+from soraflow.storage.data.manifest import dataset_version, ok_rows, read_rows
 
 
 def clip_fraction(clip_id: str) -> float:

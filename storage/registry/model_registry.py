@@ -7,8 +7,8 @@
                                           so nothing lands in ./mlruns)
 
 A registered version is an MLflow model (pyfunc, "models from code"): the python model is the
-file storage/mlflow_model.py, the weights are the model folder (safetensors + JSON config, see
-storage/model_folder.py) as its artifact `model_dir`, with a signature (prompts in, videos out).
+file storage/registry/mlflow_model.py, the weights are the model folder (safetensors + JSON config, see
+storage/registry/model_folder.py) as its artifact `model_dir`, with a signature (prompts in, videos out).
 It is logged as an MLflow 3 LoggedModel of the training run and registered from there, so
 `mlflow.pyfunc.load_model("models:/<name>@champion")` loads it and nothing is pickled. Each
 version carries tags: dataset_version, config_hash, code_version and every evaluation metric
@@ -36,7 +36,7 @@ from typing import Any, Iterator
 from soraflow.configs.schema import RegistryConfig
 from soraflow.storage.checkpoints import CheckpointError, refuse_pickles
 from soraflow.storage.layout import DataRoot
-from soraflow.storage.mlflow_model import (
+from soraflow.storage.registry.mlflow_model import (
     load_pyfunc_pipeline,
     log_pyfunc_model,
     model_dir_in,
@@ -381,7 +381,7 @@ class ModelRegistry:
         `base` (a SoraFlowConfig) keeps the caller's data and generate sections; `num_frames`
         rebuilds the pipeline for another clip length from the same folder.
         """
-        from soraflow.storage.model_folder import load_model_folder
+        from soraflow.storage.registry.model_folder import load_model_folder
 
         info = self.get(ref)
         local = self._download(info, self.root.tmp / "registry" / f"{self.name}-v{info.version}", reuse=True)

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from soraflow.storage.manifest import ok_rows, read_rows
-from soraflow.storage.video_io import VideoError, probe_video, read_frames
+from soraflow.storage.data.manifest import ok_rows, read_rows
+from soraflow.storage.data.video_io import VideoError, probe_video, read_frames
 from torch.utils.data import Dataset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")

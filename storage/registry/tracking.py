@@ -2,7 +2,7 @@
 history (so `mlflow ui` draws the loss curve), the dataset version as an MLflow dataset input,
 and the redaction every logged config goes through.
 
-Functions take an `MlflowClient` (storage/registry.py's `ModelRegistry.client`) and a run id.
+Functions take an `MlflowClient` (storage/registry/model_registry.py's `ModelRegistry.client`) and a run id.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The MLflow pyfunc model of a SoraFlow model folder: prompts in, videos out.
 
-"Models from code": storage/mlflow_model.py logs this file itself as the `python_model`
+"Models from code": storage/registry/mlflow_model.py logs this file itself as the `python_model`
 (`mlflow.pyfunc.save_model(python_model=<this file>, artifacts={"model_dir": <folder>})`) and
 MLflow runs it again at load time, so nothing is pickled (never import this module: MLflow runs it); the weights stay safetensors + JSON
-in the artifact `model_dir` (storage/model_folder.py reads it). Loading needs SoraFlow
+in the artifact `model_dir` (storage/registry/model_folder.py reads it). Loading needs SoraFlow
 installed (pip install -e <repo>).
 
     model = mlflow.pyfunc.load_model("models:/soraflow-local@champion")
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from mlflow.models import set_model
 from mlflow.pyfunc import PythonModel
-from soraflow.storage.mlflow_model import MODEL_DIR_ARTIFACT
+from soraflow.storage.registry.mlflow_model import MODEL_DIR_ARTIFACT
 
 OUTPUTS = ("arrays", "paths")
 
@@ -43,13 +43,13 @@ class SoraFlowVideoModel(PythonModel):
     """Generates one video per prompt with the pipeline in the artifact `model_dir`."""
 
     def load_context(self, context) -> None:
-        from soraflow.storage.model_folder import load_model_folder
+        from soraflow.storage.registry.model_folder import load_model_folder
 
         self.folder = Path(context.artifacts[MODEL_DIR_ARTIFACT])
         self.pipe, self.cfg = load_model_folder(self.folder)
 
     def predict(self, context, model_input, params: dict | None = None):
-        from soraflow.storage.video_io import to_uint8_frames, write_video
+        from soraflow.storage.data.video_io import to_uint8_frames, write_video
 
         params = params or {}
         output = params.get("output") or "arrays"

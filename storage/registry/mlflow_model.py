@@ -1,8 +1,8 @@
 """Logging a model folder as an MLflow pyfunc model, and loading it back.
 
-"Models from code": the python model is the file storage/video_model.py, given to MLflow as a
+"Models from code": the python model is the file storage/registry/video_model.py, given to MLflow as a
 path (MLflow copies and runs it at load time, nothing is pickled); the model folder (safetensors
-+ JSON, storage/model_folder.py) is the model's artifact `model_dir`; the signature says
++ JSON, storage/registry/model_folder.py) is the model's artifact `model_dir`; the signature says
 prompts in, videos out. The model is an MLflow 3 LoggedModel of the training run, so it shows in
 the run's "Logged models" and `mlflow.pyfunc.load_model("models:/<name>@<alias>")` loads it.
 
@@ -104,7 +104,7 @@ def load_pyfunc_pipeline(local: str | Path, base=None, num_frames: int | None = 
     rebuilds the pipeline for another clip length from the same folder.
     """
     import mlflow.pyfunc
-    from soraflow.storage.model_folder import load_model_folder
+    from soraflow.storage.registry.model_folder import load_model_folder
 
     python_model = mlflow.pyfunc.load_model(str(local)).unwrap_python_model()
     if num_frames or base is not None:
