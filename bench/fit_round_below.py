@@ -5,7 +5,7 @@
 The reference set is built here, deterministically, without training anything: every
 colour x shape x direction x background of the sample world (tasks/sample_world/scenes.py),
 rendered at the local preset's 32x32 and then sent through an axis-aligned round trip on the
-tiny VAE's 8x8 latent grid (area-averaged 4x4 blocks, bicubic back up). That grid is what gives
+tiny VAE's 8x8 latent grid (area-averaged 4x4 blocks, bilinear back up). That grid is what gives
 a VAE's circles their 4-fold part; a fixed threshold fitted on it no longer depends on one
 run's own reconstructions. The printed value is the cut with the fewest errors
 (calibrate_round_below), rounded to two decimals.
@@ -26,9 +26,9 @@ FRAMES = 8
 
 
 def grid_round_trip(video: np.ndarray, grid: int = GRID) -> np.ndarray:
-    """(T, H, W, 3) uint8 -> the same after area-downsampling to grid x grid and bicubic upsampling."""
+    """(T, H, W, 3) uint8 -> the same after area-downsampling to grid x grid and bilinear upsampling."""
     h, w = video.shape[1:3]
-    out = [cv2.resize(cv2.resize(f, (grid, grid), interpolation=cv2.INTER_AREA), (w, h), interpolation=cv2.INTER_CUBIC)
+    out = [cv2.resize(cv2.resize(f, (grid, grid), interpolation=cv2.INTER_AREA), (w, h), interpolation=cv2.INTER_LINEAR)
            for f in video]
     return np.stack(out)
 

@@ -46,8 +46,8 @@ SQUARE_I4 = 0.6  # |c_40| / c_11^2
 ROUND_BELOW = 0.32  # both invariants under this fraction of their ideal: a circle. Fitted once by
 # `python bench/fit_round_below.py` on a fixed reference set: every colour x shape x direction x
 # background rendered at 32x32 and round-tripped through an axis-aligned 8x8 grid, as the tiny VAE's
-# latents are (that grid gives circles a 4-fold part; sharp renders stay <= 0.17). Not re-fitted per run,
-# so runs are scored by the same rule.
+# latents are (circles 0.05-0.29 there, squares and triangles >= 0.35; sharp renders <= 0.17).
+# Not re-fitted per run, so every run is scored by the same rule.
 MIN_CONTRAST = 24.0  # RGB distance below which nothing counts as foreground
 MIN_AREA = 4  # pixels; a smaller region is noise, not the object
 STATIC_FRACTION = 0.04  # of min(H, W): a smaller centroid displacement is "none"
