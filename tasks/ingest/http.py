@@ -97,12 +97,6 @@ class _Deadline:
 # ---------------------------------------------------------------- redaction
 
 
-def redact_headers(headers: Mapping[str, str] | None, redact: Iterable[str] = ()) -> dict[str, str]:
-    """A copy of `headers` that is safe to log: secret header values replaced by '***'."""
-    names = REDACT_HEADERS | {h.lower() for h in redact}
-    return {k: ("***" if k.lower() in names else v) for k, v in (headers or {}).items()}
-
-
 def _secret_values(headers: Mapping[str, str] | None, redact: Iterable[str]) -> list[str]:
     names = REDACT_HEADERS | {h.lower() for h in redact}
     values = [str(v) for k, v in (headers or {}).items() if k.lower() in names and v]
@@ -297,8 +291,9 @@ def _get(session: requests.Session, url: str, ctx: _Ctx, cfg: HttpConfig, deadli
 # ---------------------------------------------------------------- get_json
 
 
-def _decoder(encoding: str, ctx: _Ctx):
-    """A zlib decompressor for the body's Content-Encoding (None: identity)."""
+def _decoder(encoding: str, ctx: _Ctx, what: str = "JSON"):
+    """A zlib decompressor for the body's Content-Encoding (None: identity). Ours rather than
+    urllib3's, so that callers bound the output (max_length) and a small bomb stops at the cap."""
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return None
@@ -306,7 +301,7 @@ def _decoder(encoding: str, ctx: _Ctx):
         return zlib.decompressobj(16 + zlib.MAX_WBITS)
     if encoding == "deflate":
         return zlib.decompressobj()
-    raise BadInputError(f"{ctx.url}: unsupported Content-Encoding {encoding!r} for JSON")
+    raise BadInputError(f"{ctx.url}: unsupported Content-Encoding {encoding!r} for {what}")
 
 
 def get_json(

@@ -9,7 +9,10 @@ It resumes only when the part's validator is known (a strong ETag, else Last-Mod
 `<dest>.part.json`): `Range` + `If-Range`, so a file that changed answers 200 and restarts from
 zero; a server that ignores Range restarts from zero. Bounded per file: `deadline_s` of wall
 time, `max_attempts` requests, `max_transfer_factor` x its size in bytes received. The file is
-renamed onto `dest` only when complete.
+renamed onto `dest` only when complete. A body sent with Content-Encoding gzip or deflate (though
+we ask for identity) is stored decoded, with the size cap on the decoded bytes (decoded with an
+output bound, so a gzip bomb stops at the cap) and the transfer budget on the bytes as sent; such
+a body restarts from zero rather than resuming. A refused file leaves no part behind.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import os
 import re
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -32,6 +36,7 @@ from soraflow.tasks.ingest.http import (
     BadInputError,
     _body_chunks,
     _check_first,
+    _decoder,
     _Ctx,
     _Deadline,
     _get,
@@ -124,6 +129,11 @@ def download_file(
     sess = session or requests.Session()
     state = {"resumed": False, "received": 0}
 
+    def refuse(text: str) -> BadInputError:
+        """This file will not be stored: its part (and sidecar) must not linger for a resume."""
+        part.discard()
+        return BadInputError(text)
+
     def attempt(n: int) -> int:
         have, validator = part.size(), part.validator()
         if have and (validator is None or (expected_size is not None and have > expected_size)):
@@ -145,6 +155,12 @@ def download_file(
             _status_check(resp, ctx, cfg)
             declared = resp.headers.get("Content-Length")
             length = int(declared) if declared and declared.isdigit() else None
+            # A server may gzip the body although we asked for identity (CSV and metadata files often
+            # are): it is stored decoded, so its Range offsets (of the encoded bytes) cannot resume it.
+            decoder = _decoder(resp.headers.get("Content-Encoding", ""), ctx, what="a file download")
+            if decoder and resp.status_code == 206:
+                part.discard()
+                raise _Retry("server resumed an encoded body, which is stored decoded; restarting from zero", wait=0.0)
             if resp.status_code == 206 and have:
                 start, total = _parse_content_range(resp.headers.get("Content-Range"))
                 now = validator_of(resp.headers)
@@ -160,38 +176,46 @@ def download_file(
                 if resp.status_code == 206:
                     start, full = _parse_content_range(resp.headers.get("Content-Range"))
                     if start not in (0, None):
-                        raise BadInputError(f"{ctx.url}: server sent a partial body (from byte {start}) that was not asked for")
-                part.restart(validator_of(resp.headers))
+                        raise refuse(f"{ctx.url}: server sent a partial body (from byte {start}) "
+                                     "that was not asked for")
+                part.restart(None if decoder else validator_of(resp.headers))
             if full is not None and full > cfg.max_bytes:
-                raise BadInputError(f"{ctx.url}: declared size {full} bytes is over the limit of {cfg.max_bytes}")
-            if full is not None and expected_size is not None and full != expected_size:
-                raise BadInputError(f"{ctx.url}: server says {full} bytes, the listing said {expected_size}")
+                raise refuse(f"{ctx.url}: declared size {full} bytes is over the limit of {cfg.max_bytes}")
+            if full is not None and not decoder and expected_size is not None and full != expected_size:
+                raise refuse(f"{ctx.url}: server says {full} bytes, the listing said {expected_size}")
+            # Bytes as sent count against the transfer budget; bytes as stored against the size cap.
             budget = cfg.max_transfer_factor * (full or expected_size or cfg.max_bytes)
-            encoded = resp.headers.get("Content-Encoding", "identity").lower() not in ("", "identity")
-            written = 0
+            written = raw = 0
             try:
                 with open(part.path, mode) as f:
-                    for chunk in _body_chunks(resp, deadline):
+                    for chunk in _body_chunks(resp, deadline, decode=False):
+                        raw += len(chunk)
+                        state["received"] += len(chunk)
+                        if decoder:  # at most one byte past the cap, however small the bomb
+                            chunk = decoder.decompress(chunk, cfg.max_bytes + 1 - offset - written)
                         if offset + written + len(chunk) > cfg.max_bytes:
-                            f.close()
-                            part.discard()
-                            raise BadInputError(f"{ctx.url}: body is over the limit of {cfg.max_bytes} bytes")
+                            raise refuse(f"{ctx.url}: body is over the limit of {cfg.max_bytes} bytes"
+                                         + (" (after gzip decoding)" if decoder else ""))
                         f.write(chunk)
                         written += len(chunk)
-                        state["received"] += len(chunk)
                         if state["received"] > budget:
-                            raise BadInputError(f"{ctx.url}: gave up: {state['received']} bytes received over {n} attempts, "
-                                                f"more than {cfg.max_transfer_factor:g} x the file's size, without completing it")
+                            raise refuse(f"{ctx.url}: gave up: {state['received']} bytes received over {n} "
+                                         f"attempts, more than {cfg.max_transfer_factor:g} x the file's size, "
+                                         "without completing it")
+            except zlib.error as e:
+                raise refuse(f"{ctx.url}: body does not decode as its Content-Encoding says ({e})") from None
             except _NETWORK_ERRORS as e:
                 raise _Retry(f"{ctx.describe(e)} after {offset + written} bytes", progressed=written > 0) from None
             got = offset + written
-            if length is not None and not encoded and written < length:
-                raise _Retry(f"truncated body: {written} of {length} bytes", progressed=written > 0)
+            if length is not None and raw < length:
+                raise _Retry(f"truncated body: {raw} of {length} bytes", progressed=raw > 0)
+            if decoder and not decoder.eof:
+                raise _Retry(f"truncated body: the encoded stream ends unfinished after {raw} bytes",
+                             progressed=raw > 0)
             if expected_size is not None and got < expected_size:
                 raise _Retry(f"truncated body: {got} of {expected_size} bytes", progressed=written > 0)
             if expected_size is not None and got > expected_size:
-                part.discard()
-                raise BadInputError(f"{ctx.url}: got {got} bytes, the listing said {expected_size}")
+                raise refuse(f"{ctx.url}: got {got} bytes, the listing said {expected_size}")
             return got
 
     lock = path_lock_file(dest)

@@ -133,6 +133,11 @@ class ScriptedServer:
             import gzip
 
             return self._send(h, 200, gzip.compress(body), {"Content-Type": "application/json", "Content-Encoding": "gzip"})
+        if fault == "gzip_file":  # what many servers do with a CSV, whatever Accept-Encoding said
+            import gzip
+
+            headers = {"Content-Type": "text/csv", "Content-Encoding": "gzip", "ETag": f'"gz{len(body)}"'}
+            return self._send(h, 200, gzip.compress(body), headers)
         if fault == "huge":  # declares more than any cap, sends little
             return self._send(h, 200, body[:10], length=10**12)
         if fault == "stream":  # no Content-Length: chunked, until `n` bytes
@@ -293,6 +298,7 @@ def test_range_ignoring_server_that_drops_is_bounded(server, tmp_path):
     with pytest.raises(BadInputError, match="gave up"):
         download_file(f"{server.base_url}/f.bin", tmp_path / "f.bin", cfg=c, sleep=Sleeps())
     assert len(server.requests_to("/f.bin")) <= 5  # 3 x 300 kB at 200 kB a try, not 30 full refetches
+    assert list(tmp_path.iterdir()) == []  # the refused file's part is gone
 
 
 def test_complete_part_file_416(server, cfg, tmp_path):
@@ -398,6 +404,39 @@ def test_size_cap_streamed(server, tmp_path):
     with pytest.raises(BadInputError, match="over the limit"):
         download_file(f"{server.base_url}/f.bin", tmp_path / "f.bin", cfg=small, sleep=Sleeps())
     assert list(tmp_path.iterdir()) == []  # neither the file nor its .part is left
+
+
+def test_size_cap_on_resume_leaves_no_part(server, tmp_path):
+    """A part from an earlier run, and the server now says the file is over the cap: refused, part removed."""
+    small = HttpConfig(max_bytes=200_000, backoff_base_s=0, allow_hosts=LOOPBACK)
+    url = f"{server.base_url}/f.bin"
+    _leave_part(tmp_path, url, BODY[:150_000], _etag(BODY))
+    with pytest.raises(BadInputError, match="declared size 300000 bytes is over the limit of 200000"):
+        download_file(url, tmp_path / "f.bin", cfg=small, sleep=Sleeps())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gzip_encoded_download_is_stored_decoded(server, cfg, tmp_path):
+    """A CSV sent gzipped (10x smaller) though we asked for identity: stored decoded, not refused
+    by the transfer budget (counted in bytes as sent), never resumed at encoded offsets."""
+    csv = b"".join(b"videos/clip_%06d.mp4,a red circle moving left,%d\n" % (i, i % 97) for i in range(40_000))
+    server.files["/train.csv"] = csv
+    server.inject("/train.csv", "gzip_file")
+    res = download_file(f"{server.base_url}/train.csv", tmp_path / "train.csv", cfg=cfg, sleep=Sleeps())
+    assert (tmp_path / "train.csv").read_bytes() == csv and res.bytes == len(csv)
+    assert res.sha256 == hashlib.sha256(csv).hexdigest() and not res.resumed
+    assert server.requests_to("/train.csv")[0]["headers"]["Accept-Encoding"] == "identity"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.csv"]
+
+
+def test_gzip_bomb_download_stops_at_the_cap(server, tmp_path):
+    """30 MB in a ~30 kB gzip body: decoding stops one byte past max_bytes, and nothing is left."""
+    c = HttpConfig(max_bytes=1_000_000, backoff_base_s=0, allow_hosts=LOOPBACK)
+    server.files["/bomb.csv"] = b"0" * 30_000_000
+    server.inject("/bomb.csv", "gzip_file")
+    with pytest.raises(BadInputError, match=r"over the limit of 1000000 bytes \(after gzip decoding\)"):
+        download_file(f"{server.base_url}/bomb.csv", tmp_path / "bomb.csv", cfg=c, sleep=Sleeps())
+    assert len(server.requests_to("/bomb.csv")) == 1 and list(tmp_path.iterdir()) == []
 
 
 def test_size_cap_expected_size(server, cfg, tmp_path):
