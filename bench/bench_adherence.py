@@ -34,7 +34,7 @@ def score_training_captions(cfg, split, model_dir, root) -> dict:
     from soraflow.storage.data.dataset import VideoClipDataset
     from soraflow.tasks.eval_scorers import run_scorers
     from soraflow.tasks.evaluate import sample_prompts
-    from soraflow.tasks.train.model_factory import load_pipeline
+    from soraflow.storage.registry.model_folder import load_pipeline
 
     pipe, _ = load_pipeline(cfg, root, ckpt=model_dir)
     v = cfg.video

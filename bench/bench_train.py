@@ -42,17 +42,19 @@ from training_data import make_clip_manifest  # noqa: E402
 
 def stdit_step_flops(cfg, root, vae_dir, batch: int) -> int:
     """FLOPs of one training step's STDiT fwd+bwd at `batch`: the model the trainer builds, random inputs."""
-    from soraflow.tasks.train.model_factory import (
+    from soraflow.storage.model_parts import (
         build_model,
+        latent_size,
         load_text_encoder,
         load_vae,
         scheduler_for,
+        stdit_kwargs,
     )
 
     vae, _ = load_vae(cfg, root, vae_dir)
     te = load_text_encoder(cfg, root)
-    model = build_model(cfg, vae, te.output_dim).train()
-    c, t, h, w = vae.latent_channels, *vae.get_latent_size((cfg.video.num_frames, *cfg.video.image_size))
+    c, t, h, w = latent_size(cfg, vae)
+    model = build_model(cfg, stdit_kwargs(cfg, (c, t, h, w), te.output_dim)).train()
     L = cfg.text_encoder.max_length
     x0, y = torch.randn(batch, c, t, h, w), torch.randn(batch, 1, L, te.output_dim)
     scheduler = scheduler_for(cfg)

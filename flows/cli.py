@@ -27,6 +27,7 @@ from soraflow.flows.console import (
     stdout_for,
 )
 from soraflow.flows.console import console as _console
+from soraflow.tasks.ingest import STAGES
 
 app = typer.Typer(help="SoraFlow: Open-Sora v1.0 text-to-video, from data to model, as Prefect flows.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -49,11 +50,7 @@ RootOpt = Annotated[Optional[str], typer.Option("--root", help="Data root (defau
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (paths, versions, metrics) and nothing else on stdout.")]
 
 
-class Stage(str, Enum):
-    download = "download"
-    split = "split"
-    caption = "caption"
-    score = "score"
+Stage = Enum("Stage", [(s, s) for s in STAGES], type=str)  # the ingest stages, in order
 
 
 class Budget(str, Enum):  # the keys of flows.local.BUDGETS
@@ -88,12 +85,10 @@ def main_options(
 
 
 def _params(config: str, overrides: list[str] | None, root: str | None):
-    """The flows' parameter model; a bad config raises ConfigError (one line, exit 2)."""
-    from soraflow.configs.schema import load_config
+    """The flows' parameter model, its config loaded once; a bad config raises ConfigError (one line, exit 2)."""
     from soraflow.flows.params import RunParams
 
-    load_config(config, overrides or [])  # raises the ConfigError itself, not pydantic's wrapper of it
-    return RunParams(config=config, overrides=overrides or [], data_root=root)
+    return RunParams.checked(config, overrides, root)
 
 
 def _load(config: str, overrides: list[str] | None, root: str | None = None):
@@ -229,7 +224,7 @@ def train(
 
     with stdout_for(as_json):
         result = train_flow(manifest, params)
-    _show("training", result, as_json)
+    _show("training", result.as_dict(), as_json)
 
 
 @app.command()
@@ -420,10 +415,6 @@ def explain(
         console.print(f"{stage:<{widths[0]}}  {module:<{widths[1]}}  {shape}  |  {meaning}", markup=False, highlight=False)
     for name, path in result.images.items():
         console.print(f"{name}: {path}", markup=False)
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,6 +19,7 @@ from soraflow.storage.data.manifest import (
     shard_ranges,
     summarize,
 )
+from soraflow.tasks.ingest import STAGES
 from soraflow.tasks.ingest.shard_tasks import (
     SHARD_TASKS,
     checked_result,
@@ -119,7 +120,7 @@ def ingest_flow(params: RunParams = RunParams(), trigger_training: bool = True) 
         with sample_source(config, root) as cfg:
             stages = {"download": download_stage(cfg, root)}
             log.info("download manifest: %s", stages["download"])
-        for stage in ("split", "caption", "score"):
+        for stage in STAGES[1:]:
             previous = list(stages.values())[-1]
             stages[stage] = mapped_stage(stage, previous, cfg, root)
             log.info("%s manifest: %s", stage, stages[stage])
@@ -150,8 +151,8 @@ def run_ingest(params: RunParams) -> dict:
 def run_single_stage(name: str, params: RunParams, manifest: str | None) -> dict:
     """`soraflow stage NAME`: one stage as its own small flow, on a given manifest."""
     cfg, root = params.load()
-    if name not in ("download", "split", "caption", "score"):
-        raise ValueError(f"unknown stage {name!r}: expected download, split, caption or score")
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}: expected one of {', '.join(STAGES)}")
     if name != "download" and not manifest:
         raise ValueError(f"stage {name} needs --manifest (the output of the stage before it)")
     if manifest and not Path(manifest).exists():

@@ -51,18 +51,30 @@ def start_up(params: RunParams, budget: str = "default") -> None:
         rendering.result()
 
 
+def scorer_lines(metrics: dict) -> dict[str, str]:
+    """One summary line per scored figure the evaluation produced: each attribute's adherence next to
+    its chance level, then any other scorer's numbers (none when eval.scorers is empty)."""
+    lines = {f"adherence {key.removeprefix('chance_')}": f"{metrics['adherence_' + key.removeprefix('chance_')]:.2f} "
+             f"(chance {value:.2f})" for key, value in metrics.items() if key.startswith("chance_")}
+    if "clip_score" in metrics:
+        lines["CLIP similarity"] = f"{metrics['clip_score']:.1f}"
+    return {**lines, "validation loss": f"{metrics['val_loss']:.4f}"}
+
+
 @flow(name="soraflow-local", log_prints=True)
 def local_flow(params: RunParams = RunParams(), budget: str = "default", prompts: list[str] | None = None) -> dict:
     """Sample source -> ingest -> train -> evaluate -> register -> generate, then a summary table."""
     log = get_run_logger()
+    t_flow = time.perf_counter()
     params = with_budget(params, budget)
     cfg, root = params.load()
     ingested, trained, timings = ingest_then_train(params)  # what the pipeline flow runs
 
     t = time.perf_counter()
-    prompts = prompts or trained["eval_prompts"][:4]
-    generated = generate_task(prompts, str(trained["registered_version"]), cfg, str(root.root))
+    prompts = prompts or trained.eval_prompts[:4]
+    generated = generate_task(prompts, str(trained.registered_version), cfg, str(root.root))
     timings["generate"] = time.perf_counter() - t
+    timings["flow (all)"] = time.perf_counter() - t_flow
 
     run = get_run_context().flow_run
     summary = {
@@ -71,12 +83,13 @@ def local_flow(params: RunParams = RunParams(), budget: str = "default", prompts
         "caption sources": ingested["caption_sources"],
         "manifest": ingested["manifest"],
         "dataset version": ingested["dataset_version"],
-        "training steps": trained["steps"],
-        "final loss": trained["final_loss"],
-        **{f"adherence {k}": f"{trained['metrics'][f'adherence_{k}']:.2f} (chance {trained['metrics'][f'chance_{k}']:.2f})" for k in ("color", "shape", "direction", "all")},
-        "registry": f"{cfg.registry.model_name} v{trained['registered_version']}" + (" (champion)" if trained["promoted"] else f" (not promoted: {trained['promotion_reason']})"),
-        "loss curve": trained["loss_curve"],
-        "eval samples": trained["eval_grid"],
+        "training steps": trained.steps,
+        "final loss": trained.final_loss,
+        **scorer_lines(trained.metrics),
+        "registry": f"{cfg.registry.model_name} v{trained.registered_version}"
+                    + (" (champion)" if trained.promoted else f" (not promoted: {trained.promotion_reason})"),
+        "loss curve": trained.loss_curve,
+        "eval samples": trained.eval_grid,
         "generated videos": generated["videos"],
         "GIF previews": generated["gifs"],
         "prefect flow run": f"{run.name} ({run.id})",

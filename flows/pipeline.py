@@ -7,10 +7,10 @@ import time
 from prefect import flow
 from soraflow.flows.ingest import ingest_flow, with_task_runner
 from soraflow.flows.params import RunParams
-from soraflow.flows.train import train_flow
+from soraflow.flows.train import TrainFlowResult, train_flow
 
 
-def ingest_then_train(params: RunParams) -> tuple[dict, dict, dict[str, float]]:
+def ingest_then_train(params: RunParams) -> tuple[dict, TrainFlowResult, dict[str, float]]:
     """The ingest sub-flow, then the train sub-flow on its manifest: (ingested, trained, wall
     seconds per stage). The pipeline and the local flow both run this."""
     cfg = params.load_config()
@@ -20,7 +20,7 @@ def ingest_then_train(params: RunParams) -> tuple[dict, dict, dict[str, float]]:
     timings["ingest"] = time.perf_counter() - t
     t = time.perf_counter()
     trained = train_flow(ingested["manifest"], params)
-    timings.update({f"train: {k}": v for k, v in trained.get("timings", {}).items()})
+    timings.update({f"train: {k}": v for k, v in trained.timings.items()})
     timings["train (all)"] = time.perf_counter() - t
     return ingested, trained, timings
 
@@ -29,4 +29,5 @@ def ingest_then_train(params: RunParams) -> tuple[dict, dict, dict[str, float]]:
 def pipeline_flow(params: RunParams = RunParams()) -> dict:
     """ingest -> (VAE fit) -> cache -> train -> evaluate -> register."""
     ingested, trained, _ = ingest_then_train(params)
-    return {"manifest": ingested["manifest"], "dataset_version": ingested["dataset_version"], "clips": ingested["ok"], "rejected": ingested["rejected"], **trained}
+    return {"manifest": ingested["manifest"], "dataset_version": ingested["dataset_version"], "clips": ingested["ok"],
+            "rejected": ingested["rejected"], **trained.as_dict()}

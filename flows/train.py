@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass, field
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_table_artifact
 from prefect.concurrency.sync import concurrency
 from soraflow.flows.params import RunParams
 from soraflow.storage.data.holdout import DatasetSplit
@@ -36,11 +37,34 @@ def ensure_training_limit() -> None:
                 client.read_global_concurrency_limit_by_name(TRAINING_LIMIT)
 
 
+@dataclass
+class TrainFlowResult:
+    """What one train flow run made, and where to look at it."""
+
+    run_dir: str  # Ray Train storage and checkpoints
+    model_dir: str  # the exported EMA model folder (registered as an MLflow model)
+    steps: int
+    final_loss: float
+    resumed_from_step: int
+    loss_curve: str | None  # PNG
+    vae: dict  # the VAE fit's figures (empty when the VAE was configured, not fitted)
+    metrics: dict  # evaluation: val_loss, sampling figures, each scorer's metrics
+    eval_prompts: list[str]  # the held-out captions the samples were drawn for
+    eval_grid: str | None  # GIF grid of the evaluation samples
+    registered_version: int
+    promoted: bool
+    promotion_reason: str
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per stage
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 @flow(name="soraflow-train", log_prints=True)
-def train_flow(manifest: str, params: RunParams = RunParams()) -> dict:
+def train_flow(manifest: str, params: RunParams = RunParams()) -> TrainFlowResult:
     """Train on `manifest` (an ingest output), evaluate, register; `champion` only if better."""
     log = get_run_logger()
-    cfg, root = params.load()
+    cfg, root = params.load()  # loaded when the parameters were made; not read again
     data_root = str(root.root)
     # The manifest is read, hashed and split here once; every stage gets the result.
     data = DatasetSplit.read(manifest, cfg.train.val_fraction)
@@ -68,38 +92,27 @@ def train_flow(manifest: str, params: RunParams = RunParams()) -> dict:
     timings["evaluate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    registered = register_task(cfg, data, trained, evaluated, vae, data_root, run_name)
+    registered = register_task(cfg, data, trained, evaluated, vae, data_root, run_name)  # also its markdown summary
     timings["register"] = time.perf_counter() - t
 
-    metrics = evaluated.metrics
-    loss_curve = str(trained.loss_curve_png) if trained.loss_curve_png else None
-    grid = str(evaluated.samples_gif) if evaluated.samples_gif else None
     create_table_artifact(
-        [{"metric": k, "value": f"{v:.4f}" if isinstance(v, float) else str(v)} for k, v in {**trained.metrics, **metrics}.items()],
+        [{"metric": k, "value": f"{v:.4f}" if isinstance(v, float) else str(v)} for k, v in {**trained.metrics, **evaluated.metrics}.items()],
         key="eval-metrics",
-        description=f"{cfg.registry.model_name} v{registered['version']} on dataset {manifest}",
+        description=f"{cfg.registry.model_name} v{registered.version} on dataset {manifest}",
     )
-    create_markdown_artifact(
-        f"## {registered['name']} v{registered['version']}\n\n"
-        f"* champion: {'yes' if registered['promoted'] else 'no'} ({registered['reason']})\n"
-        f"* model folder: `{trained.model_dir}`\n* loss curve: `{loss_curve}`\n"
-        f"* samples (GIF grid): `{grid}`\n* run: `{trained.run_dir}`\n",
-        key="model-card",
-        description="The registered model version",
+    return TrainFlowResult(
+        run_dir=str(trained.run_dir),
+        model_dir=str(trained.model_dir),
+        steps=int(trained.metrics.get("steps") or 0),
+        final_loss=float(trained.metrics.get("final_loss") or 0.0),
+        resumed_from_step=trained.resumed_from_step,
+        loss_curve=str(trained.loss_curve_png) if trained.loss_curve_png else None,
+        vae=vae.metrics,
+        metrics=evaluated.metrics,
+        eval_prompts=list(dict.fromkeys(row["prompt"] for row in evaluated.per_prompt)),
+        eval_grid=str(evaluated.samples_gif) if evaluated.samples_gif else None,
+        registered_version=registered.version,
+        promoted=registered.promoted,
+        promotion_reason=registered.reason,
+        timings=timings,
     )
-    return {
-        "run_dir": str(trained.run_dir),
-        "model_dir": str(trained.model_dir),
-        "steps": trained.metrics.get("steps"),
-        "final_loss": trained.metrics.get("final_loss"),
-        "resumed_from_step": trained.resumed_from_step,
-        "loss_curve": loss_curve,
-        "vae": vae.metrics,
-        "metrics": metrics,
-        "eval_prompts": list(dict.fromkeys(row["prompt"] for row in evaluated.per_prompt)),
-        "eval_grid": grid,
-        "registered_version": registered["version"],
-        "promoted": registered["promoted"],
-        "promotion_reason": registered["reason"],
-        "timings": timings,
-    }

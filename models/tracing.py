@@ -83,11 +83,6 @@ class Tracer:
         self.close()
 
 
-def modules_of(model: torch.nn.Module, class_name: str) -> list[tuple[str, torch.nn.Module]]:
-    """(name, module) of every submodule whose class is called `class_name`, in registration order."""
-    return [(n, m) for n, m in model.named_modules() if type(m).__name__ == class_name]
-
-
 def cross_attention_weights(q: torch.Tensor, kv: torch.Tensor, num_heads: int, mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax attention of video tokens over text tokens, from a cross-attention's projections.
 

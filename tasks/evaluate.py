@@ -5,7 +5,7 @@
                  scheduler.training_loss at timesteps and noise drawn from a generator seeded
                  with eval.seed, averaged. The same model always gives the same number.
       samples  : up to eval.num_prompts distinct held-out captions -> the model folder loaded
-                 with tasks.components.load_pipeline -> (B, 3, T, H, W) -> one mp4 per prompt
+                 with storage/registry/model_folder.load_model_folder -> (B, 3, T, H, W) -> one mp4 per prompt
                  and one GIF grid
       scorers  : eval.scorers (tasks/eval_scorers.py) on the samples: prompt adherence for the
                  synthetic world's captions, open_clip text-video similarity for any captions
@@ -27,14 +27,13 @@ from prefect import task
 from soraflow.configs.schema import SoraFlowConfig
 from soraflow.models.noise import randn
 from soraflow.storage.data.dataset import VideoClipDataset
-from soraflow.storage.data.holdout import DatasetSplit, clip_fraction
+from soraflow.storage.data.holdout import DatasetSplit, distinct_captions
 from soraflow.storage.layout import DataRoot, atomic_write_text
-from soraflow.storage.registry.model_folder import is_model_folder
+from soraflow.storage.registry.model_folder import is_model_folder, load_model_folder
 from soraflow.storage.data.video_io import tile_grid, to_uint8_frames, write_gif, write_video
 from soraflow.tasks.generate import slug
 from soraflow.tasks.eval_scorers import run_scorers
 from soraflow.tasks.task_policy import STAGE_RETRIES
-from soraflow.tasks.train.model_factory import load_pipeline
 
 VAL_REPEATS = 4  # (timestep, noise) draws per held-out clip
 
@@ -47,16 +46,6 @@ class EvalResult:
     per_prompt: list[dict] = field(default_factory=list)  # prompt, expected, predicted, correct, mp4
 
 
-def held_out_prompts(val_rows: list[dict], n: int) -> list[str]:
-    """Up to n distinct captions of held-out clips, in a fixed order (by clip hash)."""
-    prompts: list[str] = []
-    for r in sorted(val_rows, key=lambda r: clip_fraction(r["clip_id"])):
-        text = (r.get("text") or "").strip()
-        if text and text not in prompts:
-            prompts.append(text)
-    return prompts[:n]
-
-
 def sampling_steps(cfg: SoraFlowConfig) -> int:
     """The evaluation's denoising steps: eval.sampling_steps, else the scheduler's own."""
     return cfg.eval.sampling_steps or cfg.scheduler.num_sampling_steps
@@ -65,7 +54,7 @@ def sampling_steps(cfg: SoraFlowConfig) -> int:
 def sample_prompts(cfg: SoraFlowConfig, pipe, rows: list[dict]) -> tuple[list[str], list[str], list, float]:
     """Up to eval.num_prompts distinct captions of `rows`, eval.samples_per_prompt seeds each, sampled
     as evaluation samples them: (distinct captions, prompts, (T, H, W, 3) uint8 frames each, seconds)."""
-    distinct = held_out_prompts(rows, cfg.eval.num_prompts)
+    distinct = distinct_captions(rows, cfg.eval.num_prompts)
     prompts = [p for p in distinct for _ in range(cfg.eval.samples_per_prompt)]  # each eval.samples_per_prompt times, different noise
     t = time.perf_counter()
     videos = pipe(prompts, steps=sampling_steps(cfg), cfg_scale=cfg.scheduler.cfg_scale, seed=cfg.eval.seed)  # (B, 3, T, H, W)
@@ -120,7 +109,8 @@ def evaluate(
         raise ValueError(f"{manifest_path}: no held-out clips (train.val_fraction={cfg.train.val_fraction}); "
                          "evaluation needs clips the model did not train on")
 
-    pipe, source = load_pipeline(cfg, root, ckpt=model_dir)
+    pipe, _ = load_model_folder(model_dir, cfg)
+    source = f"model folder {model_dir}"
     v = cfg.video
     clips = VideoClipDataset(val_rows, v.num_frames, v.frame_interval, tuple(v.image_size), train=False)
     if not len(clips):

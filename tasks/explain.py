@@ -27,7 +27,7 @@ from soraflow.models.text_encoder import preprocess
 from soraflow.models.tracing import Call, Tracer, cross_attention_weights
 from soraflow.storage.layout import DataRoot
 from soraflow.storage.data.video_io import to_uint8_frames
-from soraflow.tasks.train.model_factory import load_pipeline
+from soraflow.storage.registry.model_folder import load_pipeline
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from prefect import task
 from soraflow.configs.schema import SoraFlowConfig
 from soraflow.storage.layout import DataRoot
 from soraflow.storage.data.video_io import to_uint8_frames, write_gif, write_video
-from soraflow.tasks.train.model_factory import load_pipeline
+from soraflow.storage.registry.model_folder import load_pipeline
 
 
 @dataclass

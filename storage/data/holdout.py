@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-from soraflow.storage.data.manifest import dataset_version, ok_rows, read_rows
+from soraflow.storage.data.manifest import ok_rows, read_rows, rows_hash
 
 
 def clip_fraction(clip_id: str) -> float:
@@ -41,6 +41,16 @@ def holdout_split(rows: list[dict[str, Any]], val_fraction: float) -> tuple[list
     return [r for r in rows if r["clip_id"] not in held], [r for r in rows if r["clip_id"] in held]
 
 
+def distinct_captions(rows: list[dict[str, Any]], n: int) -> list[str]:
+    """Up to n distinct captions of `rows`, in a fixed order (by clip hash): evaluation's prompts."""
+    prompts: list[str] = []
+    for r in sorted(rows, key=lambda r: clip_fraction(r["clip_id"])):
+        text = (r.get("text") or "").strip()
+        if text and text not in prompts:
+            prompts.append(text)
+    return prompts[:n]
+
+
 class DatasetSplit(BaseModel):
     """A manifest read once: its version, its ok rows (manifest order) and which of them are held out.
 
@@ -48,15 +58,16 @@ class DatasetSplit(BaseModel):
     """
 
     manifest: str
-    version: str  # storage.manifest.dataset_version of the manifest
+    version: str  # the manifest's dataset version (storage/data/manifest.py content hash)
     rows: list[dict[str, Any]]  # the ok rows, in manifest order
     held_out: list[str]  # clip ids of the held-out rows
 
     @classmethod
     def read(cls, manifest: str | Path, val_fraction: float) -> "DatasetSplit":
-        rows = ok_rows(read_rows(manifest))
+        every = read_rows(manifest)  # the one read: the version is hashed from the same rows
+        rows = ok_rows(every)
         _, val = holdout_split(rows, val_fraction)
-        return cls(manifest=str(manifest), version=dataset_version(manifest), rows=rows, held_out=[r["clip_id"] for r in val])
+        return cls(manifest=str(manifest), version=rows_hash(every), rows=rows, held_out=[r["clip_id"] for r in val])
 
     @property
     def train(self) -> list[dict[str, Any]]:
@@ -67,3 +78,7 @@ class DatasetSplit(BaseModel):
     def val(self) -> list[dict[str, Any]]:
         held = set(self.held_out)
         return [r for r in self.rows if r["clip_id"] in held]
+
+    def held_out_captions(self, n: int) -> list[str]:
+        """Up to n distinct captions of held-out clips (the first prompts evaluation samples)."""
+        return distinct_captions(self.val, n)

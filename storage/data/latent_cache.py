@@ -38,7 +38,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -124,6 +124,8 @@ class CacheInfo:
     built: bool  # False when an existing cache was reused
     seconds: float
     skipped: list[dict[str, Any]]  # ok rows that could not be encoded, with the reason
+    latent: tuple[int, int, int, int]  # (C, T, h, w) of one training item: what STDiT is built for
+    caption_channels: int  # C_text of the cached T5 features
 
 
 def read_clip_frames(row: dict[str, Any], image_size: tuple[int, int]) -> torch.Tensor:
@@ -136,8 +138,7 @@ def read_clip_frames(row: dict[str, Any], image_size: tuple[int, int]) -> torch.
 def build_latent_cache(
     source: str | Path | list[dict[str, Any]],
     root: DataRoot,
-    vae,
-    text_encoder,
+    encoders: Callable[[], tuple[Any, Any]],
     vae_id: str,
     text_id: str,
     num_frames: int,
@@ -148,7 +149,8 @@ def build_latent_cache(
 ) -> CacheInfo:
     """Encode a manifest's usable ok clips and captions once into root.cache_dir(key).
 
-    `vae` is a models.vae.VideoVAE (encode_moments), `text_encoder` a T5TextEncoder (encode).
+    `encoders()` returns (models.vae.VideoVAE, T5TextEncoder): called only when the cache has to be
+    built, so a reused cache loads neither.
     `vae_id` / `text_id` name their weights (e.g. folder_identity of their folders).
     `dataset` is the dataset version; taken from the manifest when `source` is a path.
     An existing complete cache for the same key is reused as is.
@@ -162,7 +164,8 @@ def build_latent_cache(
     final = root.cache_dir(key)
     if (final / INDEX).exists():
         index = read_index(final)
-        return CacheInfo(final, key, len(index["clips"]), index["num_captions"], False, time.perf_counter() - t0, index["skipped"])
+        return CacheInfo(final, key, len(index["clips"]), index["num_captions"], False, time.perf_counter() - t0, index["skipped"],
+                         *cache_geometry(final, index))
 
     # The same usability checks as the training dataset (file exists, caption, long enough).
     clips = VideoClipDataset(source, num_frames, frame_interval, image_size, train=False)
@@ -170,6 +173,7 @@ def build_latent_cache(
         raise LatentCacheError(f"{source if isinstance(source, (str, Path)) else 'rows'}: no usable ok clips to cache "
                                f"({len(clips.skipped)} skipped: {[s['reason'] for s in clips.skipped[:3]]})")
     final.parent.mkdir(parents=True, exist_ok=True)
+    vae, text_encoder = encoders()
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
     try:
         captions = sorted({r["text"] for r in clips.rows})
@@ -235,7 +239,16 @@ def build_latent_cache(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return CacheInfo(final, key, len(entries), len(captions), True, time.perf_counter() - t0, skipped)
+    return CacheInfo(final, key, len(entries), len(captions), True, time.perf_counter() - t0, skipped,
+                     *cache_geometry(final, index))
+
+
+def cache_geometry(cache_dir: Path, index: dict[str, Any]) -> tuple[tuple[int, int, int, int], int]:
+    """((C, T, h, w) of a training item, C_text) from the index and the text shard's header (no tensor read)."""
+    c, h, w = index["latent_shape"]
+    with safe_open(str(Path(cache_dir) / TEXT_SHARD), "pt") as f:
+        caption_channels = f.get_slice("y").get_shape()[-1]  # y (N_captions, 1, L, C_text)
+    return (int(c), int(index["num_frames"]), int(h), int(w)), int(caption_channels)
 
 
 def read_index(cache_dir: str | Path) -> dict[str, Any]:

@@ -120,8 +120,13 @@ def to_table(rows: list[dict[str, Any]], lineage: dict[str, Any] | None = None) 
 
 def content_hash(table: pa.Table) -> str:
     """The dataset version: a hash of the rows only (not of lineage or creation time)."""
+    return rows_hash(table.select(list(COLUMNS)).to_pylist())
+
+
+def rows_hash(rows: list[dict[str, Any]]) -> str:
+    """content_hash of the rows a table holds (read_rows' list), without the table."""
     h = hashlib.sha256()
-    for row in table.select(list(COLUMNS)).to_pylist():
+    for row in rows:
         h.update(json.dumps(row, sort_keys=True, default=str).encode())
         h.update(b"\n")
     return h.hexdigest()[:16]

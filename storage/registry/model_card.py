@@ -1,13 +1,14 @@
 """The model card: README.md in every model folder, as on the Hugging Face Hub.
 
-Written by every export (tasks/train/model_factory.export_model_dir) with what is known then,
-and written again by the register stage once the evaluation figures and the dataset version
-are known, before the folder becomes an MLflow model.
+Written once, by the register stage, when everything it shows is known (the dataset version,
+the training and evaluation figures, example prompts from the model's own held-out captions),
+before the folder becomes an MLflow model.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from huggingface_hub import ModelCardData
@@ -24,8 +25,11 @@ def _metrics_table(metrics: dict[str, float]) -> str:
 
 
 def model_card_text(cfg: SoraFlowConfig, dataset_version: str | None = None, metrics: dict | None = None,
-                    version: str | None = None) -> str:
+                    version: str | None = None, prompts: list[str] | None = None) -> str:
+    """The card's markdown; `prompts` are example prompts (the held-out captions of its data)."""
     name = cfg.registry.model_name
+    text = redact_text(prompts[0]) if prompts else "a caption like the training data's"
+    sh_prompt, py_prompt = shlex.quote(text), json.dumps(text)
     title = f"{name} v{version}" if version else name
     data = ModelCardData(library_name="soraflow", pipeline_tag="text-to-video", tags=["open-sora", "stdit", "soraflow"])
     t, m = cfg.train, cfg.model
@@ -49,20 +53,22 @@ def model_card_text(cfg: SoraFlowConfig, dataset_version: str | None = None, met
         "",
         "## Evaluation",
         "",
-        _metrics_table(metrics) if metrics else "Not evaluated yet (the register stage adds the figures).",
+        *([f"Example prompts, held-out captions of its data: {', '.join(json.dumps(redact_text(p)) for p in prompts)}.", ""]
+          if prompts else []),
+        _metrics_table(metrics) if metrics else "Not evaluated.",
         "",
         "## How to generate",
         "",
         "```bash",
-        f"soraflow generate --model {version or 'champion'} \"a red circle moving right\"",
-        "soraflow generate --ckpt <this folder> \"a red circle moving right\"",
+        f"soraflow generate --model {version or 'champion'} {sh_prompt}",
+        f"soraflow generate --ckpt <this folder> {sh_prompt}",
         "```",
         "",
         "```python",
         "import mlflow",
         "mlflow.set_tracking_uri(\"sqlite:///<data root>/registry/mlflow.db\")",
         f"model = mlflow.pyfunc.load_model(\"models:/{name}@champion\")",
-        "videos = model.predict([\"a red circle moving right\"])  # (prompts, T, H, W, 3) uint8",
+        f"videos = model.predict([{py_prompt}])  # (prompts, T, H, W, 3) uint8",
         "```",
         "",
         "The parts load on their own too: `STDiT.from_pretrained(\"stdit\")`, diffusers' "
@@ -81,7 +87,7 @@ def model_card_text(cfg: SoraFlowConfig, dataset_version: str | None = None, met
 
 
 def write_model_card(folder: str | Path, cfg: SoraFlowConfig, dataset_version: str | None = None,
-                     metrics: dict | None = None, version: str | None = None) -> Path:
+                     metrics: dict | None = None, version: str | None = None, prompts: list[str] | None = None) -> Path:
     path = Path(folder) / CARD_FILE
-    atomic_write_text(path, model_card_text(cfg, dataset_version, metrics, version))
+    atomic_write_text(path, model_card_text(cfg, dataset_version, metrics, version, prompts))
     return path

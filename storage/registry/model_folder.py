@@ -1,26 +1,47 @@
 """Reading a SoraFlow model folder back into a ready text-to-video pipeline.
 
-A model folder (written by tasks/train/model_factory.export_model_dir) follows the Hugging Face
-conventions, one sub-folder per part, each loadable on its own:
+A model folder (written by `export_model_dir` here) follows the Hugging Face conventions, one
+sub-folder per part, each loadable on its own:
 
-    README.md                                     the model card (storage/registry/model_card.py)
+    README.md                                     the model card, added by the register stage
+                                                  (storage/registry/model_card.py)
     soraflow.json                                 the full SoraFlow config it was trained with
     stdit/model.safetensors + stdit/config.json   STDiT EMA weights and constructor kwargs
                                                   (`STDiT.from_pretrained`)
     vae/                                          diffusers AutoencoderKL (only if fitted locally)
     text_encoder/                                 T5 encoder + tokenizer (only if the tiny one)
 
-This is the one reader of that layout: `load_pipeline` (tasks/train/model_factory.py) and the
-MLflow pyfunc model (storage/registry/mlflow_model.py) both call `load_model_folder`.
+This is the one writer and the one reader of that layout: `load_pipeline` (any `--ckpt`) and the
+MLflow pyfunc model (storage/registry/mlflow_model.py) both call `load_model_folder`, which builds
+the parts through storage/model_parts.py as training does.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import torch
 from soraflow.configs.schema import SoraFlowConfig
-from soraflow.storage.checkpoints import refuse_pickles
+from soraflow.models.stdit import STDIT_PRESETS, STDiT
+from soraflow.storage.checkpoints import (
+    CheckpointError,
+    load_weights_into,
+    read_state_dict,
+    refuse_pickles,
+    save_model_dir,
+)
+from soraflow.storage.layout import DataRoot, atomic_write_text
+from soraflow.storage.model_parts import (
+    build_model,
+    latent_size,
+    load_text_encoder,
+    load_vae,
+    pipeline_for,
+    stdit_kwargs,
+)
+from soraflow.storage.redact import redact_config
 
 CONFIG_FILE = "soraflow.json"
 
@@ -67,24 +88,34 @@ def stdit_input_size(folder: str | Path) -> list[int]:
     return [int(v) for v in kwargs["input_size"]]
 
 
+def export_model_dir(folder: Path, cfg: SoraFlowConfig, stdit_state: dict[str, torch.Tensor], stdit_config: dict,
+                     vae_dir: Path | None, text_encoder_dir: Path | None) -> Path:
+    """Write a self-contained model folder (the layout above; the card comes with registration).
+
+    stdit/ is what `STDiT.save_pretrained` writes (model.safetensors without the recomputed
+    positional buffers, config.json = the constructor kwargs), so `STDiT.from_pretrained` reads it.
+    A part given as None is not copied: the folder then names its configured path.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model_dir(folder / "stdit", stdit_state, {**STDIT_PRESETS[cfg.model.preset], **stdit_config})
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(redact_config(cfg.model_dump(mode="json")), indent=2))  # folders get shared
+    for name, src in (("vae", vae_dir), ("text_encoder", text_encoder_dir)):
+        if src is not None:
+            shutil.copytree(src, folder / name, dirs_exist_ok=True)
+    refuse_pickles(folder)
+    return folder
+
+
 def load_model_folder(folder: str | Path, base: SoraFlowConfig | None = None, num_frames: int | None = None):
     """(TextToVideo, config) from a model folder. `num_frames` changes the clip length: the STDiT
     weights do not depend on it, only the temporal positional buffer recomputed from the config."""
-    from soraflow.models.diffusion import build_scheduler
-    from soraflow.models.stdit import STDiT
-    from soraflow.models.text_encoder import T5TextEncoder
-    from soraflow.models.text_to_video import TextToVideo
-    from soraflow.models.vae import VideoVAE
-
     folder = Path(folder)
     if not is_model_folder(folder):
         raise ModelFolderError(f"{folder}: not a SoraFlow model folder (no {CONFIG_FILE})")
     refuse_pickles(folder)
     cfg = folder_config(folder, base)
-    text_encoder = T5TextEncoder(str(_part(folder, "text_encoder", cfg.text_encoder.path, "text_encoder.path")),
-                                 max_length=cfg.text_encoder.max_length)
-    vae = VideoVAE.from_pretrained(str(_part(folder, "vae", cfg.vae.path, "vae.path")),
-                                   micro_batch_size=cfg.vae.micro_batch_size, scaling_factor=cfg.vae.scaling_factor).eval()
+    text_encoder = load_text_encoder(cfg, path=_part(folder, "text_encoder", cfg.text_encoder.path, "text_encoder.path"))
+    vae, _ = load_vae(cfg, path=_part(folder, "vae", cfg.vae.path, "vae.path"))
     overrides = {}
     if num_frames:
         cfg.video.num_frames = num_frames
@@ -95,9 +126,33 @@ def load_model_folder(folder: str | Path, base: SoraFlowConfig | None = None, nu
         stdit = STDiT.from_pretrained(folder / "stdit", **overrides)
     except (OSError, ValueError) as e:
         raise ModelFolderError(f"{folder / 'stdit'}: {e}") from e
-    s = cfg.scheduler
-    scheduler = build_scheduler(s.type, num_sampling_steps=s.num_sampling_steps, cfg_scale=s.cfg_scale,
-                                num_train_timesteps=s.num_train_timesteps, shift=s.shift)
-    pipe = TextToVideo(stdit=stdit.eval(), vae=vae, text_encoder=text_encoder, scheduler=scheduler,
-                       num_frames=cfg.video.num_frames, image_size=tuple(cfg.video.image_size), precision=s.sample_precision)
-    return pipe, cfg
+    return pipeline_for(cfg, stdit, vae, text_encoder), cfg
+
+
+def load_pipeline(cfg: SoraFlowConfig, root: DataRoot, ckpt: str | Path | None = None, num_frames: int | None = None):
+    """(TextToVideo, a one-line description of where its weights came from) for any `--ckpt`.
+
+    `ckpt` is a SoraFlow model folder, a .safetensors file, or an Open-Sora .pth. With none, the
+    STDiT has random weights (the pipeline runs end to end, the video is noise-like). `num_frames`
+    overrides the clip length.
+    """
+    folder = Path(ckpt) if ckpt is not None else None
+    if folder is not None and is_model_folder(folder):
+        pipe, _ = load_model_folder(folder, cfg, num_frames=num_frames)
+        return pipe, f"model folder {folder}"
+    if num_frames:
+        cfg = cfg.model_copy(deep=True)
+        cfg.video.num_frames = num_frames
+    text_encoder = load_text_encoder(cfg, root)
+    vae, vae_pretrained = load_vae(cfg, root, allow_random=True)
+    stdit = build_model(cfg, stdit_kwargs(cfg, latent_size(cfg, vae), text_encoder.output_dim))
+    if folder is not None:
+        if not folder.exists():
+            raise CheckpointError(f"--ckpt {folder}: no such file or folder")
+        load_weights_into(stdit, read_state_dict(folder), str(folder))
+        source = f"checkpoint {folder}"
+    else:
+        source = "RANDOM weights (no --ckpt or --model given: the video shows what an untrained STDiT makes)"
+    if not vae_pretrained:
+        source += "; VAE: random tiny (not fitted yet)"
+    return pipeline_for(cfg, stdit, vae, text_encoder), source

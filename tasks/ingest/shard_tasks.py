@@ -42,8 +42,6 @@ from soraflow.tasks.task_policy import (
     stage_cache_key,
 )
 
-STAGES = ("download", "split", "caption", "score")
-
 _task_options = dict(
     retries=3,
     retry_delay_seconds=RETRY_DELAYS,

@@ -1,5 +1,5 @@
-"""Distribution for one training worker: DDP/FSDP wrapping, the EMA, full-state gathering,
-gradient clipping, and a resumable distributed sampler.
+"""Distribution for one training worker: DDP/FSDP wrapping, full-state gathering, gradient
+clipping and averaging, the precision wrapper of a wrapped model, and a resumable distributed sampler.
 
 Plain functions of (model, EMA, optimizer, format); `fmt` is the optimizer-state format,
 "plain" (alone or DDP) or "fsdp".
@@ -55,20 +55,6 @@ def wrap_for_strategy(model: torch.nn.Module, ema: torch.nn.Module, strategy: st
         ema = ray.train.torch.prepare_model(ema, parallel_strategy="fsdp", parallel_strategy_kwargs=kw)
         return model, ema, "fsdp"
     return ray.train.torch.prepare_model(model, parallel_strategy="ddp"), ema, "plain"
-
-
-def ema_pairs(model: torch.nn.Module, ema: torch.nn.Module, fmt: str) -> tuple[list, list]:
-    """(EMA tensors, model tensors) paired by name over trainable parameters (v1.0 skips pos_embed)."""
-    src = model if fmt == "fsdp" else unwrap(model)
-    ema_named = dict(ema.named_parameters())
-    pairs = [(ema_named[n], p) for n, p in src.named_parameters() if p.requires_grad and "pos_embed" not in n]
-    return [e for e, _ in pairs], [p for _, p in pairs]
-
-
-@torch.no_grad()
-def update_ema(ema_tensors: list, model_tensors: list, decay: float) -> None:
-    """ema = decay * ema + (1 - decay) * model, in fp32 (Open-Sora v1.0 `update_ema`, opensora/utils/train_utils.py)."""
-    torch._foreach_lerp_(ema_tensors, [p.detach().float() for p in model_tensors], 1.0 - decay)
 
 
 def full_states(model, ema, optimizer, fmt: str) -> tuple[dict, dict, dict]:

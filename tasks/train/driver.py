@@ -9,10 +9,13 @@ Driver (`train`), in this process:
       -> TorchTrainer(loop.train_loop_per_worker, ScalingConfig(train.num_workers, train.use_gpu),
                       RunConfig(name, storage_path=<root>/runs, FailureConfig(train.max_failures)))
          num_workers 0 = Ray's local mode: the loop runs here, no Ray cluster is started
+         STDiT built for the cache's latent (C, T, h, w) and caption width: no VAE or T5 loaded here
       -> the newest valid checkpoint's EMA weights -> model folder <run>/model + loss_curve.png
+         (its loss history returned in TrainResult, not read again by later stages)
 
 The worker loop is tasks/train/loop.py; checkpoints and resume tasks/train/resume.py; DDP/FSDP
-and the EMA tasks/train/distributed.py; starting Ray and quieting its logs ray_runtime.py.
+tasks/train/distributed.py; the EMA tasks/train/ema.py; starting Ray and quieting its logs
+ray_runtime.py. The model parts are built by storage/model_parts.py, as everywhere else.
 A run with the same name continues from its newest valid checkpoint. Checkpoints never hold pickles.
 """
 
@@ -33,16 +36,11 @@ from soraflow.storage.checkpoints import CheckpointError
 from soraflow.storage.data.holdout import DatasetSplit
 from soraflow.storage.data.latent_cache import CacheInfo
 from soraflow.storage.layout import DataRoot
+from soraflow.storage.model_parts import latent_size, load_text_encoder, load_vae, stdit_kwargs, text_encoder_path
+from soraflow.storage.registry.model_folder import export_model_dir
 from soraflow.tasks.task_policy import STAGE_RETRIES
 from soraflow.tasks.train.encode import prepare_latent_cache
 from soraflow.tasks.train.loss_curve import write_loss_curve
-from soraflow.tasks.train.model_factory import (
-    export_model_dir,
-    load_text_encoder,
-    load_vae,
-    stdit_kwargs,
-    text_encoder_path,
-)
 from soraflow.tasks.train.progress import watch_progress
 from soraflow.tasks.train.resume import (
     KEEP_CHECKPOINTS,
@@ -56,8 +54,9 @@ from soraflow.tasks.train.resume import (
 class TrainResult:
     run_dir: Path  # <root>/runs/<name>: Ray Train storage, checkpoints, exports
     checkpoint_dir: Path  # the newest valid training state (state.safetensors + state.json + complete.json)
-    model_dir: Path  # exported EMA model folder (model_factory.export_model_dir layout)
+    model_dir: Path  # exported EMA model folder (storage/registry/model_folder.py layout)
     metrics: dict = field(default_factory=dict)  # final_loss, steps, samples_per_s, ...
+    loss_history: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of every step, resumes included
     loss_curve_png: Path | None = None
     resumed_from_step: int = 0  # step of the checkpoint this call started from (0 = fresh run)
 
@@ -104,8 +103,7 @@ def _fit(cfg: SoraFlowConfig, name: str, root: DataRoot, loop_config) -> None:
             ray.shutdown()
 
 
-def _export(cfg: SoraFlowConfig, run_dir: Path, state: dict, model_kwargs: dict, vae_dir: Path, te_dir: Path,
-            dataset_version: str) -> Path:
+def _export(cfg: SoraFlowConfig, run_dir: Path, state: dict, model_kwargs: dict, vae_dir: Path, te_dir: Path) -> Path:
     """The EMA weights as a self-contained model folder <run>/model, replaced atomically."""
     model_dir = run_dir / "model"
     tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=run_dir))
@@ -114,7 +112,6 @@ def _export(cfg: SoraFlowConfig, run_dir: Path, state: dict, model_kwargs: dict,
             tmp, cfg, state["ema"], state["meta"].get("model_kwargs", model_kwargs),
             vae_dir=None if cfg.vae.path else vae_dir,
             text_encoder_dir=None if cfg.text_encoder.path else te_dir,
-            dataset_version=dataset_version,  # the model card names the data it learned from
         )
         if model_dir.exists():
             shutil.rmtree(model_dir)
@@ -155,19 +152,18 @@ def train(
 
     vae_dir = Path(vae_dir)
     te_dir = Path(text_encoder_path(cfg, root))
-    vae, _ = load_vae(cfg, root, vae_dir)
-    te = load_text_encoder(cfg, root, te_dir)
-    model_kwargs = stdit_kwargs(cfg, vae, te.output_dim)
-
     timings: dict[str, float] = {}
-    if tc.use_latent_cache:
+    if tc.use_latent_cache:  # the cache's index says what STDiT is built for: no VAE or T5 loaded here
         t = time.perf_counter()
-        cache = cache or prepare_latent_cache(cfg, data, root, vae_dir, vae=vae, text_encoder=te)
+        cache = cache or prepare_latent_cache(cfg, data, root, vae_dir)
         timings["latent_cache"] = time.perf_counter() - t
         loop_data = CacheData(str(cache.path))
-    else:
+        model_kwargs = stdit_kwargs(cfg, cache.latent, cache.caption_channels)
+    else:  # the online path: the workers load both to encode in the step; here they give the sizes
         loop_data = OnlineData(train_rows, str(vae_dir.resolve()), str(te_dir.resolve()))
-    del vae, te
+        vae, _ = load_vae(cfg, root, vae_dir)
+        model_kwargs = stdit_kwargs(cfg, latent_size(cfg, vae), load_text_encoder(cfg, root, te_dir).output_dim)
+        del vae
 
     resumed_from = latest_step(run_dir)
     loop_config = LoopConfig(cfg=cfg, data=loop_data, train_clip_ids=[r["clip_id"] for r in train_rows], model_kwargs=model_kwargs,
@@ -185,9 +181,9 @@ def train(
         raise CheckpointError(f"{run_dir}: training finished but left no valid checkpoint_step_* folder")
     meta = state["meta"]
     step = int(meta["step"])
-    model_dir = _export(cfg, run_dir, state, model_kwargs, vae_dir, te_dir, data.version)
+    model_dir = _export(cfg, run_dir, state, model_kwargs, vae_dir, te_dir)
 
-    history = meta["loss_history"]
+    history = [(int(s), float(v)) for s, v in meta["loss_history"]]
     png = write_loss_curve(run_dir / "loss_curve.png", history, meta.get("segments", []),
                            f"{cfg.model.preset}, {len(train_rows)} clips, run {name}")
     tail = [v for _, v in history[-max(1, min(tc.log_every, len(history))):]]
@@ -207,7 +203,7 @@ def train(
     }
     print(f"train: done: step {step}, loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f}, "
           f"model {model_dir}, loss curve {png}", flush=True)
-    return TrainResult(run_dir, ckpt_dir, model_dir, metrics, png, resumed_from)
+    return TrainResult(run_dir, ckpt_dir, model_dir, metrics, history, png, resumed_from)
 
 
 def run_name_for(cfg: SoraFlowConfig, dataset_version: str) -> str:

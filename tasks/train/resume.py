@@ -1,18 +1,20 @@
-"""Training checkpoints of one run folder: where they are, which one to resume from, pruning.
+"""Training checkpoints of one run folder: writing them, where they are, which one to resume from, pruning.
 
 A run folder holds `checkpoint_step_<step>` training states (storage.checkpoints). Only a
 complete one counts: `load_training_state` checks the completion marker and the content hash
 of its files, and resume falls back from the newest folder to older ones, saying which it
 skipped and why (a save that was killed, a truncated copy, an unreadable file).
 
-`Progress` is what a resumed run carries on: step, epoch and data position, samples seen,
+`RunPosition` is what a resumed run carries on: step, epoch and data position, samples seen,
 the loss history and the segments (one per start or restart).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,6 +23,7 @@ from soraflow.storage.checkpoints import (
     COMPLETE_MARKER,
     CheckpointError,
     load_training_state,
+    save_training_state,
     verify_training_state,
 )
 
@@ -99,8 +102,49 @@ def prune_checkpoints(run_dir: str | Path, keep: int = KEEP_CHECKPOINTS) -> None
             shutil.rmtree(d, ignore_errors=True)
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` survive a crash."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(run_dir: str | Path, local_mode: bool, states: tuple[dict, dict, dict], meta: dict, metrics: dict,
+                    rank: int) -> None:
+    """Write the training state (model, EMA, optimizer) and report it to Ray with `metrics`.
+
+    Every rank calls this; rank 0 writes. In local mode nothing copies the folder for us, so it is
+    written in place (a temporary name, then a rename); on Ray workers Ray persists it as
+    <storage_path>/<name>/<checkpoint_dir_name>.
+    """
+    import ray.train  # not at the top: the driver imports this module before any run needs Ray
+    from ray.train import Checkpoint
+
+    name = checkpoint_name(meta["step"])
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        return
+    if local_mode:
+        run_dir = Path(run_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=run_dir))
+        save_training_state(tmp, *states, meta)
+        final = run_dir / name
+        if final.exists():  # a leftover from an attempt that died after saving
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(run_dir)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(final)), checkpoint_dir_name=name)
+        prune_checkpoints(run_dir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="soraflow-ckpt-") as tmp:
+            save_training_state(tmp, *states, meta)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+
+
 @dataclass
-class Progress:
+class RunPosition:
     """Where a run stands; saved in every checkpoint's meta and carried on by a resumed run."""
 
     start_step: int
@@ -112,7 +156,7 @@ class Progress:
     segments: list[dict[str, Any]]  # one per (re)start: start_step, world_size, from
 
     @classmethod
-    def resume(cls, meta: dict[str, Any], world: int, state_dir: Path | None) -> "Progress":
+    def resume(cls, meta: dict[str, Any], world: int, state_dir: Path | None) -> "RunPosition":
         start = int(meta.get("step", 0))
         # The data position only means something for the same number of ranks.
         batch_in_epoch = int(meta.get("batch_in_epoch", 0)) if int(meta.get("world_size", world)) == world else 0

@@ -17,7 +17,7 @@ unit variance, ours have whatever spread the fit gave. The 1x1 `quant_conv` and
 undoes it exactly), so that `vae.scaling_factor * latent` has zero mean and unit variance
 on the fit frames, which is what the diffusion noise schedule assumes.
 
-Saved with save_pretrained (safetensors) into tasks/train/model_factory.tiny_vae_dir(cfg, root,
+Saved with save_pretrained (safetensors) into storage/model_parts.tiny_vae_dir(cfg, root,
 dataset_version) and copied to the "latest" folder next to it. A folder that already holds
 a fit for that dataset version is reused (the fit is skipped).
 """
@@ -39,13 +39,12 @@ import torch.nn.functional as F
 from prefect import task
 from soraflow.configs.schema import SoraFlowConfig
 from soraflow.models.noise import randn
-from soraflow.models.vae import build_tiny_vae
 from soraflow.storage.data.dataset import VideoClipDataset
 from soraflow.storage.data.holdout import DatasetSplit
 from soraflow.storage.data.latent_cache import read_clip_frames
 from soraflow.storage.layout import DataRoot, atomic_write_text
+from soraflow.storage.model_parts import new_tiny_vae, tiny_vae_dir
 from soraflow.tasks.task_policy import STAGE_RETRIES, stage_cache_key
-from soraflow.tasks.train.model_factory import tiny_vae_dir
 
 METRICS_FILE = "fit_metrics.json"
 MAX_FRAMES_PER_CLIP = 32  # evenly spaced; enough variety, bounded memory on long clips
@@ -188,7 +187,7 @@ def _fit(cfg: SoraFlowConfig, train_frames: torch.Tensor, test_frames: torch.Ten
     """The fit loop and the calibration; returns (vae in eval mode, metrics)."""
     fit = cfg.vae.fit
     torch.manual_seed(cfg.train.seed)
-    vae = build_tiny_vae(**cfg.vae.tiny.model_dump(), seed=cfg.train.seed)
+    vae = new_tiny_vae(cfg)
     vae.train()
     bf16 = fit.precision == "bf16"  # autocast: the convolutions run in bf16, the weights stay fp32
     opt = torch.optim.AdamW(vae.parameters(), lr=fit.lr, weight_decay=0.0, fused=True)  # one kernel for all tensors

@@ -87,15 +87,15 @@ def test_llava_captioner_needs_a_path():
 def test_patch_size_overrides_the_preset_and_reaches_the_model():
     from soraflow.models.stdit import STDIT_PRESETS, build_stdit
     from soraflow.models.vae import VideoVAE, build_tiny_vae
-    from soraflow.tasks.train.model_factory import stdit_kwargs
+    from soraflow.storage.model_parts import latent_size, stdit_kwargs
 
     cfg = load_config("local", {"model.patch_size": [2, 2, 2], "model.preset": "STDiT-Tiny"})
     vae = VideoVAE(build_tiny_vae(**cfg.vae.tiny.model_dump(), seed=0))
-    model = build_stdit(cfg.model.preset, **stdit_kwargs(cfg, vae, 64))
+    model = build_stdit(cfg.model.preset, **stdit_kwargs(cfg, latent_size(cfg, vae), 64))
     assert model.patch_size == (2, 2, 2) and model.num_temporal == cfg.video.num_frames // 2
     # unset: the preset's own patch (Open-Sora v1.0's 1 x 2 x 2)
     plain = load_config("local", {"model.patch_size": None})
-    assert "patch_size" not in stdit_kwargs(plain, vae, 64)
+    assert "patch_size" not in stdit_kwargs(plain, latent_size(plain, vae), 64)
     assert STDIT_PRESETS["STDiT-Tiny"]["patch_size"] == [1, 2, 2]
     with pytest.raises(ConfigError, match="model.patch_size"):
         load_config("local", {"model.patch_size": [2, 2]})

@@ -214,7 +214,7 @@ def test_pipeline_deployment_run_completes_with_artifacts(stack, pipeline_run):
         for sub in subflows.values():
             assert client.read_flow_run(sub).state.is_completed()
         arts = _artifacts_by_key(client, [flow_run_id, *subflows.values()])
-        assert {"ingest-manifests", "manifest-statistics", "eval-metrics", "model-card", "mlflow-run", "registered-model"} <= set(arts), sorted(arts)
+        assert {"ingest-manifests", "manifest-statistics", "eval-metrics", "mlflow-run", "registered-model"} <= set(arts), sorted(arts)
         assert re.search(r"\(http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]{32}\)$", arts["mlflow-run"].data), arts["mlflow-run"].data
         assert "mlflow.pyfunc.load_model" in arts["registered-model"].data
 
@@ -234,12 +234,12 @@ def test_pipeline_deployment_run_completes_with_artifacts(stack, pipeline_run):
         assert int(stats["ok"]) == stages[-1]["ok"], stats
         assert stages[-1]["manifest"] in arts["manifest-statistics"].description
 
-        # train: the metrics table and the model card of the registered version
+        # train: the metrics table and the registered version's summary
         metrics = {row["metric"]: row["value"] for row in _table(arts["eval-metrics"])}
         assert int(float(metrics["steps"])) == 4, metrics
         assert "adherence_all" in metrics and 0.0 <= float(metrics["adherence_all"]) <= 1.0, metrics
         assert arts["eval-metrics"].flow_run_id == subflows["soraflow-train"]
-        card = arts["model-card"].data
+        card = arts["registered-model"].data
         assert re.search(r"## soraflow-local v\d+", card), card
         model_dir = re.search(r"model folder: `([^`]+)`", card).group(1)
         assert Path(model_dir).is_dir() and stack.root.resolve() in Path(model_dir).resolve().parents, card
@@ -312,7 +312,7 @@ def test_dataset_event_triggers_retrain_on_a_new_manifest(stack, pipeline_run):
             metrics = {row["metric"]: row["value"] for row in _table(artifacts["eval-metrics"])}
             assert int(float(metrics["steps"])) == 4, metrics
             assert new_manifest in artifacts["eval-metrics"].description
-            assert re.search(r"## soraflow-local v\d+", artifacts["model-card"].data), artifacts["model-card"].data
+            assert re.search(r"## soraflow-local v\d+", artifacts["registered-model"].data), artifacts["registered-model"].data
 
             repeat.wait(timeout=300)
         finally:

@@ -99,7 +99,7 @@ def test_process_work_pool_runs_the_pipeline_deployment_from_prefect_yaml(tmp_pa
                 assert names == {"soraflow-ingest", "soraflow-train"}, names
                 arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id, *[r.id for r in subs]])))
                 by_key = {a.key: a for a in arts if a.key}
-                assert {"ingest-manifests", "eval-metrics", "model-card", "mlflow-run", "registered-model"} <= set(by_key), sorted(by_key)
+                assert {"ingest-manifests", "eval-metrics", "mlflow-run", "registered-model"} <= set(by_key), sorted(by_key)
                 assert "/runs/" in by_key["mlflow-run"].data and "soraflow-local v1" in by_key["registered-model"].data
                 # the train flow created the global training slot itself (prefect deploy does not)
                 limit = client.read_global_concurrency_limit_by_name("soraflow-training")

@@ -26,7 +26,8 @@ def trained(fitted_clips):
 
 def test_evaluate_reports_metrics_samples_and_adherence(trained, tmp_path):
     from soraflow.storage.data.video_io import probe_video
-    from soraflow.tasks.evaluate import evaluate, held_out_prompts
+    from soraflow.storage.data.holdout import distinct_captions
+    from soraflow.tasks.evaluate import evaluate
 
     cfg, root, split, result = trained
     out = evaluate(cfg, split, result.model_dir, root, tmp_path / "eval")
@@ -41,7 +42,7 @@ def test_evaluate_reports_metrics_samples_and_adherence(trained, tmp_path):
     assert 0.0 < m["shape_round_below"] <= 1.0 and 0.0 <= m["adherence_shape_fixed"] <= 1.0
     # prompts are held-out captions only
     train_rows, val_rows = holdout_split(ok_rows(split.manifest), cfg.train.val_fraction)
-    prompts = held_out_prompts(val_rows, cfg.eval.num_prompts)
+    prompts = distinct_captions(val_rows, cfg.eval.num_prompts)
     k = cfg.eval.samples_per_prompt
     assert [r["prompt"] for r in out.per_prompt] == [p for p in prompts for _ in range(k)]
     assert m["num_prompts"] == len(prompts) >= 1 and m["num_samples"] == k * len(prompts)
@@ -60,7 +61,7 @@ def test_validation_loss_separates_models(trained, tmp_path):
     """A trained model's held-out loss beats the same architecture with random (zero-output) weights."""
     from soraflow.storage.data.dataset import VideoClipDataset
     from soraflow.tasks.evaluate import validation_loss
-    from soraflow.tasks.train.model_factory import load_pipeline
+    from soraflow.storage.registry.model_folder import load_pipeline
 
     cfg, root, split, result = trained
     _, val_rows = holdout_split(ok_rows(split.manifest), cfg.train.val_fraction)

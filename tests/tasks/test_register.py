@@ -36,7 +36,8 @@ def registered(tmp_path_factory):
     curve.write_bytes(b"\x89PNG fake")
     grid.write_bytes(b"GIF89a fake")
     trained = TrainResult(run_dir=base / "run", checkpoint_dir=ckpt, model_dir=Path(folder), loss_curve_png=curve,
-                          metrics={"steps": 6, "final_loss": 0.6, "train_clips": 2, "val_clips": 0})
+                          metrics={"steps": 6, "final_loss": 0.6, "train_clips": 2, "val_clips": 0},
+                          loss_history=[(int(a), b) for a, b in loss])
     evaluated = EvalResult(metrics={"val_loss": 0.4, "adherence_all": 0.5}, samples_gif=grid)
     data = DatasetSplit.read(manifest, cfg.train.val_fraction)
     out = register_model(cfg, data, trained, evaluated, VaeFitResult(path=base, metrics={"recon_mse": 0.01}), str(root.root), "run-a")
@@ -48,25 +49,25 @@ def test_run_has_per_step_history_dataset_input_and_artifacts(registered):
 
     out, cfg, root, manifest, _, _ = registered
     registry = ModelRegistry(root, cfg.registry)
-    history = registry.client.get_metric_history(out["run_id"], "train_loss")
+    history = registry.client.get_metric_history(out.run_id, "train_loss")
     assert [(m.step, round(m.value, 3)) for m in history] == [(1, 0.9), (2, 0.8), (3, 0.75), (4, 0.7), (5, 0.65), (6, 0.6)]
-    lr = registry.client.get_metric_history(out["run_id"], "learning_rate")
+    lr = registry.client.get_metric_history(out.run_id, "learning_rate")
     assert [m.step for m in lr] == [1, 2, 3, 4, 5, 6] and {m.value for m in lr} == {cfg.train.lr}
-    assert [m.step for m in registry.client.get_metric_history(out["run_id"], "val_loss")] == [6]
-    run = registry.client.get_run(out["run_id"])
+    assert [m.step for m in registry.client.get_metric_history(out.run_id, "val_loss")] == [6]
+    run = registry.client.get_run(out.run_id)
     (ds,) = run.inputs.dataset_inputs
     assert ds.dataset.digest == dataset_version(manifest)[:36] and str(Path(manifest).resolve()) in ds.dataset.source
     assert {t.key: t.value for t in ds.tags}["mlflow.data.context"] == "training"
-    arts = {a.path for a in registry.client.list_artifacts(out["run_id"], "evaluation")}
+    arts = {a.path for a in registry.client.list_artifacts(out.run_id, "evaluation")}
     assert arts == {"evaluation/loss_curve.png", "evaluation/grid.gif"}
-    assert out["run_url"].endswith(f"/#/experiments/{out['experiment_id']}/runs/{out['run_id']}")
+    assert out.run_url.endswith(f"/#/experiments/{out.experiment_id}/runs/{out.run_id}")
 
 
 def test_logged_config_and_card_are_redacted(registered):
     from soraflow.storage.registry.model_registry import ModelRegistry
 
     out, cfg, root, _, folder, secret_url = registered
-    params = ModelRegistry(root, cfg.registry).client.get_run(out["run_id"]).data.params
+    params = ModelRegistry(root, cfg.registry).client.get_run(out.run_id).data.params
     logged = " ".join(params.values())
     assert "s3cret" not in logged and "abc123" not in logged and "videos.example/list.json" in logged
     card = (folder / "README.md").read_text()
@@ -80,6 +81,6 @@ def test_version_loads_as_the_champion(registered):
     from soraflow.storage.registry.model_registry import ModelRegistry
 
     out, cfg, root, _, _, _ = registered
-    assert out["promoted"] and out["version"] == 1
+    assert out.promoted and out.version == 1
     local = ModelRegistry(root, cfg.registry).download("champion", root.tmp / "dl")
     assert (local / "README.md").read_text().count("val_loss") >= 1 and (local.parent.parent / "MLmodel").is_file()

@@ -40,7 +40,7 @@ def _build(clips, encoders, **kw):
     base, vae, te = encoders
     args = dict(vae_id=folder_identity(base / "vae"), text_id=folder_identity(base / "t5"), num_frames=8, frame_interval=1, image_size=(32, 32))
     args.update(kw)
-    return build_latent_cache(manifest, root, vae, te, **args)
+    return build_latent_cache(manifest, root, lambda: (vae, te), **args)
 
 
 def test_cache_builds_once_and_serves_items(clips, encoders):
@@ -100,7 +100,7 @@ def test_cache_key_changes_with_inputs(clips, encoders, tmp_path):
     from soraflow.storage.data.latent_cache import build_latent_cache, folder_identity
 
     b, vae, te = encoders
-    info = build_latent_cache(other, root, vae, te, folder_identity(b / "vae"), folder_identity(b / "t5"), 8, 1, (32, 32))
+    info = build_latent_cache(other, root, lambda: (vae, te), folder_identity(b / "vae"), folder_identity(b / "t5"), 8, 1, (32, 32))
     assert info.path != base.path and info.clips == 7
 
 

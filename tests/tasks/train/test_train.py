@@ -40,7 +40,7 @@ def _history(checkpoint_dir):
 def test_local_training_learns_and_checkpoints_without_pickles(data):
     from soraflow.storage.checkpoints import refuse_pickles
     from soraflow.tasks.train.driver import train
-    from soraflow.tasks.train.model_factory import load_pipeline
+    from soraflow.storage.registry.model_folder import load_pipeline
 
     root, manifest, vae_dir = data
     cfg = train_cfg(root, **{"train.steps": 60})
@@ -60,7 +60,7 @@ def test_local_training_learns_and_checkpoints_without_pickles(data):
     assert result.metrics["train_clips"] == len(train_rows) and result.metrics["val_clips"] == len(val_rows) >= 1
     # the exported folder is self-contained and loads as a pipeline
     assert (result.model_dir / "vae").is_dir() and (result.model_dir / "text_encoder").is_dir()
-    assert _split(manifest, cfg).version in (result.model_dir / "README.md").read_text()  # the card names its data
+    assert result.loss_history == [(s, v) for s, v in _history(result.checkpoint_dir)]  # the history travels with the result
     pipe, source = load_pipeline(cfg, root, ckpt=result.model_dir)
     assert "model folder" in source
     assert pipe(["a red circle moving left"], steps=3).shape == (1, 3, 8, 32, 32)
@@ -281,12 +281,8 @@ def _fsdp_worker(rank: int, world: int, port: int, folder: str) -> None:
     import torch.distributed as dist
     from soraflow.models.stdit import build_stdit
     from soraflow.storage.checkpoints import load_training_state, save_training_state
-    from soraflow.tasks.train.distributed import (
-        clip_grads,
-        ema_pairs,
-        full_states,
-        load_optimizer,
-    )
+    from soraflow.tasks.train.distributed import clip_grads, full_states, load_optimizer
+    from soraflow.tasks.train.ema import ema_pairs
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

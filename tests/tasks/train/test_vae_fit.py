@@ -22,7 +22,7 @@ def data(tmp_path_factory):
 def test_fit_learns_calibrates_saves_and_is_reused(data):
     from soraflow.models.vae import build_tiny_vae
     from soraflow.storage.checkpoints import refuse_pickles
-    from soraflow.tasks.train.model_factory import tiny_vae_dir, vae_path
+    from soraflow.storage.model_parts import tiny_vae_dir, vae_path
     from soraflow.tasks.train.vae_fit import _recon_mse, collect_frames, fit_vae
 
     root, split = data
@@ -55,7 +55,7 @@ def test_bf16_fit_learns_and_saves_fp32_weights(data):
     root, split = data
     cfg = small_cfg(root, **{"vae.fit.precision": "bf16"})
     result = fit_vae(cfg, split, root, progress=False)
-    from soraflow.tasks.train.model_factory import tiny_vae_dir
+    from soraflow.storage.model_parts import tiny_vae_dir
 
     fp32 = small_cfg(root, **{"vae.fit.precision": "fp32"})
     assert result.path != tiny_vae_dir(fp32, root, split.version)  # a recipe of its own, a folder of its own
