@@ -39,6 +39,17 @@ SCENES, SCENE_S, FPS, SIDE = 3, 2.0, 8.0, 64  # 16 frames a scene: PySceneDetect
 LONG_FPS = 2.0  # frames per second of the long 720p video
 
 
+def rss_split_mb() -> dict[str, float]:
+    """This process's resident memory now, anonymous (heap, tensors) vs file-backed (mmapped
+    files such as the latent cache's safetensors shards: page cache the kernel can drop)."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key = line.split(":")[0]
+        if key in ("RssAnon", "RssFile", "VmHWM"):
+            out[f"{key}_mb"] = round(int(line.split()[1]) / 1024, 1)
+    return out
+
+
 def peak_rss_mb() -> dict[str, float]:
     """Peak resident set size of this process and of its largest waited-for child (Linux: KiB)."""
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -190,6 +201,7 @@ def train_case(k: int, work: Path, samples: int) -> dict:
         if seen >= samples:
             break
     load_s = time.perf_counter() - t
+    rss_loading = rss_split_mb()  # after reading `samples` items through the cache's DataLoader
     video_seen, t = 0, time.perf_counter()
     for batch in DataLoader(clips, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0)):
         video_seen += batch["video"].shape[0]
@@ -199,6 +211,7 @@ def train_case(k: int, work: Path, samples: int) -> dict:
     return {"case": "train", "n": k, "video_dataset_init_s": round(dataset_s, 3), "rss_after_video_dataset_mb": rss_dataset,
             "cache_build_s": round(build_s, 2), "rss_after_cache_build_mb": rss_build, "cache_samples": seen,
             "cache_samples_per_s": round(seen / load_s, 1), "video_samples_per_s": round(video_seen / video_s, 1),
+            "rss_after_cache_loading": rss_loading, "rss_after_video_loading": rss_split_mb(),
             **peak_rss_mb()}
 
 
