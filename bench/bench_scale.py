@@ -73,7 +73,8 @@ def make_videos(folder: Path, n: int, seed: int = 0, jobs: int = 2) -> None:
 
     def one(i: int) -> None:
         src = (f"testsrc2=s={SIDE}x{SIDE}:r={FPS:g}:d={SCENES * SCENE_S:g},"
-               f"hue=H=floor(t/{SCENE_S:g})*2.0944+{(i * 0.618 + seed) % 6.28:.4f}:b=if(eq(mod(floor(t/{SCENE_S:g})\\,2)\\,0)\\,-3\\,3)")
+               f"hue=H=floor(t/{SCENE_S:g})*2.0944+{(i * 0.618 + seed) % 6.28:.4f}"
+               f":b=if(eq(mod(floor(t/{SCENE_S:g})\\,2)\\,0)\\,-3\\,3)")
         subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-y", "-f", "lavfi", "-i", src, "-c:v", "libx264",
                         "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(folder / f"v{i:05d}.mp4")], check=True)
         (folder / f"v{i:05d}.txt").write_text(f"moving test patterns, video {i}\n")
@@ -87,7 +88,8 @@ def make_long_video(path: Path, minutes: float) -> None:
     every 10 s, libx264 ultrafast: cheap to encode, and every frame still a 720p decode."""
     path.parent.mkdir(parents=True, exist_ok=True)
     src = f"testsrc2=s=1280x720:r={LONG_FPS:g}:d={minutes * 60:g},hue=H=floor(t/30)*2.0944"
-    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-y", "-f", "lavfi", "-i", src, "-c:v", "libx264", "-preset", "ultrafast",
+    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-y", "-f", "lavfi", "-i", src, "-c:v", "libx264", "-preset",
+                    "ultrafast",
                     "-g", str(int(10 * LONG_FPS)), "-pix_fmt", "yuv420p", str(path)], check=True)
     path.with_suffix(".txt").write_text("moving test patterns, a new hue every 30 seconds\n")
 
@@ -140,10 +142,12 @@ def ingest_case(kind: str, n: int, work: Path, minutes: float) -> dict:
     wall = time.perf_counter() - t
     source_s = clock.seconds.get("sample source", 0.0) if kind == "sample" else 0.0  # rendering the videos
     videos = 1 if kind == "long" else n
-    return {"case": kind, "n": videos, "minutes": minutes if kind == "long" else None, "wall_s": round(wall - source_s, 2),
+    return {"case": kind, "n": videos, "minutes": minutes if kind == "long" else None,
+            "wall_s": round(wall - source_s, 2),
             "per_video_s": round((wall - source_s) / videos, 4), "source_render_s": round(source_s, 2),
             "merge_s": round(sum(merges), 3), "stages_s": {k: round(v, 2) for k, v in clock.seconds.items()},
-            "clips": result["ok"], "rejected": result["rejected"], "reject_reasons": result["reject_reasons"], **peak_rss_mb()}
+            "clips": result["ok"], "rejected": result["rejected"], "reject_reasons": result["reject_reasons"],
+            **peak_rss_mb()}
 
 
 class PoolVAE:
@@ -208,7 +212,8 @@ def train_case(k: int, work: Path, samples: int) -> dict:
         if video_seen >= 256:
             break
     video_s = time.perf_counter() - t
-    return {"case": "train", "n": k, "video_dataset_init_s": round(dataset_s, 3), "rss_after_video_dataset_mb": rss_dataset,
+    return {"case": "train", "n": k, "video_dataset_init_s": round(dataset_s, 3),
+            "rss_after_video_dataset_mb": rss_dataset,
             "cache_build_s": round(build_s, 2), "rss_after_cache_build_mb": rss_build, "cache_samples": seen,
             "cache_samples_per_s": round(seen / load_s, 1), "video_samples_per_s": round(video_seen / video_s, 1),
             "rss_after_cache_loading": rss_loading, "rss_after_video_loading": rss_split_mb(),
@@ -286,9 +291,9 @@ def main() -> None:
     for kind, n in cases:
         work = Path(tempfile.mkdtemp(prefix=f"bench-scale-{kind}-{n}-"))
         try:
-            results.append(run_case(["--case", kind, "--n", str(n), "--work", str(work),
-                                     "--long-minutes", str(args.long_minutes), "--train-samples", str(args.train_samples)],
-                                    timeout=1800))
+            argv = ["--case", kind, "--n", str(n), "--work", str(work), "--long-minutes", str(args.long_minutes),
+                    "--train-samples", str(args.train_samples)]
+            results.append(run_case(argv, timeout=1800))
         finally:
             shutil.rmtree(work, ignore_errors=True)
     from machine import matmul_rates  # bench/ is sys.path[0] when a bench runs as a script
@@ -298,14 +303,18 @@ def main() -> None:
         per = {r["n"]: r["per_video_s"] for r in results if r["case"] == kind}
         if len(per) > 1:
             flat[kind] = round(per[max(per)] / per[min(per)], 3)
-    meta = {"machine": f"{platform.machine()} {os.cpu_count()} CPU(s), {platform.platform()}", "python": platform.python_version(),
-            "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},
-            "video": {"side": SIDE, "fps": FPS, "scenes": SCENES, "scene_s": SCENE_S}, "bench_s": round(time.perf_counter() - t0, 1),
+    meta = {"machine": f"{platform.machine()} {os.cpu_count()} CPU(s), {platform.platform()}",
+            "python": platform.python_version(),
+            "load_average": {"before": [round(x, 2) for x in load_before],
+                             "after": [round(x, 2) for x in os.getloadavg()]},
+            "video": {"side": SIDE, "fps": FPS, "scenes": SCENES,
+                      "scene_s": SCENE_S}, "bench_s": round(time.perf_counter() - t0, 1),
             "per_video_ratio_largest_to_smallest_n": flat,
             "command": "python bench/bench_scale.py " + " ".join(sys.argv[1:]), "matmul_rates": matmul_rates()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "ingest and training as the work grows", "meta": meta, "results": results}, indent=1) + "\n")
+    out.write_text(json.dumps({"benchmark": "ingest and training as the work grows", "meta": meta,
+                               "results": results}, indent=1) + "\n")
     plot(results, out.with_suffix(".png"))
     print(f"per-video time, largest N / smallest N: {flat}\nwrote {out} and {out.with_suffix('.png')}")
 

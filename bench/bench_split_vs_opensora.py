@@ -20,7 +20,8 @@ chunks at keyframes), the same with one keyframe, and the packaged bikes.mp4 / b
 Runs alternate Open-Sora, ours, detect-only, Open-Sora, ours, ... (--pairs pairs) on a fresh output folder each;
 the machine is shared with other jobs, so each pair's ratio is reported and the medians are the
 figures. Per side: wall time, CPU time (the processes and every child they waited for: ffmpeg,
-pool workers), peak RSS (the process tree's sum, sampled every 50 ms), clips and frames per clip. Scene boundaries are compared per video
+pool workers), peak RSS (the process tree's sum, sampled every 50 ms), clips and frames per clip.
+Scene boundaries are compared per video
 (Open-Sora's millisecond timestamps against our clip rows' start_s, to 1 ms). Results:
 bench/results/split_vs_opensora.json.
 """
@@ -50,20 +51,24 @@ from machine import matmul_rates  # noqa: E402  (bench/ is sys.path[0] when run 
 from packaged_videos import concat_packaged, packaged_videos  # noqa: E402
 
 CLIPS = ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4", "bikes.mp4")
-SPLIT = {"detector": "adaptive", "threshold": 3.0, "short_side": 256, "fps": 30.0, "min_seconds": 1.0, "max_seconds": 5.0}
+SPLIT = {"detector": "adaptive", "threshold": 3.0, "short_side": 256, "fps": 30.0, "min_seconds": 1.0,
+         "max_seconds": 5.0}
 
 
 def make_videos(work: Path) -> list[dict]:
     """The bench's videos: (name, path, keyframe layout)."""
     work.mkdir(parents=True, exist_ok=True)
     out = []
-    for name, size, gop, loops in (("concat-720p-x2-gop50", (720, 1280), 50, 2), ("concat-360p-x4-gop50", (360, 640), 50, 4),
-                                   ("concat-720p-1key", (720, 1280), 100000, 1), ("concat-360p-x2-1key", (360, 640), 100000, 2)):
+    for name, size, gop, loops in (("concat-720p-x2-gop50", (720, 1280), 50, 2), ("concat-360p-x4-gop50", (360, 640),
+                                                                                  50, 4),
+                                   ("concat-720p-1key", (720, 1280), 100000, 1), ("concat-360p-x2-1key", (360, 640),
+                                                                                  100000, 2)):
         path, _ = concat_packaged(work / f"{name}.mp4", CLIPS, size, fps=25.0, gop=gop, loops=loops)
         out.append({"name": name, "path": str(path), "keyframes": "every 2 s" if gop == 50 else "one"})
     for p in packaged_videos():
         if p.name in ("bikes.mp4", "bigbuckbunny.mp4"):
-            out.append({"name": p.name, "path": str(p), "keyframes": "at its cuts (6)" if p.name == "bikes.mp4" else "one"})
+            out.append({"name": p.name, "path": str(p),
+                        "keyframes": "at its cuts (6)" if p.name == "bikes.mp4" else "one"})
     import av
 
     for v in out:
@@ -117,7 +122,8 @@ def run_measured(cmd: list[str], env: dict) -> dict:
         err.seek(0)
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{err.read()[-3000:]}")
-        return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "tree_rss_mb": peak[0] / 1024, "stdout": out.read()}
+        return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "tree_rss_mb": peak[0] / 1024,
+                "stdout": out.read()}
 
 
 def measured(cmds: list[list[str]], env: dict) -> dict:
@@ -175,10 +181,13 @@ def ours_side(videos: list[dict], work: Path, workers: int, env: dict) -> tuple[
     from soraflow.storage.layout import DataRoot
 
     root = DataRoot(work / "data")
-    manifest = write_manifest([new_row(path=v["path"], video_id=v["name"], source="bench", status="ok") for v in videos],
+    manifest = write_manifest([new_row(path=v["path"], video_id=v["name"], source="bench",
+                                       status="ok") for v in videos],
                               "download", root)
-    sets = [f"ingest.split.{k}={v}" for k, v in SPLIT.items()] + ["ingest.shard_size=1", f"ingest.max_workers={workers}"]
-    cmd = [str(REPO / ".venv" / "bin" / "soraflow"), "stage", "split", "--manifest", str(manifest), "--root", str(root.root),
+    sets = [f"ingest.split.{k}={v}" for k, v in SPLIT.items()] + ["ingest.shard_size=1",
+                                                                  f"ingest.max_workers={workers}"]
+    cmd = [str(REPO / ".venv" / "bin" / "soraflow"), "stage", "split", "--manifest", str(manifest), "--root",
+           str(root.root),
            "--json", *[x for s in sets for x in ("--set", s)]]
     m = measured([cmd], env)
     out = json.loads(m["stdout"][0].strip().splitlines()[-1])
@@ -213,12 +222,14 @@ def compare(videos, os_per, our_per) -> list[dict]:
         starts_ours = [round(s, 3) for s, _ in b["scenes"]]
         same = len(starts_os) == len(starts_ours) and all(abs(x - y) <= 0.0015 for x, y in zip(starts_os, starts_ours))
         dropped = sorted(set(a["clips"]) - set(b["clips"])) if same else None
-        rows.append({"video": v["name"], "size": f"{v['width']}x{v['height']}", "frames": v["frames"], "keyframes": v["keyframes"],
+        rows.append({"video": v["name"], "size": f"{v['width']}x{v['height']}", "frames": v["frames"],
+                     "keyframes": v["keyframes"],
                      "scenes_opensora": len(starts_os), "scenes_ours": len(starts_ours), "same_boundaries": same,
                      "clips_opensora": len(a["clips"]), "clips_ours": len(b["clips"]),
                      "frames_per_clip_opensora": [a["clips"][k] for k in sorted(a["clips"])],
                      "frames_per_clip_ours": [b["clips"][k] for k in sorted(b["clips"])],
-                     "opensora_keeps_we_drop": dropped, "clip_bytes_opensora": a["bytes"], "clip_bytes_ours": b["bytes"]})
+                     "opensora_keeps_we_drop": dropped,
+                     "clip_bytes_opensora": a["bytes"], "clip_bytes_ours": b["bytes"]})
     return rows
 
 
@@ -232,7 +243,8 @@ def start_prefect_server(home: Path) -> tuple[subprocess.Popen, str, float]:
         port = s.getsockname()[1]
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     t = time.perf_counter()
-    proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+    proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/api"
     import urllib.request
@@ -293,7 +305,8 @@ def main() -> None:
         # Without a running server, each CLI call first starts a temporary one: what that costs here.
         t = time.perf_counter()
         subprocess.run([sys.executable, "-c", "from prefect import flow\n@flow\ndef f(): return 0\nf()"],
-                       env=dict(os.environ, PREFECT_HOME=str(work / "prefect-ephemeral"), PREFECT_LOGGING_LEVEL="WARNING"),
+                       env=dict(os.environ, PREFECT_HOME=str(work / "prefect-ephemeral"),
+                                PREFECT_LOGGING_LEVEL="WARNING"),
                        capture_output=True, check=True)
         ephemeral_s = time.perf_counter() - t
     finally:
@@ -302,7 +315,8 @@ def main() -> None:
             server.wait(30)
         shutil.rmtree(work, ignore_errors=True)
     summary = {"wall_ratio_median": round(statistics.median(ratios), 2), "wall_ratios": [round(r, 2) for r in ratios],
-               "cpu_ratio_median": round(statistics.median(cpu_ratios), 2), "cpu_ratios": [round(r, 2) for r in cpu_ratios],
+               "cpu_ratio_median": round(statistics.median(cpu_ratios), 2),
+               "cpu_ratios": [round(r, 2) for r in cpu_ratios],
                # Open-Sora's wall time over our detection alone: no split that keeps this detection and
                # cuts in a second pass can go past it on this machine.
                "wall_ratio_bound_detect_only": round(statistics.median(detect_ratios), 2),
@@ -310,18 +324,22 @@ def main() -> None:
                "opensora_keeps_we_drop": sum(len(r["opensora_keeps_we_drop"] or []) for r in per_video)}
     print(json.dumps({"sides": sides, "summary": summary}, indent=1))
     for r in per_video:
-        print(f"{r['video']:<24}{r['size']:>10}{r['frames']:>6} scenes {r['scenes_opensora']}/{r['scenes_ours']} same {r['same_boundaries']}"
-              f" clips {r['clips_opensora']}/{r['clips_ours']} frames/clip {r['frames_per_clip_opensora']} / {r['frames_per_clip_ours']}")
-    meta = {"machine": f"{platform.machine()} {os.cpu_count()} CPU(s), {platform.platform()}", "python": platform.python_version(),
+        print(f"{r['video']:<24}{r['size']:>10}{r['frames']:>6} scenes {r['scenes_opensora']}/{r['scenes_ours']}"
+              f" same {r['same_boundaries']} clips {r['clips_opensora']}/{r['clips_ours']}"
+              f" frames/clip {r['frames_per_clip_opensora']} / {r['frames_per_clip_ours']}")
+    meta = {"machine": f"{platform.machine()} {os.cpu_count()} CPU(s), {platform.platform()}",
+            "python": platform.python_version(),
             "shared_machine": "2 cores shared with other jobs: read the pairwise ratios and medians",
-            "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},
+            "load_average": {"before": [round(x, 2) for x in load_before],
+                             "after": [round(x, 2) for x in os.getloadavg()]},
             "split": SPLIT, "workers": args.workers, "pairs": args.pairs, "prefect_server_start_s": round(server_s, 1),
             "prefect_ephemeral_start_s": round(ephemeral_s, 1),
             "ffmpeg": subprocess.run(["ffmpeg", "-version"], capture_output=True, text=True).stdout.splitlines()[0],
             "command": "python bench/bench_split_vs_opensora.py " + " ".join(sys.argv[1:]), "machine_rates": machine}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "scene split: soraflow stage split vs Open-Sora scene_detect.py + cut.py", "meta": meta,
+    out.write_text(json.dumps({"benchmark": "scene split: soraflow stage split vs Open-Sora scene_detect.py + cut.py",
+                               "meta": meta,
                                "sides": sides, "summary": summary, "videos": per_video}, indent=1) + "\n")
     print(f"wrote {out}")
 

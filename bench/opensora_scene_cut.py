@@ -115,8 +115,10 @@ def main() -> None:
                 writer.writerows(rows)
             return
         Path(args.clips).mkdir(parents=True, exist_ok=True)
-        jobs = [(r["path"], r["timestamp"], int(r.get("height") or 0), int(r.get("width") or 0), args.clips,
-                 args.target_fps, args.shorter_size, args.min_seconds, args.max_seconds, args.fps1_timestamps) for r in rows]
+        settings = (args.clips, args.target_fps, args.shorter_size, args.min_seconds, args.max_seconds,
+                    args.fps1_timestamps)
+        jobs = [(r["path"], r["timestamp"], int(r.get("height") or 0), int(r.get("width") or 0), *settings)
+                for r in rows]
         made = sum(pool.map(cut_one, jobs, chunksize=1))
     print(f"{made} clips", file=sys.stderr)
 

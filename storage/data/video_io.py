@@ -172,7 +172,8 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18)
     return path
 
 
-def encode_clip(path: str | Path, frames: list[av.VideoFrame], fps: float, crf: int = 18, preset: str = "superfast") -> VideoInfo:
+def encode_clip(path: str | Path, frames: list[av.VideoFrame], fps: float, crf: int = 18,
+                preset: str = "superfast") -> VideoInfo:
     """Encode yuv420p frames of one (even) size as an H.264 mp4, atomically; the written clip's probe.
 
     The scene cutter's writer: frames arrive already scaled into the encoder's pixel format (no RGB
@@ -192,10 +193,12 @@ def encode_clip(path: str | Path, frames: list[av.VideoFrame], fps: float, crf: 
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=rate)
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            stream.options = {"crf": str(crf), "preset": preset, "threads": "1"}  # one thread: identical frames give identical bytes
+            # one thread: identical frames give identical bytes
+            stream.options = {"crf": str(crf), "preset": preset, "threads": "1"}
             for j, frame in enumerate(frames):
                 if (frame.height, frame.width, frame.format.name) != (h, w, "yuv420p"):
-                    raise ValueError(f"encode_clip({path}): frame {j} is {frame.width}x{frame.height} {frame.format.name}")
+                    raise ValueError(f"encode_clip({path}): frame {j} is {frame.width}x{frame.height} "
+                                     f"{frame.format.name}")
                 frame.pts, frame.time_base = j, 1 / rate
                 for packet in stream.encode(frame):
                     container.mux(packet)

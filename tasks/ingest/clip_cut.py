@@ -92,7 +92,9 @@ def decode_groups(src: Path, plans: list, src_fps: float, out_fps: float) -> lis
     return groups
 
 
-def cut_clips(src: Path, plans: list, src_fps: float, out_fps: float, size: tuple[int, int]) -> dict[int, VideoInfo | str]:
+def cut_clips(
+    src: Path, plans: list, src_fps: float, out_fps: float, size: tuple[int, int]
+) -> dict[int, VideoInfo | str]:
     """Write each planned clip; returns {scene index: probe of the clip, or the error}.
 
     Per clip: (keep,) source frames -> (num_out,) yuv420p frames of (H, W) at out_fps -> H.264 mp4.
@@ -118,7 +120,8 @@ def cut_clips(src: Path, plans: list, src_fps: float, out_fps: float, size: tupl
 
 def _cut_group(src, plans, src_fps, out_fps, size, results, encoding, encoder) -> None:
     """One decoding run over `plans` (sorted); finished clips go to `encoder`, failures to `results`."""
-    wanted: dict[int, list[tuple[object, int]]] = {}  # source frame -> [(plan, clip frame j)]; several when upsampling fps
+    # source frame -> [(plan, clip frame j)]; several when upsampling fps
+    wanted: dict[int, list[tuple[object, int]]] = {}
     for p in plans:
         for j in range(p.num_out):
             wanted.setdefault(p.source_index(j, src_fps, out_fps), []).append((p, j))
@@ -155,8 +158,10 @@ def _cut_group(src, plans, src_fps, out_fps, size, results, encoding, encoder) -
             results[p.index] = f"{src}: decoding failed before scene {p.index} was cut: {e}"
         return
     for p in pending:  # the decoder ran out before these scenes' last frames
-        results[p.index] = (f"{src}: video ended before frame {p.first + p.keep - 1} (scene {p.index}); "
-                            f"got {filled[p.index]}/{p.num_out} clip frames")
+        results[p.index] = (
+            f"{src}: video ended before frame {p.first + p.keep - 1} (scene {p.index}); "
+            f"got {filled[p.index]}/{p.num_out} clip frames"
+        )
 
 
 def _submit(encoder, encoding, results, p, frames, filled, out_fps, size) -> None:
@@ -179,7 +184,8 @@ def finish_clip(p, frames: list | None, filled: int, out_fps: float, size: tuple
         raise_if_environment(e, f"writing clip {p.path}")  # PyAV's ENOSPC is an FFmpegError: not a bad scene
         return f"{p.path}: encoding scene {p.index} failed: {e}"
     if info.num_frames != p.num_out or (info.height, info.width) != size:
-        return (f"{p.path}: written clip has {info.num_frames} frames {info.height}x{info.width}, "
-                f"expected {p.num_out} {size[0]}x{size[1]}")
+        return (
+            f"{p.path}: written clip has {info.num_frames} frames {info.height}x{info.width}, "
+            f"expected {p.num_out} {size[0]}x{size[1]}"
+        )
     return info
-
