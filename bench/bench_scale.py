@@ -1,6 +1,6 @@
 """Ingest and training as the work grows: N source videos, one long video, a 10k-clip latent cache.
 
-    .venv/bin/python bench/bench_scale.py [--sizes 10,100,1000] [--long-minutes 20] [--train-clips 1000,10000]
+    .venv/bin/python bench/bench_scale.py [--sizes 10,100,1000] [--long-minutes 20] [--train-clips 10000]
 
 Every case runs in its own Python process (so its peak RSS, from getrusage of the process and of
 its ffmpeg children, is its own), on a fresh data root, with the local preset:
@@ -266,7 +266,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10,100,1000", help="numbers of source videos, comma-separated")
     ap.add_argument("--sources", default="folder,sample", help="which of folder, sample to ingest at each size")
     ap.add_argument("--long-minutes", type=float, default=20.0, help="length of the long 720p video (0: skip it)")
-    ap.add_argument("--train-clips", default="1000,10000", help="latent-cache sizes for the training case ('' skips)")
+    ap.add_argument("--train-clips", default="10000", help="latent-cache sizes for the training case ('' skips)")
     ap.add_argument("--train-samples", type=int, default=20000, help="samples read from the latent cache per size")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scale.json"))
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
