@@ -172,6 +172,46 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18)
     return path
 
 
+def encode_clip(path: str | Path, frames: list[av.VideoFrame], fps: float, crf: int = 18,
+                preset: str = "superfast") -> VideoInfo:
+    """Encode yuv420p frames of one (even) size as an H.264 mp4, atomically; the written clip's probe.
+
+    The scene cutter's writer: frames arrive already scaled into the encoder's pixel format (no RGB
+    round trip), and the clip's frames are counted from its packets, one per frame with x264's
+    defaults, checked against the file's own sample count, instead of decoding it again.
+    x264's superfast preset: encoding was the largest part of a split (veryfast 2.2 ms a 456x256
+    frame here, superfast 1.0 ms, medium 5.5 ms); at the same crf the picture is close and the
+    file about a third larger (bench/results/split_vs_opensora.json has the bytes).
+    """
+    if not frames:
+        raise ValueError(f"encode_clip({path}): no frames")
+    h, w = frames[0].height, frames[0].width
+    rate = Fraction(fps).limit_denominator(1001)
+    path = Path(path)
+    packets = 0
+    with atomic_output(path) as tmp:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=rate)
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            # one thread: identical frames give identical bytes
+            stream.options = {"crf": str(crf), "preset": preset, "threads": "1"}
+            for j, frame in enumerate(frames):
+                if (frame.height, frame.width, frame.format.name) != (h, w, "yuv420p"):
+                    raise ValueError(f"encode_clip({path}): frame {j} is {frame.width}x{frame.height} "
+                                     f"{frame.format.name}")
+                frame.pts, frame.time_base = j, 1 / rate
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+                    packets += 1
+            for packet in stream.encode():
+                container.mux(packet)
+                packets += 1
+    info = probe_video(path, count_frames=False)  # the file's own header: its sample count, rate and size
+    if info.num_frames != packets:
+        raise VideoError(f"{path}: {packets} packets written but the file lists {info.num_frames} frames")
+    return info
+
+
 def write_gif(path: str | Path, frames: np.ndarray, fps: float, scale: int = 1) -> Path:
     """A looping GIF preview of (T, H, W, 3) uint8 frames, optionally upscaled by an integer factor."""
     from PIL import Image

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import av
-import numpy as np
 from scenedetect import AdaptiveDetector, ContentDetector
 from scenedetect.video_stream import FrameRateUnavailable, VideoOpenFailure
 from soraflow.configs.schema import SplitConfig
@@ -39,10 +38,9 @@ from soraflow.storage.data.video_io import (
     check_geometry,
     probe_video,
     sha256_file,
-    stream_reformatter,
-    write_video,
 )
 from soraflow.tasks.ingest import scene_detect
+from soraflow.tasks.ingest.clip_cut import cut_clips
 
 # Errors that mean "this input is bad", as opposed to a shard-level failure (disk full), which raises.
 _BAD_VIDEO = (VideoError, VideoOpenFailure, av.error.FFmpegError, UnsafePathError)
@@ -119,7 +117,7 @@ def scene_clip_id(row: dict[str, Any], index: int, n_scenes: int) -> str:
     return safe_id(base if n_scenes == 1 else f"{base}-scene-{index}", "clip id")
 
 
-# ---------------------------------------------------------------- cutting
+# ---------------------------------------------------------------- cutting (tasks.ingest.clip_cut)
 
 
 def valid_clip(path: Path, num_frames: int, size: tuple[int, int]) -> VideoInfo | None:
@@ -131,92 +129,6 @@ def valid_clip(path: Path, num_frames: int, size: tuple[int, int]) -> VideoInfo 
     except VideoError:
         return None
     return info if info.num_frames == num_frames and (info.height, info.width) == size else None
-
-
-def _indexed_frames(container, stream, start_frame: int, fps: float):
-    """Yield (source frame index, frame) from start_frame on, seeking to the keyframe before it.
-
-    The index comes from the timestamp, round((pts - stream start) * time_base * fps), as
-    PySceneDetect's PyAV backend counts frames, so a seek does not shift the count.
-    """
-    t0 = stream.start_time or 0
-    if start_frame > 0:
-        container.seek(t0 + int(start_frame / fps / stream.time_base), stream=stream, backward=True)
-    for frame in container.decode(stream):
-        if frame.pts is None:
-            raise VideoError(f"{container.name}: frame without a timestamp; cannot cut frame-accurately")
-        tb = frame.time_base or stream.time_base
-        start = int(t0 * stream.time_base / tb) if t0 and tb != stream.time_base else t0
-        yield int(round(float((frame.pts - start) * tb) * fps)), frame
-
-
-def cut_clips(src: Path, plans: list[ScenePlan], src_fps: float, out_fps: float, size: tuple[int, int]) -> dict[int, VideoInfo | str]:
-    """Write each planned clip in one decoding pass; returns {scene index: probe of the clip, or the error}.
-
-    Per clip: (keep,) source frames -> (num_out, H, W, 3) uint8 RGB at out_fps -> H.264 mp4.
-    Only the clips being filled are held in memory (each at most max_seconds long).
-    """
-    results: dict[int, VideoInfo | str] = {}
-    if not plans:
-        return results
-    plans = sorted(plans, key=lambda p: p.first)
-    # source frame index -> [(plan, clip frame j)]; a frame can feed several clip frames when upsampling fps.
-    wanted: dict[int, list[tuple[ScenePlan, int]]] = {}
-    for p in plans:
-        for j in range(p.num_out):
-            wanted.setdefault(p.source_index(j, src_fps, out_fps), []).append((p, j))
-    buffers: dict[int, np.ndarray] = {}  # scene index -> (num_out, H, W, 3), allocated at its first frame
-    filled: dict[int, np.ndarray] = {p.index: np.zeros(p.num_out, bool) for p in plans}
-    last_needed = max(wanted)
-    pending = list(plans)
-    h, w = size
-    try:
-        with av.open(str(src)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            seen = plans[0].first - 1  # the last source frame index accounted for
-            to_rgb = stream_reformatter()
-            for idx, frame in _indexed_frames(container, stream, plans[0].first, src_fps):
-                # Variable frame rate: a frame that lasts longer than 1/src_fps covers the indices
-                # its timestamp skipped; it fills them, as ffmpeg's fps filter repeats frames.
-                hits = [k for k in range(seen + 1, idx + 1) if k in wanted]
-                seen = max(seen, idx)
-                if hits:
-                    rgb = to_rgb.reformat(frame, width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()  # (H, W, 3)
-                    for p, j in (pj for k in hits for pj in wanted[k]):
-                        if p.index not in buffers:
-                            buffers[p.index] = np.zeros((p.num_out, h, w, 3), np.uint8)
-                        buffers[p.index][j] = rgb
-                        filled[p.index][j] = True
-                # Write every clip whose last frame has gone by; free its buffer.
-                while pending and idx >= pending[0].source_index(pending[0].num_out - 1, src_fps, out_fps):
-                    p = pending.pop(0)
-                    results[p.index] = _finish_clip(p, buffers.pop(p.index, None), int(filled[p.index].sum()), out_fps, size)
-                if idx >= last_needed:
-                    break
-    except _BAD_VIDEO as e:
-        raise_if_environment(e, f"cutting clips of {src}")
-        for p in pending:
-            results[p.index] = f"{src}: decoding failed before scene {p.index} was cut: {e}"
-        return results
-    for p in pending:  # the decoder ran out before these scenes' last frames
-        results[p.index] = f"{src}: video ended before frame {p.first + p.keep - 1} (scene {p.index}); got {int(filled[p.index].sum())}/{p.num_out} clip frames"
-    return results
-
-
-def _finish_clip(p: ScenePlan, frames: np.ndarray | None, filled: int, out_fps: float, size: tuple[int, int]) -> VideoInfo | str:
-    """Encode one clip and check it: the probe, or why it failed (the source or the encoder)."""
-    if frames is None or filled != p.num_out:
-        return f"{p.path}: only {filled}/{p.num_out} frames decoded for scene {p.index} (timestamps not contiguous)"
-    try:
-        write_video(p.path, frames, out_fps)
-        info = probe_video(p.path)
-    except _BAD_VIDEO as e:
-        raise_if_environment(e, f"writing clip {p.path}")  # PyAV's ENOSPC is an FFmpegError: not a bad scene
-        return f"{p.path}: encoding scene {p.index} failed: {e}"
-    if info.num_frames != p.num_out or (info.height, info.width) != size:
-        return f"{p.path}: written clip has {info.num_frames} frames {info.height}x{info.width}, expected {p.num_out} {size[0]}x{size[1]}"
-    return info
 
 
 # ---------------------------------------------------------------- rows

@@ -32,6 +32,7 @@ from soraflow.storage.data.manifest import (
     ManifestError,
     mark_duplicates,
     read_rows,
+    read_rows_range,
     write_manifest,
 )
 from soraflow.tasks.task_policy import (
@@ -111,7 +112,7 @@ def split_shard(manifest: str, start: int, stop: int, split: SplitConfig, data_r
     """Detect scenes and cut clips for rows [start, stop) of a manifest."""
     from soraflow.tasks.ingest.scene_split import split_rows
 
-    rows = read_rows(manifest)[start:stop]
+    rows = read_rows_range(manifest, start, stop)
     out = split_rows(rows, DataRoot(data_root), split)
     return str(write_manifest(out, "split-shards", DataRoot(data_root), inputs=[manifest]))
 
@@ -121,7 +122,7 @@ def caption_shard(manifest: str, start: int, stop: int, caption: CaptionConfig, 
     """Caption rows [start, stop) with the configured captioners, in order."""
     from soraflow.tasks.ingest.caption import caption_rows
 
-    rows = read_rows(manifest)[start:stop]
+    rows = read_rows_range(manifest, start, stop)
     out = caption_rows(rows, caption)
     return str(write_manifest(out, "caption-shards", DataRoot(data_root), inputs=[manifest]))
 
@@ -131,7 +132,7 @@ def score_shard(manifest: str, start: int, stop: int, score: ScoreConfig, data_r
     """Motion (and aesthetic, when configured) scores and threshold filters for rows [start, stop)."""
     from soraflow.tasks.ingest.score import score_rows
 
-    rows = read_rows(manifest)[start:stop]
+    rows = read_rows_range(manifest, start, stop)
     out, notes = score_rows(rows, score)
     return str(write_manifest(out, "score-shards", DataRoot(data_root), inputs=[manifest], extra={"notes": notes}))
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import soraflow.flows.cli as cli
+import soraflow.tasks.ingest.clip_cut as clip_cut
 import soraflow.tasks.ingest.scene_split as scene_split
 import soraflow.tasks.ingest.sources.pexels as pexels_download
 import soraflow.tasks.sample_world.server as server_module
@@ -324,11 +325,11 @@ def test_disk_full_fails_the_run_clearly_and_caches_no_rejection(tmp_path, monke
     data = tmp_path / "data"
     p = params(data, SMALL)
 
-    def full_disk(path, frames, fps, crf=18):
+    def full_disk(path, frames, fps, **kw):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     with monkeypatch.context() as mp:
-        mp.setattr(scene_split, "write_video", full_disk)
+        mp.setattr(clip_cut, "encode_clip", full_disk)  # the clip writer of the scene cutter
         with pytest.raises(EnvironmentFault) as ei:
             run_ingest(p)
     msg = str(ei.value)

@@ -183,16 +183,17 @@ def test_kill_mid_download_then_rerun(tmp_path):
 
 SPLIT_CHILD = textwrap.dedent("""
     import json, sys, time
+    import soraflow.tasks.ingest.clip_cut as cc
     import soraflow.tasks.ingest.scene_split as ss
     from soraflow.configs.schema import SplitConfig
     from soraflow.storage.layout import DataRoot
     from soraflow.storage.data.manifest import read_rows
-    real = ss.write_video
+    real = cc.encode_clip
     def slow_write(*a, **k):  # a test hook in this child only: leaves time to kill between clips
         out = real(*a, **k)
         time.sleep(float(sys.argv[3]))
         return out
-    ss.write_video = slow_write
+    cc.encode_clip = slow_write
     rows = read_rows(sys.argv[1])
     out = ss.split_rows(rows, DataRoot(sys.argv[2]), SplitConfig(fps=24.0, short_side=64, min_seconds=0.5, max_seconds=5.0))
     print("ROWS " + json.dumps(out))
