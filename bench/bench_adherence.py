@@ -22,7 +22,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from soraflow.configs.schema import load_config, parse_override  # noqa: E402
+from soraflow.configs.loader import load_config, parse_override  # noqa: E402
 from soraflow.storage.layout import DataRoot  # noqa: E402
 
 ATTRS = ("color", "shape", "direction", "all")

@@ -118,7 +118,7 @@ def run_size(name: str, size: dict, modes: list[str], steps: int, warmup: int, m
 
 def run_sampling(repeats: int, prompts: int = 24, steps: int = 50) -> dict:
     """Median seconds of one evaluation batch (denoise + decode) per sampling precision."""
-    from soraflow.configs.schema import load_config
+    from soraflow.configs.loader import load_config
     from soraflow.models.text_to_video import TextToVideo
     from soraflow.models.vae import VideoVAE, build_tiny_vae
 

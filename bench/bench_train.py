@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "support"))  # the synthetic clip writer the tests use
 
 from machine import achieved, count_flops, describe, matmul_rates  # noqa: E402  (bench/ is sys.path[0])
-from soraflow.configs.schema import load_config  # noqa: E402
+from soraflow.configs.loader import load_config  # noqa: E402
 from soraflow.storage.data.holdout import DatasetSplit  # noqa: E402
 from soraflow.storage.layout import DataRoot  # noqa: E402
 from training_data import make_clip_manifest  # noqa: E402

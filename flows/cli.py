@@ -3,7 +3,7 @@
 Conventions (flows/console.py): results as a table and then their paths one per line, or one
 JSON object with --json; expected failures as one line, exit 2 for usage errors and 1 for run
 failures, a traceback only with --debug (or SORAFLOW_DEBUG=1); quiet unless --verbose.
-Over 400 lines on purpose: every command is a thin function, and one file shows them all.
+The registry commands are in flows/registry_commands.py, the shared options in flows/console.py.
 """
 
 from __future__ import annotations
@@ -17,25 +17,31 @@ from typing import Annotated, Optional
 import typer
 from soraflow.flows.console import (
     DEBUG_ENV,
+    ConfigOpt,
+    JsonOpt,
+    RootOpt,
+    SetOpt,
     UsageError,
     cli_errors,
+    console,
+    existing_file,
+    load_run,
     quiet_libraries,
     quiet_ray,
     quiet_tracebacks,
+    run_params,
     set_debug,
     show,
     stdout_for,
 )
-from soraflow.flows.console import console as _console
+from soraflow.flows.registry_commands import registry_app
 from soraflow.tasks.ingest import STAGES
 
 app = typer.Typer(help="SoraFlow: Open-Sora v1.0 text-to-video, from data to model, as Prefect flows.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
 run_app = typer.Typer(help="Run an end-to-end flow.", no_args_is_help=True)
-registry_app = typer.Typer(help="The MLflow model registry.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
 app.add_typer(registry_app, name="registry")
-console = _console  # tests may swap it for a wider one
 
 # Without a Prefect server configured, flows run on an ephemeral one started on first use; its first
 # start (database migrations) takes longer than Prefect's 20 s default on a 2-core laptop.
@@ -43,12 +49,6 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from an offline machine
 if os.environ.get("PREFECT_HOME"):  # Prefect creates its home but not the folders above it
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
-
-ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="A preset name (local, opensora-v1-16x256x256; presets come first) or a YAML file.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override one config key, e.g. --set train.steps=200 (repeatable).")]
-RootOpt = Annotated[Optional[str], typer.Option("--root", help="Data root (default: config data.root, or $SORAFLOW_HOME).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (paths, versions, metrics) and nothing else on stdout.")]
-
 
 Stage = Enum("Stage", [(s, s) for s in STAGES], type=str)  # the ingest stages, in order
 
@@ -84,27 +84,6 @@ def main_options(
     quiet_libraries(verbose)
 
 
-def _params(config: str, overrides: list[str] | None, root: str | None):
-    """The flows' parameter model, its config loaded once; a bad config raises ConfigError (one line, exit 2)."""
-    from soraflow.flows.params import RunParams
-
-    return RunParams.checked(config, overrides, root)
-
-
-def _load(config: str, overrides: list[str] | None, root: str | None = None):
-    return _params(config, overrides, root).load()
-
-
-def _existing(option: str, path: str | None) -> str:
-    if not path or not Path(path).is_file():
-        raise UsageError(f"{option} {path}: no such file")
-    return str(Path(path).resolve())
-
-
-def _show(title: str, data: dict, as_json: bool, paths: list[str] | None = None) -> None:
-    show(title, data, as_json, paths, out=console)
-
-
 # ---------------------------------------------------------------- generate
 
 
@@ -138,7 +117,7 @@ def generate(
     as_json: JsonOpt = False,
 ) -> None:
     """Text to video: the champion's weights when one is registered (random weights, said so, when none)."""
-    cfg, data_root = _load(config, set_, root)
+    cfg, data_root = load_run(config, set_, root)
     from soraflow.tasks.generate import generate_videos
 
     if ckpt is not None and model is not None:
@@ -156,10 +135,10 @@ def generate(
     data = {"weights": weights, "prompts": result.prompts, "videos": [str(p) for p in result.videos],
             "previews": [str(p) for p in result.gifs], "seconds": result.seconds}
     if as_json:
-        _show("generate", data, True)
+        show("generate", data, True)
         return
     # the table without the paths, then each video and its preview one per line, whole
-    _show("generate", {"weights": weights, "prompts": result.prompts, "seconds": result.seconds}, False,
+    show("generate", {"weights": weights, "prompts": result.prompts, "seconds": result.seconds}, False,
           paths=[str(p) for pair in zip(result.videos, result.gifs) for p in pair])
 
 
@@ -170,14 +149,14 @@ def generate(
 @cli_errors
 def ingest(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None, as_json: JsonOpt = False) -> None:
     """Sources -> scene split -> caption -> score, as a Prefect flow; prints the final manifest."""
-    params = _params(config, set_, root)
+    params = run_params(config, set_, root)
     from soraflow.flows.ingest import run_ingest
 
     quiet_tracebacks()
 
     with stdout_for(as_json):
         result = run_ingest(params)
-    _show("ingest", result, as_json, paths=[*result["stage_manifests"].values(), result["manifest"]])  # the final one last
+    show("ingest", result, as_json, paths=[*result["stage_manifests"].values(), result["manifest"]])  # the final one last
 
 
 @app.command()
@@ -185,38 +164,32 @@ def ingest(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = Non
 def stage(
     name: Annotated[Stage, typer.Argument(help="The stage to run.")],
     manifest: Annotated[Optional[str], typer.Option(help="Input manifest (not needed for download).")] = None,
-    config: ConfigOpt = "local",
-    set_: SetOpt = None,
-    root: RootOpt = None,
-    as_json: JsonOpt = False,
+    config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Run one ingest stage on a manifest and print the manifest it writes."""
-    params = _params(config, set_, root)
+    params = run_params(config, set_, root)
     if name is not Stage.download:
         if not manifest:
             raise UsageError(f"stage {name.value} needs --manifest (the output of the stage before it)")
-        manifest = _existing("--manifest", manifest)
+        manifest = existing_file("--manifest", manifest)
     from soraflow.flows.ingest import run_single_stage
 
     quiet_tracebacks()
 
     with stdout_for(as_json):
         result = run_single_stage(name.value, params, manifest)
-    _show(f"stage {name.value}", result, as_json, paths=[result["manifest"]])
+    show(f"stage {name.value}", result, as_json, paths=[result["manifest"]])
 
 
 @app.command()
 @cli_errors
 def train(
     manifest: Annotated[str, typer.Option(help="The training manifest (output of ingest).")],
-    config: ConfigOpt = "local",
-    set_: SetOpt = None,
-    root: RootOpt = None,
-    as_json: JsonOpt = False,
+    config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """(VAE fit) -> latent cache -> Ray Train STDiT -> evaluate -> register, as a Prefect flow."""
-    manifest = _existing("--manifest", manifest)
-    params = _params(config, set_, root)
+    manifest = existing_file("--manifest", manifest)
+    params = run_params(config, set_, root)
     from soraflow.flows.train import train_flow
 
     quiet_tracebacks()
@@ -224,7 +197,7 @@ def train(
 
     with stdout_for(as_json):
         result = train_flow(manifest, params)
-    _show("training", result.as_dict(), as_json)
+    show("training", result.as_dict(), as_json)
 
 
 @app.command()
@@ -239,8 +212,8 @@ def export(
     """Export a manifest for another tool: Open-Sora's training CSV."""
     from soraflow.tasks.export import export_opensora_csv
 
-    result = export_opensora_csv(_existing("--manifest", manifest), out, root)
-    _show("export", {"format": format.value, **result}, as_json, paths=[result["out"]])
+    result = export_opensora_csv(existing_file("--manifest", manifest), out, root)
+    show("export", {"format": format.value, **result}, as_json, paths=[result["out"]])
 
 
 # ---------------------------------------------------------------- end to end
@@ -250,13 +223,10 @@ def export(
 @cli_errors
 def run_local(
     budget: Annotated[Budget, typer.Option(help="Training budget: small (60 clips, 300 steps: about 1.5 min on 2 cores), default (156 clips, 2000 steps: about 6 min on 2 cores) or large (276 clips, 5000 steps, decaying rate: about twice default).")] = Budget.default,
-    config: ConfigOpt = "local",
-    set_: SetOpt = None,
-    root: RootOpt = None,
-    as_json: JsonOpt = False,
+    config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """The whole life cycle on a synthetic sample served on loopback: ingest, train, evaluate, register, generate."""
-    params = _params(config, set_, root)
+    params = run_params(config, set_, root)
     from soraflow.flows.local import local_flow, start_up
 
     quiet_tracebacks()
@@ -265,14 +235,14 @@ def run_local(
     with stdout_for(as_json):
         start_up(params, budget=budget.value)
         summary = local_flow(params, budget=budget.value)
-    _show("SoraFlow local run", summary, as_json)
+    show("SoraFlow local run", summary, as_json)
 
 
 @run_app.command("pipeline")
 @cli_errors
 def run_pipeline(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None, as_json: JsonOpt = False) -> None:
     """Ingest then train (no generation), as one Prefect flow."""
-    params = _params(config, set_, root)
+    params = run_params(config, set_, root)
     from soraflow.flows.pipeline import pipeline_flow
 
     quiet_tracebacks()
@@ -280,7 +250,7 @@ def run_pipeline(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt
 
     with stdout_for(as_json):
         result = pipeline_flow(params)
-    _show("pipeline", result, as_json)
+    show("pipeline", result, as_json)
 
 
 @app.command()
@@ -292,7 +262,7 @@ def serve(
     root: RootOpt = None,
 ) -> None:
     """Serve the pipeline deployment (cron) and the train deployment (new-dataset trigger) until stopped."""
-    params = _params(config, set_, root)
+    params = run_params(config, set_, root)
     from soraflow.flows.deploy import serve_deployments
 
     quiet_tracebacks()
@@ -311,7 +281,7 @@ def sample_server(
     """Serve the synthetic sample source on 127.0.0.1 (HD-VG metadata, Inter4k zip, Pexels API)."""
     import time
 
-    cfg, data_root = _load(config, set_, root)
+    cfg, data_root = load_run(config, set_, root)
     from soraflow.tasks.sample_world.server import SampleServer
 
     with SampleServer(data_root.root / "sample_source", cfg.ingest.sample_source) as server:
@@ -322,59 +292,6 @@ def sample_server(
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass
-
-
-# ---------------------------------------------------------------- registry
-
-
-def _registry(config: str, set_: list[str] | None, root: str | None):
-    cfg, data_root = _load(config, set_, root)
-    from soraflow.storage.registry.model_registry import ModelRegistry
-
-    return cfg, ModelRegistry(data_root, cfg.registry)
-
-
-@registry_app.command("list")
-@cli_errors
-def registry_list(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None, as_json: JsonOpt = False) -> None:
-    """Every registered version with its aliases and metrics."""
-    from rich.table import Table
-
-    cfg, registry = _registry(config, set_, root)
-    versions = registry.list_versions()
-    if as_json:
-        _show("", {"model": cfg.registry.model_name, "versions": [
-            {"version": v.version, "aliases": list(v.aliases), "metrics": v.metrics, "dataset_version": v.tags.get("dataset_version"),
-             "run_id": v.run_id, "source": v.source} for v in versions]}, True)
-        return
-    table = Table(title=f"registry: {cfg.registry.model_name}")
-    for col in ("version", "aliases", "metrics", "dataset", "created"):
-        table.add_column(col)
-    for v in versions:
-        metrics = ", ".join(f"{k}={float(x):.4g}" for k, x in sorted(v.metrics.items()))
-        table.add_row(str(v.version), ",".join(v.aliases), metrics, v.tags.get("dataset_version", ""), str(getattr(v, "created", "")))
-    console.print(table if versions else "no registered versions yet")
-
-
-@registry_app.command("show")
-@cli_errors
-def registry_show(ref: Annotated[str, typer.Argument(help="champion, an alias, a version number or latest")] = "champion", config: ConfigOpt = "local",
-                  set_: SetOpt = None, root: RootOpt = None, as_json: JsonOpt = False) -> None:
-    """One version: tags, metrics, aliases and where its files are."""
-    cfg, registry = _registry(config, set_, root)
-    info = registry.get(ref)
-    _show(f"{cfg.registry.model_name} v{info.version}", {"model": cfg.registry.model_name, "version": info.version, "aliases": info.aliases,
-          "run_id": info.run_id, "source": info.source, "metrics": info.metrics, "tags": info.tags}, as_json)
-
-
-@registry_app.command("promote")
-@cli_errors
-def registry_promote(version: Annotated[str, typer.Argument(help="The version number to promote.")], alias: Annotated[str, typer.Option(help="Alias to move.")] = "champion",
-                     config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None, as_json: JsonOpt = False) -> None:
-    """Move an alias (default champion) to a version, by hand."""
-    cfg, registry = _registry(config, set_, root)
-    registry.promote(version, alias=alias)
-    _show("promote", {"model": cfg.registry.model_name, "alias": alias, "version": version}, as_json)
 
 
 # ---------------------------------------------------------------- explain
@@ -390,12 +307,10 @@ def explain(
     steps: Annotated[int, typer.Option(help="Sampling steps (generation).")] = 8,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     out: Annotated[Optional[str], typer.Option(help="Folder for the PNGs (default: <data root>/outputs/explain).")] = None,
-    config: ConfigOpt = "local",
-    set_: SetOpt = None,
-    root: RootOpt = None,
+    config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None,
 ) -> None:
     """Run one generation (or one training step) and print every stage's tensor shape, from hooks on the live modules."""
-    cfg, data_root = _load(config, set_, root)
+    cfg, data_root = load_run(config, set_, root)
     from soraflow.tasks.explain import explain_generation, explain_training
 
     folder = Path(out) if out else data_root.samples.parent / "explain"

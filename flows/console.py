@@ -1,4 +1,5 @@
-"""What the command line prints: result tables or one JSON object, one-line errors, quiet libraries.
+"""The command line's shared conventions: the options every command takes, what it prints (result
+tables or one JSON object), one-line errors, quiet libraries.
 
 * Results: a table (paths never folded mid-name) followed by every result path one per line,
   or with --json exactly one JSON object on stdout and nothing else there (anything the run
@@ -21,7 +22,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -37,6 +38,35 @@ class UsageError(ValueError):
     """A bad command-line input (a missing file, an option that does not fit): exit code 2."""
 
 
+# ---------------------------------------------------------------- options every command takes
+
+ConfigOpt = Annotated[str, typer.Option(
+    "--config", "-c", help="A preset name (local, opensora-v1-16x256x256; presets come first) or a YAML file.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", "-s", help="Override one config key, e.g. --set train.steps=200 (repeatable).")]
+RootOpt = Annotated[Optional[str], typer.Option("--root", help="Data root (default: config data.root, or $SORAFLOW_HOME).")]
+JsonOpt = Annotated[bool, typer.Option(
+    "--json", help="Print one JSON object (paths, versions, metrics) and nothing else on stdout.")]
+
+
+def run_params(config: str, overrides: list[str] | None, root: str | None):
+    """The flows' parameter model, its config loaded once; a bad config raises ConfigError (one line, exit 2)."""
+    from soraflow.flows.params import RunParams
+
+    return RunParams.checked(config, overrides, root)
+
+
+def load_run(config: str, overrides: list[str] | None, root: str | None = None):
+    """(validated config, data root) of a command's --config, --set and --root."""
+    return run_params(config, overrides, root).load()
+
+
+def existing_file(option: str, path: str | None) -> str:
+    if not path or not Path(path).is_file():
+        raise UsageError(f"{option} {path}: no such file")
+    return str(Path(path).resolve())
+
+
 _flags = {"debug": False}  # set by the command line's --debug on every invocation
 
 
@@ -50,7 +80,7 @@ def debug_enabled() -> bool:
 
 def _is_usage(e: BaseException) -> bool:
     from pydantic import ValidationError
-    from soraflow.configs.schema import ConfigError
+    from soraflow.configs.loader import ConfigError
 
     return isinstance(e, (UsageError, ConfigError, ValidationError))
 

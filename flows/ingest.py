@@ -10,7 +10,8 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from soraflow.configs.schema import SoraFlowConfig, config_hash
+from soraflow.configs.loader import config_hash
+from soraflow.configs.schema import SoraFlowConfig
 from soraflow.flows.params import RunParams
 from soraflow.storage.layout import DataRoot, file_lock
 from soraflow.storage.data.manifest import (

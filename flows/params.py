@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_validator
-from soraflow.configs.schema import ConfigError, SoraFlowConfig, load_config, resolve_config_path
+from soraflow.configs.loader import ConfigError, load_config, resolve_config_path
+from soraflow.configs.schema import SoraFlowConfig
 from soraflow.storage.layout import DataRoot
 
 _LOADED: dict[tuple, SoraFlowConfig] = {}  # one validated config per (reference, overrides, file state)

@@ -30,7 +30,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-from soraflow.configs.schema import SCORER_METRICS, ConfigError, SoraFlowConfig
+from soraflow.configs.loader import ConfigError
+from soraflow.configs.schema import SCORER_METRICS, SoraFlowConfig
 from soraflow.storage.data.dataset import VideoClipDataset
 from soraflow.storage.data.video_io import to_uint8_frames
 

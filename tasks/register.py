@@ -15,7 +15,8 @@ from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
-from soraflow.configs.schema import SoraFlowConfig, config_hash
+from soraflow.configs.loader import config_hash
+from soraflow.configs.schema import SoraFlowConfig
 from soraflow.storage.data.holdout import DatasetSplit
 from soraflow.storage.layout import DataRoot
 from soraflow.storage.registry.model_card import write_model_card

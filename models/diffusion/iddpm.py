@@ -73,6 +73,17 @@ def respaced_betas(alphas_cumprod: np.ndarray, use_timesteps: set[int]) -> tuple
     return np.array(betas, dtype=np.float64), timestep_map
 
 
+def loss_inputs(scheduler, x0: torch.Tensor, t: torch.Tensor | None, noise: torch.Tensor | None,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t on x0's device, noise) of a training-loss call: the ones given, else drawn in that order
+    (the timesteps by the scheduler's own rule, then Gaussian noise shaped like x0)."""
+    if t is None:
+        t = scheduler.sample_timesteps(x0.shape[0], x0.device, generator)
+    if noise is None:
+        noise = randn(x0.shape, generator, x0.device, x0.dtype)
+    return t.to(x0.device), noise
+
+
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """(B, ...) -> (B,): mean over every non-batch dim."""
     return x.mean(dim=tuple(range(1, x.ndim)))
@@ -227,11 +238,8 @@ class IDDPM:
     def training_loss(self, model: Callable, x0: torch.Tensor, model_kwargs: dict, t: torch.Tensor | None = None,
                       noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Per-sample (B,) "loss" = "mse" + "vb" for latents x0 (B, C, T, H, W) at timesteps t (B,) int."""
-        if t is None:
-            t = self.sample_timesteps(x0.shape[0], x0.device, generator)
-        t = t.to(x0.device).long()
-        if noise is None:
-            noise = randn(x0.shape, generator, x0.device, x0.dtype)
+        t, noise = loss_inputs(self, x0, t, noise, generator)
+        t = t.long()
         x_t = self.diffusion.q_sample(x0, t, noise)  # (B, C, T, H, W)
         out = model(x_t, t, **model_kwargs).float()  # (B, 2C, T, H, W) = [eps ; v]
         c = x0.shape[1]

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..noise import randn
-from .iddpm import expand_null, mean_flat
+from .iddpm import expand_null, loss_inputs, mean_flat
 
 
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -69,11 +69,8 @@ class RFlow:
     def training_loss(self, model: Callable, x0: torch.Tensor, model_kwargs: dict, t: torch.Tensor | None = None,
                       noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Per-sample (B,) "loss" = mean((v_pred - (x0 - noise))^2) at model times t (B,) in [0, 1000]."""
-        if t is None:
-            t = self.sample_timesteps(x0.shape[0], x0.device, generator)
-        t = t.to(x0.device).float()
-        if noise is None:
-            noise = randn(x0.shape, generator, x0.device, x0.dtype)
+        t, noise = loss_inputs(self, x0, t, noise, generator)
+        t = t.float()
         x_t = interpolate(x0, noise, t / self.num_timesteps)  # (B, C, T, H, W)
         v = model(x_t, t, **model_kwargs).float()[:, : x0.shape[1]]  # (B, C, T, H, W); drop sigma channels if any
         return {"loss": mean_flat((v - velocity_target(x0, noise).float()) ** 2)}

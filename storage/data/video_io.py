@@ -67,6 +67,17 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def first_video_stream(container, path: str | Path, threads: bool = True):
+    """The container's first video stream, decoded on FFmpeg's frame threads when `threads`;
+    VideoError naming `path` when it has none."""
+    if not container.streams.video:
+        raise VideoError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    if threads:
+        stream.thread_type = "AUTO"
+    return stream
+
+
 def probe_video(path: str | Path, count_frames: bool = True) -> VideoInfo:
     """Frame count, fps and size. Counts frames by demuxing (exact) unless count_frames=False."""
     path = Path(path)
@@ -74,9 +85,7 @@ def probe_video(path: str | Path, count_frames: bool = True) -> VideoInfo:
         raise VideoError(f"{path}: missing or empty file")
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoError(f"{path}: no video stream")
-            stream = container.streams.video[0]
+            stream = first_video_stream(container, path, threads=False)
             fps = float(stream.average_rate or stream.guessed_rate or 0)
             height, width = stream.codec_context.height, stream.codec_context.width
             check_geometry(path, height, width, fps, int(stream.frames or 0))
@@ -113,10 +122,7 @@ def read_frames(path: str | Path, indices: list[int] | None = None, size: tuple[
     got: dict[int, np.ndarray] = {}
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            stream = first_video_stream(container, path)
             height, width = stream.codec_context.height, stream.codec_context.width
             check_geometry(path, height, width)
             out_h, out_w = size if size is not None else (height, width)

@@ -1,5 +1,4 @@
 """The model registry: MLflow runs and registered model versions, pickle-free.
-(Over 400 lines: one class over one MLflow concept; the pyfunc model and tracking helpers live beside it.)
 
     <data root>/registry/mlflow.db        tracking + registry backend (sqlite), unless
                                           cfg.tracking_uri points at a shared server
@@ -24,14 +23,13 @@ module is cheap. Telemetry is switched off before MLflow is first imported.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from soraflow.configs.schema import RegistryConfig
 from soraflow.storage.checkpoints import CheckpointError, refuse_pickles
@@ -41,6 +39,7 @@ from soraflow.storage.registry.mlflow_model import (
     log_pyfunc_model,
     model_dir_in,
 )
+from soraflow.storage.registry.tracking import RunLog
 
 # No network from MLflow: no usage telemetry, no artifact progress bars on stderr.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -81,19 +80,8 @@ def _mlflow():
     return mlflow
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{key}."))
-        else:
-            out[key] = v
-    return out
-
-
-class ModelRegistry:
-    """Runs and versions of one registered model (cfg.model_name) in one MLflow backend."""
+class ModelRegistry(RunLog):
+    """Runs (tracking.RunLog) and versions of one registered model (cfg.model_name) in one MLflow backend."""
 
     def __init__(self, root: DataRoot, cfg: RegistryConfig | None = None):
         self.root = root
@@ -145,54 +133,6 @@ class ModelRegistry:
             else:
                 self._experiment_id = exp.experiment_id
         return self._experiment_id
-
-    # ------------------------------------------------------------ runs
-
-    def start_run(self, run_name: str, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None) -> str:
-        """Open a run in the experiment and log its params (nested dicts flattened to a.b.c)."""
-        from mlflow.entities import Param
-
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()})
-        flat = _flatten(params or {})
-        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(run.info.run_id, params=items[i : i + 100])
-        return run.info.run_id
-
-    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
-
-    @contextlib.contextmanager
-    def run(self, run_name: str, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None) -> Iterator[str]:
-        """`with registry.run(...) as run_id:`; the run ends FINISHED, or FAILED if the block raises."""
-        run_id = self.start_run(run_name, params, tags)
-        try:
-            yield run_id
-        except BaseException:
-            self.end_run(run_id, "FAILED")
-            raise
-        self.end_run(run_id, "FINISHED")
-
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(step or 0)) for k, v in metrics.items()]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[i : i + 1000])
-
-    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        """A file (loss-curve PNG, sample mp4/gif) or a whole folder, under `artifact_path`."""
-        path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(run_id, str(path), artifact_path)
-        elif path.is_file():
-            self.client.log_artifact(run_id, str(path), artifact_path)
-        else:
-            raise RegistryError(f"{self.name}: cannot log {path}: no such file or folder")
-
-    def run_artifact_uri(self, run_id: str) -> str:
-        return self.client.get_run(run_id).info.artifact_uri
 
     # ------------------------------------------------------------ versions
 

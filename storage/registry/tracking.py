@@ -1,27 +1,76 @@
-"""What a training run records in MLflow besides params and the model: the per-step metric
-history (so `mlflow ui` draws the loss curve), the dataset version as an MLflow dataset input,
-and the redaction every logged config goes through.
+"""What a training run records in MLflow besides the model: the run itself with its params,
+metrics and artifacts (`RunLog`, the runs half of storage/registry/model_registry.py's
+`ModelRegistry`), the per-step metric history (so `mlflow ui` draws the loss curve), the dataset
+version as an MLflow dataset input, and the run's page in the UI.
 
-Functions take an `MlflowClient` (storage/registry/model_registry.py's `ModelRegistry.client`) and a run id.
+Functions take an `MlflowClient` (`ModelRegistry.client`) and a run id.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 from soraflow.storage.redact import redact_url
 
 
-def read_loss_history(checkpoint_dir: str | Path) -> list[tuple[int, float]]:
-    """[(step, loss)] from a training checkpoint's state.json (`meta.loss_history`), without its tensors."""
-    path = Path(checkpoint_dir) / "state.json"
-    try:
-        meta = json.loads(path.read_text())["meta"]
-    except (OSError, KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: no readable training state with a loss history: {e}") from e
-    return [(int(step), float(loss)) for step, loss in meta.get("loss_history", [])]
+def flatten_params(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten_params(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+class RunLog:
+    """Runs of one MLflow experiment; the subclass provides `client`, `experiment_id` and `name`."""
+
+    def start_run(self, run_name: str, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None) -> str:
+        """Open a run in the experiment and log its params (nested dicts flattened to a.b.c)."""
+        from mlflow.entities import Param
+
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()})
+        flat = flatten_params(params or {})
+        items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run.info.run_id, params=items[i : i + 100])
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    @contextlib.contextmanager
+    def run(self, run_name: str, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None) -> Iterator[str]:
+        """`with registry.run(...) as run_id:`; the run ends FINISHED, or FAILED if the block raises."""
+        run_id = self.start_run(run_name, params, tags)
+        try:
+            yield run_id
+        except BaseException:
+            self.end_run(run_id, "FAILED")
+            raise
+        self.end_run(run_id, "FINISHED")
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        log_history(self.client, run_id, {k: [(int(step or 0), v)] for k, v in metrics.items()})
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        """A file (loss-curve PNG, sample mp4/gif) or a whole folder, under `artifact_path`."""
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+        elif path.is_file():
+            self.client.log_artifact(run_id, str(path), artifact_path)
+        else:
+            raise FileNotFoundError(f"{self.name}: cannot log {path}: no such file or folder")
+
+    def run_artifact_uri(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.artifact_uri
 
 
 def log_history(client, run_id: str, series: dict[str, list[tuple[int, float]]]) -> int:

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from soraflow.configs.schema import CaptionConfig, ConfigError
+from soraflow.configs.loader import ConfigError
+from soraflow.configs.schema import CaptionConfig
 from soraflow.storage.faults import raise_if_environment
 from soraflow.storage.layout import DataRoot
 from soraflow.storage.data.manifest import read_rows, reject, write_manifest

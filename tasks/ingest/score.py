@@ -26,7 +26,8 @@ from typing import Any
 
 import cv2
 import numpy as np
-from soraflow.configs.schema import ConfigError, ScoreConfig
+from soraflow.configs.loader import ConfigError
+from soraflow.configs.schema import ScoreConfig
 from soraflow.storage.faults import raise_if_environment
 from soraflow.storage.layout import DataRoot
 from soraflow.storage.data.manifest import read_rows, reject, write_manifest

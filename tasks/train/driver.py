@@ -31,7 +31,8 @@ from typing import Callable, Sequence
 
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from soraflow.configs.schema import SoraFlowConfig, config_hash
+from soraflow.configs.loader import config_hash
+from soraflow.configs.schema import SoraFlowConfig
 from soraflow.storage.checkpoints import CheckpointError
 from soraflow.storage.data.holdout import DatasetSplit
 from soraflow.storage.data.latent_cache import CacheInfo

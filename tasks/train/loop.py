@@ -34,7 +34,8 @@ from typing import Any, Callable
 import ray.train
 import ray.train.torch
 import torch
-from soraflow.configs.schema import SoraFlowConfig, config_hash
+from soraflow.configs.loader import config_hash
+from soraflow.configs.schema import SoraFlowConfig
 from soraflow.models.noise import randn
 from soraflow.storage.checkpoints import load_weights_into, read_state_dict
 from soraflow.storage.data.dataset import VideoClipDataset

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 import pytest
-from soraflow.configs.schema import CONFIG_DIR, ConfigError, config_hash, load_config
+from soraflow.configs.loader import CONFIG_DIR, ConfigError, config_hash, load_config
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from footage import copy_real
-from soraflow.configs.schema import CONFIG_DIR
+from soraflow.configs.loader import CONFIG_DIR
 from soraflow.flows.cli import app
 from soraflow.storage.data.manifest import read_rows
 from typer.testing import CliRunner

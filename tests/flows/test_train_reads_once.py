@@ -4,7 +4,7 @@ A tiny run of the command (in this process, its own temporary Prefect server) wi
 counted: the config is read once, the manifest once, no clip is probed (the manifest holds the
 frame counts), the VAE and the T5 are loaded once for the latent cache and once from the exported
 model folder by evaluation (never only to learn the STDiT's shape), the model card is written
-once, and the loss history is not read back from the checkpoint. Trained with
+once, and the loss history travels in the training result. Trained with
 `scheduler.logit_std != 1`, evaluation draws its timesteps from the training distribution.
 """
 
@@ -31,7 +31,6 @@ def counted(tmp_path_factory):
     import soraflow.storage.data.manifest as manifest
     import soraflow.storage.data.video_io as video_io
     import soraflow.storage.registry.model_card as model_card
-    import soraflow.storage.registry.tracking as tracking
     from soraflow.flows.cli import app
     from soraflow.models.diffusion.rflow import RFlow
     from soraflow.models.text_encoder import T5TextEncoder
@@ -58,7 +57,6 @@ def counted(tmp_path_factory):
     counting(manifest, "read_manifest", "manifest")
     counting(video_io, "probe_video", "probe")
     counting(model_card, "model_card_text", "model card")
-    counting(tracking, "read_loss_history", "loss history read back")
     vae_load, t5_init, draw = VideoVAE.from_pretrained.__func__, T5TextEncoder.__init__, RFlow.sample_timesteps
 
     def vae_from(cls, path, *a, **k):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from soraflow.configs.schema import load_config
+from soraflow.configs.loader import load_config
 from soraflow.storage.layout import DataRoot
 from soraflow.storage.data.manifest import new_row, write_manifest
 from soraflow.storage.data.video_io import write_video

@@ -10,7 +10,8 @@ import open_clip
 import pytest
 import torch
 from safetensors.torch import save_file
-from soraflow.configs.schema import SCORER_METRICS, ConfigError, load_config
+from soraflow.configs.loader import ConfigError, load_config
+from soraflow.configs.schema import SCORER_METRICS
 from soraflow.tasks.eval_scorers import SCORERS, ClipSimilarity, run_scorers
 from tiny_clip import make_tiny_clip
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 from PIL import Image
-from soraflow.configs.schema import load_config
+from soraflow.configs.loader import load_config
 from soraflow.storage.layout import DataRoot
 from soraflow.tasks.explain import explain_generation, explain_training
 

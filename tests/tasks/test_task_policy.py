@@ -2,7 +2,7 @@ from types import SimpleNamespace
 
 import pytest
 from prefect.states import Failed
-from soraflow.configs.schema import ConfigError
+from soraflow.configs.loader import ConfigError
 from soraflow.storage.faults import EnvironmentFault
 from soraflow.storage.layout import UnsafePathError
 from soraflow.tasks.task_policy import (
@@ -73,7 +73,7 @@ def test_cache_key_reads_config_sections_by_value(tmp_path):
 
 
 def test_cache_key_hashes_pydantic_arguments_by_their_json(tmp_path):
-    from soraflow.configs.schema import load_config
+    from soraflow.configs.loader import load_config
 
     ctx = SimpleNamespace(task=SimpleNamespace(fn=_task_fn, name="t"))
     root = str(tmp_path / "root")

@@ -49,14 +49,8 @@ def _module(kind: str):
     return importlib.import_module(f"soraflow.tasks.ingest.sources.{_KINDS[kind]}")
 
 
-def list_items(
-    source: SourceConfig,
-    http: HttpConfig,
-    root: DataRoot,
-    *,
-    session: requests.Session | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-) -> list[dict]:
+def list_items(source: SourceConfig, http: HttpConfig, root: DataRoot, *, session: requests.Session | None = None,
+               sleep: Callable[[float], None] = time.sleep) -> list[dict]:
     """The source's work items (at most source.max_videos), as JSON-serialisable dicts."""
     mod = _module(source.kind)
     with _session(session) as sess:
@@ -79,15 +73,8 @@ def list_items_or_error(source: SourceConfig, http: HttpConfig, root: DataRoot, 
         return [{"video_id": f"{source.kind}-source", "source_url": redact_url(source.url), LISTING_ERROR: f"listing the source failed: {reason}"}]
 
 
-def download_items(
-    source: SourceConfig,
-    items: list[dict],
-    root: DataRoot,
-    http: HttpConfig,
-    *,
-    session: requests.Session | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-) -> list[dict]:
+def download_items(source: SourceConfig, items: list[dict], root: DataRoot, http: HttpConfig, *,
+                   session: requests.Session | None = None, sleep: Callable[[float], None] = time.sleep) -> list[dict]:
     """Fetch every item -> manifest rows (one or more per item; failures are rejected rows)."""
     mod = _module(source.kind)
     rows: list[dict] = []

@@ -41,7 +41,7 @@ from soraflow.storage.layout import (
     safe_join,
 )
 from soraflow.storage.data.manifest import new_row, reject
-from soraflow.storage.data.video_io import VideoError, VideoInfo, stream_reformatter
+from soraflow.storage.data.video_io import VideoError, VideoInfo, first_video_stream, stream_reformatter
 from soraflow.tasks.ingest.http import (
     BadInputError,
     TransientError,
@@ -208,10 +208,7 @@ def cut_span(src: Path, dest: Path, start_s: float, end_s: float, crf: int = 18)
     eps = 1e-3  # timecodes have millisecond precision
     try:
         with av.open(str(src)) as inp:
-            if not inp.streams.video:
-                raise VideoError(f"{src}: no video stream")
-            vs = inp.streams.video[0]
-            vs.thread_type = "AUTO"
+            vs = first_video_stream(inp, src)
             rate = vs.average_rate or vs.guessed_rate
             if not rate:
                 raise VideoError(f"{src}: unknown frame rate")

@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
-from soraflow.configs.schema import CaptionConfig, ConfigError
+from soraflow.configs.loader import ConfigError
+from soraflow.configs.schema import CaptionConfig
 from soraflow.models.llava import LlavaCaptionModel, build_tiny_llava
 from soraflow.storage.layout import DataRoot
 from soraflow.storage.data.manifest import lineage, new_row, read_rows, write_manifest

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from soraflow.configs.schema import ConfigError, ScoreConfig
+from soraflow.configs.loader import ConfigError
+from soraflow.configs.schema import ScoreConfig
 from soraflow.storage.layout import DataRoot
 from soraflow.storage.data.manifest import lineage, new_row, read_rows, write_manifest
 from soraflow.storage.data.video_io import read_frames

@@ -10,14 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from footage import copy_real, write_audio_only, write_noise_video, write_vfr_video
-from soraflow.configs.schema import (
-    CaptionConfig,
-    ConfigError,
-    HttpConfig,
-    SourceConfig,
-    SplitConfig,
-    load_config,
-)
+from soraflow.configs.loader import ConfigError, load_config
+from soraflow.configs.schema import CaptionConfig, HttpConfig, SourceConfig, SplitConfig
 from soraflow.storage.layout import DataRoot
 from soraflow.tasks.ingest.caption import caption_rows
 from soraflow.tasks.ingest.http import BadInputError

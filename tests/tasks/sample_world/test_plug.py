@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 import requests
-from soraflow.configs.schema import load_config
+from soraflow.configs.loader import load_config
 from soraflow.storage.layout import DataRoot
 from soraflow.tasks.ingest.sources.pexels import ENV_KEY
 from soraflow.tasks.sample_world.plug import SAMPLE_TOKEN, sample_source, stable_port
