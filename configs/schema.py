@@ -73,7 +73,9 @@ class SourceConfig(Section):
         if self.kind == "folder" and (not self.path or self.url):
             raise ValueError("source kind 'folder' needs path (a local folder of videos) and no url")
         if self.kind in ("csv", "parquet") and bool(self.path) == bool(self.url):
-            raise ValueError(f"source kind {self.kind!r} needs exactly one of path (a local file) or url (a remote one)")
+            raise ValueError(
+                f"source kind {self.kind!r} needs exactly one of path (a local file) or url (a remote one)"
+            )
         return self
 
 
@@ -123,7 +125,9 @@ class CaptionConfig(Section):
     @model_validator(mode="after")
     def _llava_needs_path(self) -> "CaptionConfig":
         if "llava" in self.captioners and not self.llava_path:
-            raise ValueError("captioner 'llava' needs caption.llava_path (a local LLaVA directory in transformers format)")
+            raise ValueError(
+                "captioner 'llava' needs caption.llava_path (a local LLaVA directory in transformers format)"
+            )
         return self
 
 
@@ -221,8 +225,12 @@ class SchedulerConfig(Section):
     num_sampling_steps: int = 100
     cfg_scale: float = 7.0
     num_train_timesteps: int = 1000
-    shift: float = Field(1.0, gt=0)  # rflow only: tau' = s tau / (1 + (s - 1) tau), s > 1 trains and samples nearer noise
-    logit_std: float = Field(1.0, gt=0)  # rflow only: training times logit-normal(ln shift, logit_std); > 1 reaches mid and high noise more often
+    shift: float = Field(
+        1.0, gt=0
+    )  # rflow only: tau' = s tau / (1 + (s - 1) tau), s > 1 trains and samples nearer noise
+    logit_std: float = Field(
+        1.0, gt=0
+    )  # rflow only: training times logit-normal(ln shift, logit_std); > 1 reaches mid and high noise more often
     # Sampling (and the VAE decode after it) under torch.autocast: bf16 matmuls where the CPU has them.
     sample_precision: Literal["fp32", "bf16"] = "fp32"
 
@@ -266,7 +274,9 @@ class TrainConfig(Section):
 ALWAYS_METRICS = ("val_loss",)
 SCORER_METRICS: dict[str, tuple[str, ...]] = {
     # the synthetic world's prompt adherence (captions from its colour/shape/direction vocabulary)
-    "adherence": tuple(f"{p}_{a}" for p in ("adherence", "recon_adherence") for a in ("color", "shape", "direction", "all"))
+    "adherence": tuple(
+        f"{p}_{a}" for p in ("adherence", "recon_adherence") for a in ("color", "shape", "direction", "all")
+    )
     + ("adherence_shape_fixed", "adherence_all_fixed"),
     # open_clip text-video similarity (cosine x 100, CLIPScore's scale) of samples to their prompts
     "clip_similarity": ("clip_score", "recon_clip_score"),
@@ -292,7 +302,9 @@ class EvalConfig(Section):
         if self.metric not in produced:
             owner = next((s for s, ms in SCORER_METRICS.items() if self.metric in ms), None)
             hint = f"add {owner!r} to eval.scorers" if owner else f"use one of {', '.join(produced)}"
-            raise ValueError(f"champion metric {self.metric!r} is not produced by the configured scorers {self.scorers}: {hint}")
+            raise ValueError(
+                f"champion metric {self.metric!r} is not produced by the configured scorers {self.scorers}: {hint}"
+            )
         return self
 
 
@@ -333,9 +345,17 @@ class SoraFlowConfig(Section):
     @model_validator(mode="after")
     def _adherence_needs_synthetic_captions(self) -> "SoraFlowConfig":
         own = [s.kind for s in self.ingest.sources if s.kind in ("folder", "csv", "parquet")]
-        if "adherence" in self.eval.scorers and own and len(own) == len(self.ingest.sources) and not self.ingest.sample_source.enabled:
-            raise ValueError(f"eval.scorers 'adherence' scores only the synthetic sample's captions, and every source here is your own "
-                             f"footage ({', '.join(own)}): set eval.scorers to [] (or [clip_similarity]) and eval.metric to val_loss")
+        if (
+            "adherence" in self.eval.scorers
+            and own
+            and len(own) == len(self.ingest.sources)
+            and not self.ingest.sample_source.enabled
+        ):
+            raise ValueError(
+                "eval.scorers 'adherence' scores only the synthetic sample's captions, "
+                f"and every source here is your own footage ({', '.join(own)}): "
+                "set eval.scorers to [] (or [clip_similarity]) and eval.metric to val_loss"
+            )
         return self
 
     @model_validator(mode="after")

@@ -37,8 +37,8 @@ from soraflow.flows.console import (
 from soraflow.flows.registry_commands import registry_app
 from soraflow.tasks.ingest import STAGES
 
-app = typer.Typer(help="SoraFlow: Open-Sora v1.0 text-to-video, from data to model, as Prefect flows.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(help="SoraFlow: Open-Sora v1.0 text-to-video, from data to model, as Prefect flows.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 run_app = typer.Typer(help="Run an end-to-end flow.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
 app.add_typer(registry_app, name="registry")
@@ -76,9 +76,11 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help=f"Full tracebacks on errors (or set {DEBUG_ENV}=1).")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Let scene detection, transformers and Ray print their progress.")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Let scene detection, transformers and Ray print their progress.")] = False,
 ) -> None:
     set_debug(debug)
     quiet_libraries(verbose)
@@ -105,11 +107,14 @@ def _champion_or_none(cfg, data_root) -> str | None:
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="One or more text prompts.")],
     config: ConfigOpt = "local",
-    ckpt: Annotated[Optional[str], typer.Option(help="A SoraFlow model folder, a .safetensors file or an Open-Sora .pth.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="A registry reference: champion (the default when one exists), another alias, a version number, latest.")] = None,
+    ckpt: Annotated[Optional[str], typer.Option(
+        help="A SoraFlow model folder, a .safetensors file or an Open-Sora .pth.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="A registry reference: champion (the default when one exists), "
+                                                      "another alias, a version number, latest.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: the config's).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (default: the config's).")] = None,
-    num_frames: Annotated[Optional[int], typer.Option("--num-frames", help="Frames per video (default: the config's).")] = None,
+    num_frames: Annotated[Optional[int], typer.Option("--num-frames",
+                                                      help="Frames per video (default: the config's).")] = None,
     cfg_scale: Annotated[Optional[float], typer.Option("--cfg-scale", help="Classifier-free guidance scale.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Output folder (default: <data root>/outputs/samples).")] = None,
     set_: SetOpt = None,
@@ -129,8 +134,8 @@ def generate(
         weights_note = f"registry {cfg.registry.model_name}@{champion}" if champion else \
             f"no champion in registry {cfg.registry.model_name}: random weights (train one, or pass --ckpt / --model)"
     with stdout_for(as_json):
-        result = generate_videos(cfg, data_root, prompts, ckpt=ckpt, model_ref=model, steps=steps, seed=seed, cfg_scale=cfg_scale,
-                                 num_frames=num_frames, out_dir=out, progress=not as_json)
+        result = generate_videos(cfg, data_root, prompts, ckpt=ckpt, model_ref=model, steps=steps, seed=seed,
+                                 cfg_scale=cfg_scale, num_frames=num_frames, out_dir=out, progress=not as_json)
     weights = f"{weights_note}; {result.weights}" if weights_note else result.weights
     data = {"weights": weights, "prompts": result.prompts, "videos": [str(p) for p in result.videos],
             "previews": [str(p) for p in result.gifs], "seconds": result.seconds}
@@ -156,7 +161,8 @@ def ingest(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = Non
 
     with stdout_for(as_json):
         result = run_ingest(params)
-    show("ingest", result, as_json, paths=[*result["stage_manifests"].values(), result["manifest"]])  # the final one last
+    show("ingest", result, as_json,
+         paths=[*result["stage_manifests"].values(), result["manifest"]])  # the final one last
 
 
 @app.command()
@@ -205,8 +211,10 @@ def train(
 def export(
     manifest: Annotated[str, typer.Option(help="A manifest (e.g. the output of ingest); its ok rows are exported.")],
     out: Annotated[str, typer.Option(help="The file to write.")],
-    format: Annotated[ExportFormat, typer.Option("--format", help="opensora-csv: the headerless path,text,num_frames CSV Open-Sora's DatasetFromCSV reads.")] = ExportFormat.opensora_csv,
-    root: Annotated[Optional[str], typer.Option("--root", help="Write paths relative to this folder (Open-Sora's `root`); default absolute paths.")] = None,
+    format: Annotated[ExportFormat, typer.Option("--format", help="opensora-csv: the headerless path,text,num_frames "
+                                                 "CSV Open-Sora's DatasetFromCSV reads.")] = ExportFormat.opensora_csv,
+    root: Annotated[Optional[str], typer.Option(
+        "--root", help="Write paths relative to this folder (Open-Sora's `root`); default absolute paths.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Export a manifest for another tool: Open-Sora's training CSV."""
@@ -222,7 +230,10 @@ def export(
 @run_app.command("local")
 @cli_errors
 def run_local(
-    budget: Annotated[Budget, typer.Option(help="Training budget: small (60 clips, 300 steps: about 1.5 min on 2 cores), default (156 clips, 2000 steps: about 6 min on 2 cores) or large (276 clips, 5000 steps, decaying rate: about twice default).")] = Budget.default,
+    budget: Annotated[Budget, typer.Option(
+        help="Training budget: small (60 clips, 300 steps: about 1.5 min on 2 cores), default (156 clips, 2000 steps: "
+             "about 6 min on 2 cores) or large (276 clips, 5000 steps, decaying rate: "
+             "about twice default).")] = Budget.default,
     config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """The whole life cycle on a synthetic sample served on loopback: ingest, train, evaluate, register, generate."""
@@ -240,7 +251,8 @@ def run_local(
 
 @run_app.command("pipeline")
 @cli_errors
-def run_pipeline(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None, as_json: JsonOpt = False) -> None:
+def run_pipeline(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None,
+                 as_json: JsonOpt = False) -> None:
     """Ingest then train (no generation), as one Prefect flow."""
     params = run_params(config, set_, root)
     from soraflow.flows.pipeline import pipeline_flow
@@ -257,7 +269,8 @@ def run_pipeline(config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt
 @cli_errors
 def serve(
     config: ConfigOpt = "local",
-    cron: Annotated[str, typer.Option(help="Cron schedule of the pipeline deployment (scheduled retraining).")] = "0 3 * * *",
+    cron: Annotated[str, typer.Option(
+        help="Cron schedule of the pipeline deployment (scheduled retraining).")] = "0 3 * * *",
     set_: SetOpt = None,
     root: RootOpt = None,
 ) -> None:
@@ -285,7 +298,8 @@ def sample_server(
     from soraflow.tasks.sample_world.server import SampleServer
 
     with SampleServer(data_root.root / "sample_source", cfg.ingest.sample_source) as server:
-        console.print(f"sample source on {server.base_url} (HD-VG: /metafiles/hdvg_0.json, Inter4k: /inter4KUHD, Pexels: /videos/popular)")
+        console.print(f"sample source on {server.base_url} (HD-VG: /metafiles/hdvg_0.json, Inter4k: /inter4KUHD, "
+                      "Pexels: /videos/popular)")
         deadline = time.monotonic() + seconds if seconds > 0 else None
         try:
             while deadline is None or time.monotonic() < deadline:
@@ -301,15 +315,19 @@ def sample_server(
 @cli_errors
 def explain(
     prompt: Annotated[str, typer.Argument(help="A prompt, e.g. 'a red circle moving left'.")],
-    train: Annotated[bool, typer.Option("--train", help="Trace one training step on the prompt's sample-world clip instead.")] = False,
-    model: Annotated[str, typer.Option(help="Registry reference to explain (random weights if the registry has none).")] = "champion",
+    train: Annotated[bool, typer.Option(
+        "--train", help="Trace one training step on the prompt's sample-world clip instead.")] = False,
+    model: Annotated[str, typer.Option(
+        help="Registry reference to explain (random weights if the registry has none).")] = "champion",
     ckpt: Annotated[Optional[str], typer.Option(help="A model folder or checkpoint instead of the registry.")] = None,
     steps: Annotated[int, typer.Option(help="Sampling steps (generation).")] = 8,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    out: Annotated[Optional[str], typer.Option(help="Folder for the PNGs (default: <data root>/outputs/explain).")] = None,
+    out: Annotated[Optional[str], typer.Option(
+        help="Folder for the PNGs (default: <data root>/outputs/explain).")] = None,
     config: ConfigOpt = "local", set_: SetOpt = None, root: RootOpt = None,
 ) -> None:
-    """Run one generation (or one training step) and print every stage's tensor shape, from hooks on the live modules."""
+    ("Run one generation (or one training step) and print every stage's tensor shape, "
+     "from hooks on the live modules.")  # one string, the command's help
     cfg, data_root = load_run(config, set_, root)
     from soraflow.tasks.explain import explain_generation, explain_training
 
@@ -320,14 +338,17 @@ def explain(
         result = explain_generation(cfg, data_root, prompt, folder, model_ref=model, ckpt=ckpt, steps=steps, seed=seed)
     f = result.facts
     console.print(f"weights: {result.weights}")
-    console.print(f"{result.mode}: {prompt!r}; video (T, H, W) = ({f['T']}, {f['H']}, {f['W']}), latents (C, T, H/f, W/f) = "
-                  f"({f['C']}, {f['T']}, {f['h']}, {f['w']}) with f = {f['f']}; patches {f['pt']}x{f['ph']}x{f['pw']}, "
-                  f"token grid T'xH'xW' = {f['grid_t']}x{f['grid_h']}x{f['grid_w']}, S = {f['S']} tokens per time step; D = {f['D']}, {f['heads']} heads, {f['depth']} blocks; L = {f['L']} text tokens")
+    console.print(f"{result.mode}: {prompt!r}; video (T, H, W) = ({f['T']}, {f['H']}, {f['W']}), "
+                  f"latents (C, T, H/f, W/f) = ({f['C']}, {f['T']}, {f['h']}, {f['w']}) with f = {f['f']}; "
+                  f"patches {f['pt']}x{f['ph']}x{f['pw']}, token grid T'xH'xW' = "
+                  f"{f['grid_t']}x{f['grid_h']}x{f['grid_w']}, S = {f['S']} tokens per time step; "
+                  f"D = {f['D']}, {f['heads']} heads, {f['depth']} blocks; L = {f['L']} text tokens")
     rows = [(s.stage, s.module, s.shape, s.meaning) for s in result.stages]
     widths = [max(len(r[k]) for r in rows) for k in range(2)]
     console.print(f"{'stage':<{widths[0]}}  {'module':<{widths[1]}}  shape  |  meaning", markup=False)
     for stage, module, shape, meaning in rows:  # shapes measured by forward hooks on the live modules
-        console.print(f"{stage:<{widths[0]}}  {module:<{widths[1]}}  {shape}  |  {meaning}", markup=False, highlight=False)
+        console.print(f"{stage:<{widths[0]}}  {module:<{widths[1]}}  {shape}  |  {meaning}",
+                      markup=False, highlight=False)
     for name, path in result.images.items():
         console.print(f"{name}: {path}", markup=False)
 

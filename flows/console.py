@@ -44,7 +44,9 @@ ConfigOpt = Annotated[str, typer.Option(
     "--config", "-c", help="A preset name (local, opensora-v1-16x256x256; presets come first) or a YAML file.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", help="Override one config key, e.g. --set train.steps=200 (repeatable).")]
-RootOpt = Annotated[Optional[str], typer.Option("--root", help="Data root (default: config data.root, or $SORAFLOW_HOME).")]
+RootOpt = Annotated[
+    Optional[str], typer.Option("--root", help="Data root (default: config data.root, or $SORAFLOW_HOME).")
+]
 JsonOpt = Annotated[bool, typer.Option(
     "--json", help="Print one JSON object (paths, versions, metrics) and nothing else on stdout.")]
 
@@ -141,8 +143,14 @@ def cli_errors(fn: Callable) -> Callable:
                 raise
             usage = _is_usage(e)
             kind = "config error" if usage and not isinstance(e, UsageError) else "error"
-            hint = " (fix that key or value in the file or in --set)" if kind == "config error" and "key '" in str(e) else ""
-            err_console.print(f"[red]{kind}:[/red] {escape(one_line(e))}{hint}", markup=True, highlight=False, soft_wrap=True)
+            hint = (
+                " (fix that key or value in the file or in --set)"
+                if kind == "config error" and "key '" in str(e)
+                else ""
+            )
+            err_console.print(
+                f"[red]{kind}:[/red] {escape(one_line(e))}{hint}", markup=True, highlight=False, soft_wrap=True
+            )
             if not usage:
                 err_console.print("(run with --debug, or SORAFLOW_DEBUG=1, for the full traceback)", markup=False)
             raise typer.Exit(2 if usage else 1) from None

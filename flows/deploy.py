@@ -77,8 +77,16 @@ def build_deployments(params: RunParams, cron: str | None = DEFAULT_CRON):
     out = []
     for spec in SPECS:
         schedule = {"cron": cron} if spec.scheduled else {"triggers": [dataset_trigger(params, cfg.name)]}
-        out.append(_flow(spec).to_deployment(name=spec.name, parameters={"params": params.model_dump()}, concurrency_limit=1,
-                                             tags=["soraflow", cfg.name], description=spec.description, **schedule))
+        out.append(
+            _flow(spec).to_deployment(
+                name=spec.name,
+                parameters={"params": params.model_dump()},
+                concurrency_limit=1,
+                tags=["soraflow", cfg.name],
+                description=spec.description,
+                **schedule,
+            )
+        )
     return out
 
 
@@ -126,7 +134,9 @@ def serve_deployments(params: RunParams, cron: str | None = DEFAULT_CRON) -> Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m soraflow.flows.deploy", description="Write prefect.yaml from the deployment definitions.")
+    parser = argparse.ArgumentParser(
+        prog="python -m soraflow.flows.deploy", description="Write prefect.yaml from the deployment definitions."
+    )
     parser.add_argument("--write-yaml", action="store_true", help=f"write {PREFECT_YAML}")
     args = parser.parse_args(argv)
     text = prefect_yaml()

@@ -41,7 +41,9 @@ def run_shards(stage: str, task_obj, calls: list[tuple]) -> list[str]:
     n = len(calls)
     named = [task_obj.with_options(task_run_name=f"{stage} {i}/{n}") for i in range(1, n + 1)]
     futures = [t.submit(*args) for t, args in zip(named, calls)]
-    progress = create_progress_artifact(0.0, key=f"soraflow-{stage}-progress", description=f"{stage}: shards done of {n}")
+    progress = create_progress_artifact(
+        0.0, key=f"soraflow-{stage}-progress", description=f"{stage}: shards done of {n}"
+    )
     out = []
     for k, (t, future, args) in enumerate(zip(named, futures, calls), 1):
         out.append(checked_result(t, future, *args))
@@ -56,7 +58,10 @@ def download_stage(cfg: SoraFlowConfig, root: DataRoot) -> str:
     for src in cfg.ingest.sources:
         listing = list_source(src, http, str(root.root))
         listings.append(listing)
-        calls += [(src, listing, a, b, http, str(root.root)) for a, b in shard_ranges(listing_len(listing), cfg.ingest.shard_size)]
+        calls += [
+            (src, listing, a, b, http, str(root.root))
+            for a, b in shard_ranges(listing_len(listing), cfg.ingest.shard_size)
+        ]
     shards = run_shards("download", download_shard, calls)
     return merge_shards(shards, "download", listings, config_hash(cfg), str(root.root))
 
@@ -90,7 +95,10 @@ def publish(manifest: str, cfg: SoraFlowConfig, root: DataRoot, stages: dict[str
     version = dataset_version(manifest)
     marker = _published_marker(root, version)
     new = not marker.exists()
-    table = [{"stage": name, "manifest": path, **{k: summarize(read_rows(path))[k] for k in ("rows", "ok", "rejected")}} for name, path in stages.items()]
+    table = [
+        {"stage": name, "manifest": path, **{k: summarize(read_rows(path))[k] for k in ("rows", "ok", "rejected")}}
+        for name, path in stages.items()
+    ]
     create_table_artifact(table, key="ingest-manifests", description=f"Ingest of {cfg.name}: dataset version {version}")
     create_table_artifact(
         [{"statistic": k, "value": str(v)} for k, v in stats.items()],
@@ -110,11 +118,12 @@ def publish(manifest: str, cfg: SoraFlowConfig, root: DataRoot, stages: dict[str
 
 
 @flow(name="soraflow-ingest", log_prints=True)
-def ingest_flow(params: RunParams = RunParams(), trigger_training: bool = True) -> dict:
+def ingest_flow(params: RunParams | None = None, trigger_training: bool = True) -> dict:
     """download -> split -> caption -> score; returns the final manifest and its statistics.
 
     trigger_training=False (the pipeline, which trains right after) announces the dataset
     without asking the retrain deployment to train on it too."""
+    params = params or RunParams()  # the local preset, made at call time: importing a flow reads no config
     log = get_run_logger()
     config, root = params.load()
     with ingest_lock(root):

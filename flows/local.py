@@ -62,8 +62,9 @@ def scorer_lines(metrics: dict) -> dict[str, str]:
 
 
 @flow(name="soraflow-local", log_prints=True)
-def local_flow(params: RunParams = RunParams(), budget: str = "default", prompts: list[str] | None = None) -> dict:
+def local_flow(params: RunParams | None = None, budget: str = "default", prompts: list[str] | None = None) -> dict:
     """Sample source -> ingest -> train -> evaluate -> register -> generate, then a summary table."""
+    params = params or RunParams()  # the local preset, made at call time: importing a flow reads no config
     log = get_run_logger()
     t_flow = time.perf_counter()
     params = with_budget(params, budget)
@@ -95,6 +96,10 @@ def local_flow(params: RunParams = RunParams(), budget: str = "default", prompts
         "prefect flow run": f"{run.name} ({run.id})",
         "wall time (s)": {k: round(v, 1) for k, v in timings.items()},
     }
-    create_table_artifact([{"item": k, "value": str(v)} for k, v in summary.items()], key="local-run-summary", description="SoraFlow local run")
+    create_table_artifact(
+        [{"item": k, "value": str(v)} for k, v in summary.items()],
+        key="local-run-summary",
+        description="SoraFlow local run",
+    )
     log.info("generated videos: %s", ", ".join(generated["videos"]))
     return summary

@@ -45,7 +45,8 @@ class RunParams(BaseModel):
 
     @classmethod
     def checked(cls, config: str, overrides: list[str] | None = None, data_root: str | None = None) -> "RunParams":
-        """The parameters, or the config's own ConfigError (one line for the user) instead of pydantic's wrapper of it."""
+        """The parameters, or the config's own ConfigError (one line for the user) instead of
+        pydantic's wrapper of it."""
         try:
             return cls(config=config, overrides=overrides or [], data_root=data_root)
         except ValidationError as e:

@@ -26,8 +26,9 @@ def ingest_then_train(params: RunParams) -> tuple[dict, TrainFlowResult, dict[st
 
 
 @flow(name="soraflow-pipeline", log_prints=True)
-def pipeline_flow(params: RunParams = RunParams()) -> dict:
+def pipeline_flow(params: RunParams | None = None) -> dict:
     """ingest -> (VAE fit) -> cache -> train -> evaluate -> register."""
+    params = params or RunParams()  # the local preset, made at call time: importing a flow reads no config
     ingested, trained, _ = ingest_then_train(params)
     return {"manifest": ingested["manifest"], "dataset_version": ingested["dataset_version"], "clips": ingested["ok"],
             "rejected": ingested["rejected"], **trained.as_dict()}

@@ -61,8 +61,9 @@ class TrainFlowResult:
 
 
 @flow(name="soraflow-train", log_prints=True)
-def train_flow(manifest: str, params: RunParams = RunParams()) -> TrainFlowResult:
+def train_flow(manifest: str, params: RunParams | None = None) -> TrainFlowResult:
     """Train on `manifest` (an ingest output), evaluate, register; `champion` only if better."""
+    params = params or RunParams()  # the local preset, made at call time: importing a flow reads no config
     log = get_run_logger()
     cfg, root = params.load()  # loaded when the parameters were made; not read again
     data_root = str(root.root)
@@ -96,7 +97,10 @@ def train_flow(manifest: str, params: RunParams = RunParams()) -> TrainFlowResul
     timings["register"] = time.perf_counter() - t
 
     create_table_artifact(
-        [{"metric": k, "value": f"{v:.4f}" if isinstance(v, float) else str(v)} for k, v in {**trained.metrics, **evaluated.metrics}.items()],
+        [
+            {"metric": k, "value": f"{v:.4f}" if isinstance(v, float) else str(v)}
+            for k, v in {**trained.metrics, **evaluated.metrics}.items()
+        ],
         key="eval-metrics",
         description=f"{cfg.registry.model_name} v{registered.version} on dataset {manifest}",
     )

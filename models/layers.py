@@ -64,7 +64,8 @@ class TanhGELU(nn.Module):
     values in [2, 4)): in bf16, outputs of magnitude 1/16 or more differ by at most one unit in
     the last place, as rounding alone would, and smaller ones by at most 5e-4. PyTorch's CPU
     tanh-GELU kernel is 3-6x slower than its erf kernel (0.7 against 0.12 ms for STDiT-Tiny's
-    (16, 64, 512) activations), about 9% of a bf16 training step. fp32 keeps the tanh form, so fp32 outputs match Open-Sora's exactly.
+    (16, 64, 512) activations), about 9% of a bf16 training step. fp32 keeps the tanh form, so fp32
+    outputs match Open-Sora's exactly.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +146,8 @@ class CaptionEmbedder(nn.Module):
         self.uncond_prob = uncond_prob
 
     def draw_drop_ids(self, n: int, device, generator: torch.Generator | None = None) -> torch.Tensor | None:
-        """(n,) int64, 1 = use the null caption, each with prob uncond_prob (global RNG without `generator`); None if it is 0."""
+        """(n,) int64, 1 = use the null caption, each with prob uncond_prob (global RNG without
+        `generator`); None if it is 0."""
         if self.uncond_prob <= 0:
             return None
         where = generator.device if generator is not None else device
@@ -162,8 +164,13 @@ class CaptionEmbedder(nn.Module):
     def forward(self, caption: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         if (train and self.uncond_prob > 0) or force_drop_ids is not None:
             if caption.shape[2:] != self.y_embedding.shape:
-                raise ValueError(f"caption dropout needs captions (B, 1, {', '.join(map(str, self.y_embedding.shape))}), got {tuple(caption.shape)}")
-            caption = self.token_drop(caption, force_drop_ids)  # the mask is left as is (opensora/models/layers/blocks.py)
+                raise ValueError(
+                    f"caption dropout needs captions (B, 1, {', '.join(map(str, self.y_embedding.shape))}), "
+                    f"got {tuple(caption.shape)}"
+                )
+            caption = self.token_drop(
+                caption, force_drop_ids
+            )  # the mask is left as is (opensora/models/layers/blocks.py)
         return self.y_proj(caption)  # (B, 1, L, D)
 
 
@@ -221,7 +228,9 @@ class MultiHeadCrossAttention(nn.Module):
         """x (B, N, D), y (B, L, D), mask (B, L) bool (True = real token) or None (all real)."""
         b, n, d = x.shape
         q = self.q_linear(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, Dh)
-        kv = self.kv_linear(y).view(b, y.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, heads, L, Dh)
+        kv = (
+            self.kv_linear(y).view(b, y.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )  # (2, B, heads, L, Dh)
         attn_mask, empty = None, None
         if mask is not None:
             # A sample with no valid token attends to nothing: give it a full mask (no NaN) and zero its output.
@@ -292,5 +301,3 @@ class T2IFinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # each (B, 1, D)
         return self.linear(t2i_modulate(self.norm_final(x), shift, scale))  # (B, N, pt*ph*pw*C_out)
-
-

@@ -69,7 +69,12 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator([_TINY_CORPUS] * 4, trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
@@ -83,7 +88,13 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     image_size, patch = 32, 8
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size, patch_size=patch, projection_dim=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=patch,
+            projection_dim=32,
             initializer_range=0.3,
         ),
         text_config=LlamaConfig(
@@ -108,7 +119,9 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0) -> Path:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}),
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        ),
         tokenizer=tokenizer,
         patch_size=patch,
         vision_feature_select_strategy="default",
@@ -147,7 +160,9 @@ class LlavaCaptionModel:
     def prompt_text(self, prompt: str, num_images: int) -> str:
         """The chat-formatted user turn: one image entry per frame, then the prompt."""
         content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
-        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
 
     @torch.no_grad()
     def caption(self, videos: list[np.ndarray], prompt: str, max_new_tokens: int) -> list[str]:
@@ -156,7 +171,9 @@ class LlavaCaptionModel:
             return []
         texts = [self.prompt_text(prompt, len(v)) for v in videos]
         images = [frame for v in videos for frame in v]  # (B*F) images, video by video, in frame order
-        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.device, dtype=self.model.dtype)
+        inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(
+            self.device, dtype=self.model.dtype
+        )
         # input_ids (B, L) with each <image> expanded to its feature tokens; pixel_values (B*F, 3, h, w)
         out = self.model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens)
         self.calls += 1

@@ -42,7 +42,8 @@ from .layers import (
 
 # One table for every model size. Keys name the preset; values override STDiT's constructor defaults.
 STDIT_PRESETS: dict[str, dict] = {
-    "STDiT-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=[1, 2, 2]),  # Open-Sora v1.0, 759.6 M params
+    # Open-Sora v1.0, 759.6 M params
+    "STDiT-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=[1, 2, 2]),
     "STDiT-L/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=[1, 2, 2]),
     "STDiT-B/2": dict(depth=12, hidden_size=768, num_heads=12, patch_size=[1, 2, 2]),
     "STDiT-S/2": dict(depth=12, hidden_size=384, num_heads=6, patch_size=[1, 2, 2]),
@@ -93,7 +94,9 @@ class STDiT(nn.Module, PyTorchModelHubMixin, library_name="soraflow", pipeline_t
         # Without the positional buffers: they are recomputed from the config on load (reference Q8),
         # so one folder serves any clip length. config.json is written here so it holds the
         # normalised kwargs (`self.config`), not the raw arguments the mixin captured.
-        state = {k: v.detach().contiguous().clone() for k, v in self.state_dict().items() if k not in POSITIONAL_BUFFERS}
+        state = {
+            k: v.detach().contiguous().clone() for k, v in self.state_dict().items() if k not in POSITIONAL_BUFFERS
+        }
         save_file(state, str(Path(save_directory) / "model.safetensors"))
         (Path(save_directory) / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True))
 
@@ -101,12 +104,16 @@ class STDiT(nn.Module, PyTorchModelHubMixin, library_name="soraflow", pipeline_t
     def from_pretrained(cls, folder: str | Path, **overrides) -> "STDiT":
         """The model saved in a local folder; `overrides` replace config.json kwargs (e.g. input_size)."""
         if not (Path(folder) / "model.safetensors").is_file():
-            raise FileNotFoundError(f"STDiT.from_pretrained({str(folder)!r}): no model.safetensors in that local folder "
-                                    "(SoraFlow never downloads weights)")
+            raise FileNotFoundError(
+                f"STDiT.from_pretrained({str(folder)!r}): no model.safetensors in that local folder "
+                "(SoraFlow never downloads weights)"
+            )
         return super().from_pretrained(Path(folder), local_files_only=True, **overrides)
 
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, config: dict | None = None, map_location: str = "cpu", **kwargs) -> "STDiT":
+    def _from_pretrained(
+        cls, *, model_id: str, config: dict | None = None, map_location: str = "cpu", **kwargs
+    ) -> "STDiT":
         folder = Path(model_id)
         for hub_arg in ("revision", "cache_dir", "force_download", "local_files_only", "token"):
             kwargs.pop(hub_arg, None)
@@ -150,7 +157,8 @@ class STDiT(nn.Module, PyTorchModelHubMixin, library_name="soraflow", pipeline_t
         if temporal_pos not in TEMPORAL_POS:
             raise ValueError(f"temporal_pos must be one of {TEMPORAL_POS}, got {temporal_pos!r}")
         self.config = dict(
-            input_size=[int(v) for v in input_size], in_channels=int(in_channels), patch_size=[int(v) for v in patch_size],
+            input_size=[int(v) for v in input_size], in_channels=int(in_channels),
+            patch_size=[int(v) for v in patch_size],
             hidden_size=int(hidden_size), depth=int(depth), num_heads=int(num_heads), mlp_ratio=float(mlp_ratio),
             class_dropout_prob=float(class_dropout_prob), pred_sigma=bool(pred_sigma), drop_path=float(drop_path),
             no_temporal_pos_emb=bool(no_temporal_pos_emb), caption_channels=int(caption_channels),
@@ -171,7 +179,8 @@ class STDiT(nn.Module, PyTorchModelHubMixin, library_name="soraflow", pipeline_t
         self.num_temporal = self.grid_size[0]
         self.num_spatial = self.grid_size[1] * self.grid_size[2]
 
-        # positional buffers: saved in the state dict, but always recomputed from the config (opensora/utils/ckpt_utils.py)
+        # positional buffers: saved in the state dict, but always recomputed from the config
+        # (opensora/utils/ckpt_utils.py)
         self.register_buffer("pos_embed", self.get_spatial_pos_embed())  # (1, S, D)
         self.register_buffer("pos_embed_temporal", self.get_temporal_pos_embed())  # (1, T', D)
 
@@ -238,12 +247,15 @@ class STDiT(nn.Module, PyTorchModelHubMixin, library_name="soraflow", pipeline_t
         if strict:
             missing = sorted(set(result.missing_keys) - set(POSITIONAL_BUFFERS))
             if missing or result.unexpected_keys:
-                raise RuntimeError(f"STDiT state dict does not fit: missing {missing}, unexpected {sorted(result.unexpected_keys)}")
+                raise RuntimeError(
+                    f"STDiT state dict does not fit: missing {missing}, unexpected {sorted(result.unexpected_keys)}"
+                )
         return result
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None,
                 force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, T, H, W), timestep (B,), y (B, 1, L, C_text) or (B, L, C_text), mask (B, L) -> (B, C_out, T, H, W) float32.
+        """x (B, C, T, H, W), timestep (B,), y (B, 1, L, C_text) or (B, L, C_text), mask (B, L)
+        -> (B, C_out, T, H, W) float32.
 
         force_drop_ids (B,): 1 = this sample gets the null caption. None: in train mode the caption
         dropout is drawn here from the global RNG; a caller that splits a batch over threads draws it first.
@@ -263,8 +275,10 @@ class STDiT(nn.Module, PyTorchModelHubMixin, library_name="soraflow", pipeline_t
         x = self.x_embedder(x)  # (B, T'*S, D)
         grid = tuple(-(-i // p) for i, p in zip((t_in, h_in, w_in), self.patch_size))
         if grid != self.grid_size:
-            raise ValueError(f"input (T, H, W) = {(t_in, h_in, w_in)} makes a token grid {grid}, but this model was "
-                             f"built for input_size {self.input_size} (grid {self.grid_size}); rebuild it with that input_size")
+            raise ValueError(
+                f"input (T, H, W) = {(t_in, h_in, w_in)} makes a token grid {grid}, but this model was "
+                f"built for input_size {self.input_size} (grid {self.grid_size}); rebuild it with that input_size"
+            )
         t_, s, d = self.num_temporal, self.num_spatial, self.hidden_size
         pos = self.pos_embed.to(dtype)[:, None]  # (1, 1, S, D): where in the frame
         tpe = self.pos_embed_temporal.to(dtype)  # (1, T', D): which time step
@@ -290,7 +304,9 @@ class STDiT(nn.Module, PyTorchModelHubMixin, library_name="soraflow", pipeline_t
             else:
                 x = block(*args)  # (B, T*S, D)
 
-        x = self.final_layer(x, t)  # (B, T*S, pt*ph*pw*C_out), conditioned on the raw t (opensora/models/stdit/stdit.py)
+        x = self.final_layer(
+            x, t
+        )  # (B, T*S, pt*ph*pw*C_out), conditioned on the raw t (opensora/models/stdit/stdit.py)
         x = self.unpatchify(x)  # (B, C_out, T'*pt, H'*ph, W'*pw)
         return x[:, :, :t_in, :h_in, :w_in].float()  # crop the right padding: (B, C_out, T, H, W)
 

@@ -51,7 +51,9 @@ class T5TextEncoder:
         self.device = torch.device(device)
         self.dtype = dtype
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
-        self.model = T5EncoderModel.from_pretrained(str(self.path), local_files_only=True, dtype=dtype).to(self.device).eval()
+        self.model = (
+            T5EncoderModel.from_pretrained(str(self.path), local_files_only=True, dtype=dtype).to(self.device).eval()
+        )
         self.model.requires_grad_(False)
 
     @property
@@ -60,7 +62,9 @@ class T5TextEncoder:
 
     def identity(self) -> str:
         """A short hash of the model config, the folder and max_length: a cache key for encoded captions."""
-        cfg = {k: v for k, v in self.model.config.to_dict().items() if k not in ("transformers_version", "_name_or_path")}
+        cfg = {
+            k: v for k, v in self.model.config.to_dict().items() if k not in ("transformers_version", "_name_or_path")
+        }
         blob = json.dumps({"config": cfg, "path": str(self.path.resolve()), "max_length": self.max_length,
                            "dtype": str(self.dtype)}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -87,10 +91,37 @@ class T5TextEncoder:
 
 # Words of the synthetic sample captions ("a red circle moving left") and a little general video
 # vocabulary, so that common words become single tokens.
-_COLOURS = ["red", "green", "blue", "yellow", "white", "black", "purple", "orange", "pink", "cyan", "magenta", "grey", "gray", "brown"]
+_COLOURS = [
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "white",
+    "black",
+    "purple",
+    "orange",
+    "pink",
+    "cyan",
+    "magenta",
+    "grey",
+    "gray",
+    "brown",
+]
 _SHAPES = ["circle", "square", "triangle", "disc", "ball", "box", "star", "shape", "object"]
 _DIRECTIONS = ["left", "right", "up", "down"]
-_VERBS = ["moving", "moves", "drifting", "drifts", "sliding", "slides", "rolling", "floating", "bouncing", "still", "static"]
+_VERBS = [
+    "moving",
+    "moves",
+    "drifting",
+    "drifts",
+    "sliding",
+    "slides",
+    "rolling",
+    "floating",
+    "bouncing",
+    "still",
+    "static",
+]
 _EXTRA = ("the a an on in of to and with is are camera background plain dark light bright slowly quickly fast slow "
           "video scene frame shot clip of people person man woman city street car sky water tree dog cat walking "
           "running flying sea beach mountain road night day sun cloud snow forest building room table hand face "
@@ -132,11 +163,17 @@ def train_unigram_vocab(texts: list[str], vocab_size: int) -> list[tuple[str, fl
         pre_tokenizers.WhitespaceSplit(),
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
     ])
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>", show_progress=False
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     # the trainer's EM sums floats in hash-map order, so scores vary in the last bits from run to run:
     # rounding makes the saved tokenizer byte-identical for the same corpus
-    scores = {piece: round(float(score), 6) for piece, score in json.loads(tok.to_str())["model"]["vocab"] if piece not in specials}
+    scores = {
+        piece: round(float(score), 6)
+        for piece, score in json.loads(tok.to_str())["model"]["vocab"]
+        if piece not in specials
+    }
 
     words = Counter(w for t in texts for w in re.findall(r"[^\W_]+", t))  # letters/digits runs, punctuation apart
     total = sum(words.values())
@@ -158,7 +195,10 @@ def train_unigram_vocab(texts: list[str], vocab_size: int) -> list[tuple[str, fl
             keep.add(p)
         pieces = [p for p in pieces if p in keep]
     if len(pieces) > budget:
-        raise ValueError(f"vocab_size {vocab_size} cannot hold the {len(pieces)} single characters of the corpus plus 3 special tokens")
+        raise ValueError(
+            f"vocab_size {vocab_size} cannot hold the {len(pieces)} single characters of the corpus "
+            "plus 3 special tokens"
+        )
     return [(s, 0.0) for s in specials] + [(p, scores[p]) for p in pieces]
 
 
@@ -175,7 +215,9 @@ def build_tiny_t5(out_dir: str | Path, d_model: int = 64, num_layers: int = 2, n
         raise ValueError(f"d_model {d_model} is not divisible by num_heads {num_heads}")
 
     # T5's pre-tokenization (split on whitespace, "▁" marks a word start) and special tokens come with T5Tokenizer
-    t5_tok = T5Tokenizer(vocab=train_unigram_vocab(default_corpus() + list(corpus or []), vocab_size), extra_ids=0, model_max_length=512)
+    t5_tok = T5Tokenizer(
+        vocab=train_unigram_vocab(default_corpus() + list(corpus or []), vocab_size), extra_ids=0, model_max_length=512
+    )
     t5_tok.save_pretrained(str(out_dir))
 
     # encoder: T5-v1.1 layout, random weights from a fixed seed (the global RNG is left as it was)

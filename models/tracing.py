@@ -54,7 +54,11 @@ class Tracer:
             k = self._counts.get(name, 0)
             self._counts[name] = k + 1
             if record_calls < 0 or k < record_calls:
-                self.calls.append(Call(name, type(mod).__name__, tensor_shapes(args) + tensor_shapes(kwargs), tensor_shapes(output), k))
+                self.calls.append(
+                    Call(
+                        name, type(mod).__name__, tensor_shapes(args) + tensor_shapes(kwargs), tensor_shapes(output), k
+                    )
+                )
             if capture:
                 detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
                 self.captured.setdefault(name, []).append(
@@ -83,7 +87,9 @@ class Tracer:
         self.close()
 
 
-def cross_attention_weights(q: torch.Tensor, kv: torch.Tensor, num_heads: int, mask: torch.Tensor | None) -> torch.Tensor:
+def cross_attention_weights(
+    q: torch.Tensor, kv: torch.Tensor, num_heads: int, mask: torch.Tensor | None
+) -> torch.Tensor:
     """Softmax attention of video tokens over text tokens, from a cross-attention's projections.
 
     q (B, N, D) is the q_linear output, kv (B, L, 2D) the kv_linear output (rows [k; v], each

@@ -29,14 +29,18 @@ class VideoVAE(nn.Module):
         self.scaling_factor = scaling_factor
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, micro_batch_size: int | None = None, scaling_factor: float = 0.18215) -> VideoVAE:
+    def from_pretrained(
+        cls, path: str | Path, micro_batch_size: int | None = None, scaling_factor: float = 0.18215
+    ) -> VideoVAE:
         """Load an AutoencoderKL saved with save_pretrained from a local folder (never downloads)."""
         p = Path(path).expanduser()
         if not p.is_dir():
             raise FileNotFoundError(f"VAE: {p} is not a local directory (SoraFlow never downloads weights)")
         if not (p / "config.json").exists() and (p / "vae" / "config.json").exists():
             p = p / "vae"  # a diffusers pipeline folder
-        vae = AutoencoderKL.from_pretrained(str(p), local_files_only=True, low_cpu_mem_usage=False)  # no accelerate needed
+        vae = AutoencoderKL.from_pretrained(
+            str(p), local_files_only=True, low_cpu_mem_usage=False
+        )  # no accelerate needed
         return cls(vae, micro_batch_size=micro_batch_size, scaling_factor=scaling_factor).eval()
 
     @property
@@ -100,7 +104,8 @@ class VideoVAE(nn.Module):
 
 def build_tiny_vae(block_out_channels=(32, 64, 64), layers_per_block: int = 1, latent_channels: int = 4,
                    norm_num_groups: int = 16, seed: int = 0) -> AutoencoderKL:
-    """A small random AutoencoderKL (the SD VAE's architecture, narrower): 2**(len(block_out_channels)-1)x downsampling."""
+    """A small random AutoencoderKL (the SD VAE's architecture, narrower):
+    2**(len(block_out_channels)-1)x downsampling."""
     n = len(block_out_channels)
     with torch.random.fork_rng(devices=[]):  # seeded build, the caller's RNG state untouched
         torch.manual_seed(seed)

@@ -70,7 +70,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # pickle.UnpicklingError for anything that is not plain tensors
-            raise CheckpointError(f"{path}: not a plain-tensor PyTorch checkpoint (loaded with weights_only=True): {e}") from e
+            raise CheckpointError(
+                f"{path}: not a plain-tensor PyTorch checkpoint (loaded with weights_only=True): {e}"
+            ) from e
         for key in ("ema", "state_dict", "model"):
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
                 obj = obj[key]
@@ -97,7 +99,11 @@ def load_weights_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
     ]
     if missing or unexpected or mismatched:
         lines = [f"{source}: does not fit the model ({len(expected)} keys expected, {len(state_dict)} given)"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        ):
             if items:
                 shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
                 lines.append(f"  {title}: {shown}")
@@ -111,7 +117,9 @@ def load_weights_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
 # ---------------------------------------------------------------- model folders
 
 
-def save_model_dir(folder: str | Path, model: torch.nn.Module | dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
+def save_model_dir(
+    folder: str | Path, model: torch.nn.Module | dict[str, torch.Tensor], config: dict[str, Any]
+) -> Path:
     """Write `model.safetensors` (without the recomputed positional buffers) and `config.json`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -163,7 +171,9 @@ def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def save_training_state(folder: str | Path, model: dict, ema: dict | None, optimizer: dict | None, meta: dict[str, Any]) -> Path:
+def save_training_state(
+    folder: str | Path, model: dict, ema: dict | None, optimizer: dict | None, meta: dict[str, Any]
+) -> Path:
     """model/ema/optimizer state dicts -> state.safetensors; the structure and `meta` -> state.json.
 
     Optimizer state dicts have integer keys (param ids); JSON turns them into strings,
@@ -213,7 +223,9 @@ def verify_training_state(folder: str | Path) -> None:
         if not path.exists():
             raise CheckpointError(f"{path}: missing (listed in {COMPLETE_MARKER})")
         if _sha256(path) != files.get(name):
-            raise CheckpointError(f"{path}: content does not match the sha256 in {COMPLETE_MARKER} (truncated or changed)")
+            raise CheckpointError(
+                f"{path}: content does not match the sha256 in {COMPLETE_MARKER} (truncated or changed)"
+            )
 
 
 def load_training_state(folder: str | Path) -> dict[str, Any]:

@@ -38,7 +38,9 @@ def safe_id(value: object, what: str = "id") -> str:
     """Return `value` if it is a plain file-name-safe id, else raise UnsafePathError naming it."""
     s = str(value)
     if not isinstance(value, (str, int)) or isinstance(value, bool) or not _SAFE_ID.fullmatch(s) or ".." in s:
-        raise UnsafePathError(f"unsafe {what} {s!r}: ids may hold only letters, digits, '.', '_' and '-' (no '..', max 128)")
+        raise UnsafePathError(
+            f"unsafe {what} {s!r}: ids may hold only letters, digits, '.', '_' and '-' (no '..', max 128)"
+        )
     return s
 
 
@@ -107,7 +109,10 @@ def file_lock(path: str | Path, wait_s: float | None = None, what: str | None = 
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
                 if wait_s is not None and time.monotonic() - start >= wait_s:
-                    raise LockHeldError(f"{what or path} is held by {_holder(path)}; wait for it to finish or stop it (lock file {path})") from None
+                    raise LockHeldError(
+                        f"{what or path} is held by {_holder(path)}; "
+                        f"wait for it to finish or stop it (lock file {path})"
+                    ) from None
                 time.sleep(0.05)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         os.ftruncate(fd, 0)
@@ -148,7 +153,9 @@ class DataRoot:
         return safe_join(self.root, *parts)
 
     def raw(self, source: str, video_id: str, ext: str = "mp4") -> Path:
-        return self._dir("raw", safe_id(source, "source"), f"{safe_id(video_id, 'video id')}.{safe_id(ext, 'extension')}")
+        return self._dir(
+            "raw", safe_id(source, "source"), f"{safe_id(video_id, 'video id')}.{safe_id(ext, 'extension')}"
+        )
 
     def raw_dir(self, source: str) -> Path:
         return self._dir("raw", safe_id(source, "source"))

@@ -56,7 +56,9 @@ def redact_config(value: Any) -> Any:
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
-            if isinstance(k, str) and is_secret_name(k) and isinstance(v, str) and v:  # secrets are strings; numbers stay
+            if (
+                isinstance(k, str) and is_secret_name(k) and isinstance(v, str) and v
+            ):  # secrets are strings; numbers stay
                 out[k] = MASK
             else:
                 out[k] = redact_config(v)

@@ -96,7 +96,9 @@ class ClipSimilarity:
         import open_clip
 
         if not Path(path).expanduser().is_file():
-            raise ConfigError(f"eval.clip_path {path!r}: no such file (local open_clip weights, .safetensors or a state dict)")
+            raise ConfigError(
+                f"eval.clip_path {path!r}: no such file (local open_clip weights, .safetensors or a state dict)"
+            )
         if model.endswith(".json"):  # a model config of one's own: register it under its file stem
             if not Path(model).is_file():
                 raise ConfigError(f"eval.clip_model {model!r}: no such model config file")
@@ -106,7 +108,7 @@ class ClipSimilarity:
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(model, pretrained=None)
             open_clip.load_checkpoint(self.model, str(Path(path).expanduser()))
             self.tokenizer = open_clip.get_tokenizer(model)
-        except (RuntimeError, AssertionError, KeyError, ValueError) as e:  # unknown model, or weights of another architecture
+        except (RuntimeError, AssertionError, KeyError, ValueError) as e:  # unknown model, or another architecture
             raise ConfigError(f"eval.clip_path {path!r} for eval.clip_model {model!r}: {e}") from e
         self.model.eval()
         self._lock = threading.Lock()
@@ -120,7 +122,9 @@ class ClipSimilarity:
             sims = []
             for video, text in zip(videos, texts):
                 n = len(video)
-                pixels = torch.stack([self.preprocess(Image.fromarray(video[min(n - 1, int(n * p))])) for p in CLIP_FRAME_POINTS])
+                pixels = torch.stack(
+                    [self.preprocess(Image.fromarray(video[min(n - 1, int(n * p))])) for p in CLIP_FRAME_POINTS]
+                )
                 img = self.model.encode_image(pixels).float()  # (3, D)
                 img = img / img.norm(dim=-1, keepdim=True)
                 img = img.mean(0)
@@ -146,7 +150,10 @@ def clip_similarity(cfg, pipe, frames, prompts, val_clips, train_clips) -> Score
     per = scorer.score(frames, prompts)
     recon = scorer.score(reconstruct(pipe, val_clips), [r["text"] for r in val_clips.rows])
     metrics = {"clip_score": float(np.mean(per)), "recon_clip_score": float(np.mean(recon))}
-    summary = f"CLIP similarity {metrics['clip_score']:.1f} (VAE reconstructions of held-out clips: {metrics['recon_clip_score']:.1f})"
+    summary = (
+        f"CLIP similarity {metrics['clip_score']:.1f} "
+        f"(VAE reconstructions of held-out clips: {metrics['recon_clip_score']:.1f})"
+    )
     return Scores(metrics, [{"clip_score": s} for s in per], [summary])
 
 

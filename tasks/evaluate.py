@@ -55,9 +55,13 @@ def sample_prompts(cfg: SoraFlowConfig, pipe, rows: list[dict]) -> tuple[list[st
     """Up to eval.num_prompts distinct captions of `rows`, eval.samples_per_prompt seeds each, sampled
     as evaluation samples them: (distinct captions, prompts, (T, H, W, 3) uint8 frames each, seconds)."""
     distinct = distinct_captions(rows, cfg.eval.num_prompts)
-    prompts = [p for p in distinct for _ in range(cfg.eval.samples_per_prompt)]  # each eval.samples_per_prompt times, different noise
+    prompts = [
+        p for p in distinct for _ in range(cfg.eval.samples_per_prompt)
+    ]  # each eval.samples_per_prompt times, different noise
     t = time.perf_counter()
-    videos = pipe(prompts, steps=sampling_steps(cfg), cfg_scale=cfg.scheduler.cfg_scale, seed=cfg.eval.seed)  # (B, 3, T, H, W)
+    videos = pipe(
+        prompts, steps=sampling_steps(cfg), cfg_scale=cfg.scheduler.cfg_scale, seed=cfg.eval.seed
+    )  # (B, 3, T, H, W)
     seconds = time.perf_counter() - t
     return distinct, prompts, [to_uint8_frames(x) for x in videos], seconds
 
@@ -81,8 +85,14 @@ def validation_loss(pipe, clips: VideoClipDataset, seed: int, repeats: int = VAL
         x0 = torch.stack(xs[i : i + batch])  # (b, C, T, h, w)
         t = scheduler.sample_timesteps(x0.shape[0], x0.device, g)
         noise = randn(x0.shape, g, x0.device)
-        out = scheduler.training_loss(model, x0, model_kwargs={"y": torch.stack(ys[i : i + batch]), "mask": torch.stack(masks[i : i + batch])},
-                                      t=t, noise=noise, generator=g)
+        out = scheduler.training_loss(
+            model,
+            x0,
+            model_kwargs={"y": torch.stack(ys[i : i + batch]), "mask": torch.stack(masks[i : i + batch])},
+            t=t,
+            noise=noise,
+            generator=g,
+        )
         total += out["loss"].float().sum().item()
         n += x0.shape[0]
     return total / max(n, 1)
@@ -101,7 +111,9 @@ def evaluate(
     manifest_path = data.manifest
     model_dir = Path(model_dir)
     if not is_model_folder(model_dir):
-        raise FileNotFoundError(f"evaluate: {model_dir} is not a model folder (no soraflow.json); pass TrainResult.model_dir")
+        raise FileNotFoundError(
+            f"evaluate: {model_dir} is not a model folder (no soraflow.json); pass TrainResult.model_dir"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_rows, val_rows = data.train, data.val
@@ -122,8 +134,12 @@ def evaluate(
     mp4s = []
     for k, (prompt, f) in enumerate(zip(prompts, frames)):
         mp4s.append(write_video(out_dir / f"{k // reps:02d}-{k % reps}-{slug(prompt)}.mp4", f, fps=v.fps))
-    gif = write_gif(out_dir / "samples_grid.gif", tile_grid(frames, cols=reps if reps > 1 else None), fps=v.fps, scale=3)  # a row per prompt
-    train_clips = lambda: VideoClipDataset(train_rows, v.num_frames, v.frame_interval, tuple(v.image_size), train=False)  # noqa: E731
+    gif = write_gif(
+        out_dir / "samples_grid.gif", tile_grid(frames, cols=reps if reps > 1 else None), fps=v.fps, scale=3
+    )  # a row per prompt
+    train_clips = lambda: VideoClipDataset(
+        train_rows, v.num_frames, v.frame_interval, tuple(v.image_size), train=False
+    )  # noqa: E731
     scores = run_scorers(cfg, pipe, frames, prompts, clips, train_clips)  # eval.scorers (tasks/eval_scorers.py)
 
     metrics = {
@@ -138,11 +154,17 @@ def evaluate(
         "seconds": time.perf_counter() - t0,
     }
     per_prompt = [{**r, "mp4": str(p)} for r, p in zip(scores.per_sample, mp4s)]
-    atomic_write_text(out_dir / "metrics.json", json.dumps({"metrics": metrics, "weights": source, "per_prompt": per_prompt},
-                                                           indent=1, default=str))
+    atomic_write_text(
+        out_dir / "metrics.json",
+        json.dumps({"metrics": metrics, "weights": source, "per_prompt": per_prompt}, indent=1, default=str),
+    )
     if progress:
-        print(f"evaluate: val loss {val_loss:.4f} on {len(clips)} held-out clips; {len(prompts)} samples of {len(distinct)} "
-              f"held-out prompts" + "".join(f"; {line}" for line in scores.summary), flush=True)
+        print(
+            f"evaluate: val loss {val_loss:.4f} on {len(clips)} held-out clips; "
+            f"{len(prompts)} samples of {len(distinct)} held-out prompts"
+            + "".join(f"; {line}" for line in scores.summary),
+            flush=True,
+        )
     for key in ("val_loss",):
         if not math.isfinite(metrics[key]):
             raise FloatingPointError(f"evaluate: {key} is {metrics[key]} for {model_dir}")

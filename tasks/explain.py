@@ -36,10 +36,13 @@ MEANING = {
     "tokens": "T5 tokenizer: token ids padded to max_length, mask 1 = real token (the rest is padding)",
     "text": "T5 encoder: one feature vector per token; the video attends to these (cross attention)",
     "noise": "latent noise z (B, C, T, H/f, W/f): the VAE's latent grid, f = the VAE's downsampling",
-    "patchify": "x_embedder: Conv3d, kernel = stride = patch (pt, ph, pw): every latent patch -> one token of D channels",
+    "patchify": "x_embedder: Conv3d, kernel = stride = patch (pt, ph, pw): "
+                "every latent patch -> one token of D channels",
     "pos_spatial": "spatial sin-cos position embedding, added to every frame's S tokens (where in the frame)",
-    "pos_temporal": "temporal sin-cos position embedding, added in block 0's temporal attention input (which time step T')",
-    "pos_temporal_stream": "temporal sin-cos position embedding, added to every token at the input (which time step T')",
+    "pos_temporal": "temporal sin-cos position embedding, added in block 0's temporal attention input "
+                    "(which time step T')",
+    "pos_temporal_stream": "temporal sin-cos position embedding, added to every token at the input "
+                           "(which time step T')",
     "timestep": "t_embedder: sinusoid of the diffusion time t -> MLP -> one vector per sample",
     "adaln": "t_block (adaLN-single): t -> 6 vectors per sample: shift/scale/gate for attention and MLP in every block",
     "caption": "y_embedder: T5 features projected to D (in training, 10% of captions are swapped for the null caption)",
@@ -135,12 +138,15 @@ def _model_stages(tracer: Tracer, stdit, facts: dict) -> list[Stage]:
         rows.append(Stage(key, attr, _io(tracer.first(attr)), MEANING[key]))
         if key == "patchify":
             pe = dict(stdit.named_buffers())
-            rows.append(Stage("pos_spatial", "pos_embed (buffer)", _fmt([tuple(pe["pos_embed"].shape)]), MEANING["pos_spatial"]))
+            rows.append(Stage("pos_spatial", "pos_embed (buffer)", _fmt([tuple(pe["pos_embed"].shape)]),
+                              MEANING["pos_spatial"]))
             meaning = MEANING["pos_temporal_stream" if stdit.temporal_pos == "stream" else "pos_temporal"]
-            rows.append(Stage("pos_temporal", "pos_embed_temporal (buffer)", _fmt([tuple(pe["pos_embed_temporal"].shape)]), meaning))
+            rows.append(Stage("pos_temporal", "pos_embed_temporal (buffer)",
+                              _fmt([tuple(pe["pos_embed_temporal"].shape)]), meaning))
     for i in range(facts["depth"]):
         for suffix, key in (("attn", "spatial"), ("attn_temp", "temporal"), ("cross_attn", "cross")):
-            rows.append(Stage(f"{key}[{i}]", f"blocks.{i}.{suffix}", _io(tracer.first(f"blocks.{i}.{suffix}")), MEANING[key]))
+            rows.append(Stage(f"{key}[{i}]", f"blocks.{i}.{suffix}", _io(tracer.first(f"blocks.{i}.{suffix}")),
+                              MEANING[key]))
     rows.append(Stage("final", "final_layer", _io(tracer.first("final_layer")), MEANING["final"]))
     rows.append(Stage("output", "stdit", _fmt(tracer.first("stdit").output), MEANING["output"]))
     return rows
@@ -149,19 +155,22 @@ def _model_stages(tracer: Tracer, stdit, facts: dict) -> list[Stage]:
 def _facts(pipe, batch: int, length: int) -> dict[str, int]:
     s = pipe.stdit
     c, t, h, w = pipe.latent_shape
-    return {"B": batch, "C": c, "T": t, "h": h, "w": w, "f": pipe.vae.downsample, "H": pipe.image_size[0], "W": pipe.image_size[1],
+    return {"B": batch, "C": c, "T": t, "h": h, "w": w, "f": pipe.vae.downsample,
+            "H": pipe.image_size[0], "W": pipe.image_size[1],
             "grid_t": s.grid_size[0], "grid_h": s.grid_size[1], "grid_w": s.grid_size[2], "S": s.num_spatial,
             "pt": s.patch_size[0], "ph": s.patch_size[1], "pw": s.patch_size[2],
             "D": s.hidden_size, "heads": s.num_heads, "depth": len(s.blocks), "L": length, "C_out": s.out_channels}
 
 
-def _attention_map(tracer: Tracer, q_name: str, kv_name: str, call: int, row: int, heads: int, grid_t: int) -> np.ndarray:
+def _attention_map(tracer: Tracer, q_name: str, kv_name: str, call: int, row: int, heads: int,
+                   grid_t: int) -> np.ndarray:
     """(frames, L) attention of one sample's video tokens over text tokens, mean over heads and each frame's tokens."""
     q = tracer.captured[q_name][call][2]  # (B', N, D)
     kv = tracer.captured[kv_name][call][2]  # (B', L, 2D)
     args, kwargs, _ = tracer.captured["cross_inputs"][call]
     mask = kwargs.get("mask", args[2] if len(args) > 2 else None)
-    w = cross_attention_weights(q[row : row + 1], kv[row : row + 1], heads, None if mask is None else mask[row : row + 1])
+    w = cross_attention_weights(q[row : row + 1], kv[row : row + 1], heads,
+                                None if mask is None else mask[row : row + 1])
     w = w[0].mean(0)  # (N, L)
     return w.reshape(grid_t, -1, w.shape[-1]).mean(1).numpy()  # (T', L)
 
@@ -217,24 +226,29 @@ def _text_stages(tracer: Tracer, pipe, prompt: str) -> tuple[list[Stage], list[s
     tokens = tokenizer.convert_ids_to_tokens(ids)
     length = call.inputs[0][1]
     return [
-        Stage("tokens", "tokenizer", f"ids {_fmt(call.inputs[:1])}, mask {_fmt(call.inputs[1:2])}; {len(tokens)} real: {' '.join(tokens)}", MEANING["tokens"]),
+        Stage("tokens", "tokenizer",
+              f"ids {_fmt(call.inputs[:1])}, mask {_fmt(call.inputs[1:2])}; {len(tokens)} real: {' '.join(tokens)}",
+              MEANING["tokens"]),
         Stage("text", "text_encoder (T5)", _io(call), MEANING["text"]),
     ], tokens, length
 
 
 @torch.no_grad()
-def explain_generation(cfg: SoraFlowConfig, root: DataRoot, prompt: str, out_dir: str | Path, model_ref: str | None = "champion",
-                       ckpt: str | None = None, steps: int = 8, seed: int = 0, cfg_scale: float | None = None, snapshots: int = 4) -> ExplainResult:
+def explain_generation(cfg: SoraFlowConfig, root: DataRoot, prompt: str, out_dir: str | Path,
+                       model_ref: str | None = "champion", ckpt: str | None = None, steps: int = 8, seed: int = 0,
+                       cfg_scale: float | None = None, snapshots: int = 4) -> ExplainResult:
     """One generation of `prompt`, traced; writes denoising.png and cross_attention.png under out_dir."""
     if not prompt.strip():
         raise ValueError("explain: the prompt is empty")
     pipe, source, _ = load_models(cfg, root, model_ref, ckpt)
     stdit, scheduler, out = pipe.stdit.eval(), pipe.scheduler, Path(out_dir)
-    cfg_scale = cfg_scale if cfg_scale is not None else (cfg.generate.cfg_scale if cfg.generate.cfg_scale is not None else scheduler.cfg_scale)
+    cfg_scale = cfg_scale if cfg_scale is not None else (cfg.generate.cfg_scale if cfg.generate.cfg_scale is not None
+                                                         else scheduler.cfg_scale)
     steps_seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (x_t, t, output) per model call
     last = len(stdit.blocks) - 1
     with Tracer() as tracer:
-        q_name, kv_name = _watch_model(tracer, pipe, last, on_step=lambda a, k, o: steps_seen.append((a[0].detach(), a[1].detach(), o.detach())))
+        q_name, kv_name = _watch_model(
+            tracer, pipe, last, on_step=lambda a, k, o: steps_seen.append((a[0].detach(), a[1].detach(), o.detach())))
         # The pipeline's own parts, called as TextToVideo.__call__ calls them, so each result can be shown.
         generator = torch.Generator().manual_seed(seed)
         cond = pipe.text_encoder.encode([prompt])  # y (1, 1, L, C_text), mask (1, L)
@@ -247,11 +261,13 @@ def explain_generation(cfg: SoraFlowConfig, root: DataRoot, prompt: str, out_dir
         rows = text_rows + [Stage("noise", "torch.randn", _fmt([tuple(z.shape)]), MEANING["noise"])]
         first = tracer.first("stdit")
         rows.append(Stage("stdit input", "stdit", f"x, t, y, mask {_fmt(first.inputs)}",
-                          f"one denoising step: x and t doubled to (cond, uncond) rows for classifier-free guidance (scale {cfg_scale:g}), {len(steps_seen)} steps"))
+                          f"one denoising step: x and t doubled to (cond, uncond) rows for classifier-free guidance "
+                          f"(scale {cfg_scale:g}), {len(steps_seen)} steps"))
         rows += _model_stages(tracer, stdit, facts)
         rows.append(Stage("latents", "scheduler.sample", _fmt([tuple(latents.shape)]), MEANING["latents"]))
         rows.append(Stage("decode", "vae.decoder", _io(tracer.first("vae.decoder")), MEANING["decode"]))
-        rows.append(Stage("video", "VideoVAE.decode", _fmt([tuple(video.shape)]), "the video (B, 3, T, H, W) in [-1, 1]"))
+        rows.append(Stage("video", "VideoVAE.decode", _fmt([tuple(video.shape)]),
+                          "the video (B, 3, T, H, W) in [-1, 1]"))
         attention = _attention_map(tracer, q_name, kv_name, len(steps_seen) - 1, 0, facts["heads"], facts["grid_t"])
     picks = sorted({round(i * (len(steps_seen) - 1) / max(1, snapshots - 1)) for i in range(snapshots)})
     x0s = []
@@ -279,15 +295,17 @@ def render_prompt_clip(prompt: str, num_frames: int, image_size: tuple[int, int]
 
     parsed = parse_caption(prompt)
     if parsed is None:
-        raise ValueError(f"explain --train: {prompt!r} is not a sample-world caption ('a <colour> <shape> moving <direction>')")
+        raise ValueError(f"explain --train: {prompt!r} is not a sample-world caption "
+                         "('a <colour> <shape> moving <direction>')")
     color, shape, direction = parsed
     h, w = image_size
-    spec = SceneSpec(color, shape, direction, (20, 20, 30), num_frames, (w / 2, h / 2), min(h, w) * 0.25 / max(1, num_frames))
+    spec = SceneSpec(color, shape, direction, (20, 20, 30), num_frames, (w / 2, h / 2),
+                     min(h, w) * 0.25 / max(1, num_frames))
     return render_scene(spec, w, h)
 
 
-def explain_training(cfg: SoraFlowConfig, root: DataRoot, prompt: str, out_dir: str | Path, model_ref: str | None = "champion",
-                     ckpt: str | None = None, seed: int = 0) -> ExplainResult:
+def explain_training(cfg: SoraFlowConfig, root: DataRoot, prompt: str, out_dir: str | Path,
+                     model_ref: str | None = "champion", ckpt: str | None = None, seed: int = 0) -> ExplainResult:
     """One training step on the sample-world clip of `prompt`, traced; the weights are not changed."""
     pipe, source, trained = load_models(cfg, root, model_ref, ckpt)
     stdit, scheduler, out = pipe.stdit.train(), pipe.scheduler, Path(out_dir)
@@ -297,14 +315,16 @@ def explain_training(cfg: SoraFlowConfig, root: DataRoot, prompt: str, out_dir: 
     pixels = torch.from_numpy(clip).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # (1, 3, T, H, W) in [-1, 1]
     seen: list[torch.Tensor] = []
     with Tracer() as tracer:
-        q_name, kv_name = _watch_model(tracer, pipe, len(stdit.blocks) - 1, on_step=lambda a, k, o: seen.append(o.detach()))
+        q_name, kv_name = _watch_model(tracer, pipe, len(stdit.blocks) - 1,
+                                       on_step=lambda a, k, o: seen.append(o.detach()))
         with torch.no_grad():
             x0 = pipe.vae.encode(pixels, sample=False)  # (1, C, T, h, w), the latent mean
             cond = pipe.text_encoder.encode([prompt])
         t = scheduler.sample_timesteps(1, generator=generator)  # (1,)
         noise = randn(x0.shape, generator, x0.device)
         if isinstance(scheduler, RFlow):
-            x_t, target, kind = interpolate(x0, noise, t / scheduler.num_timesteps), velocity_target(x0, noise), "velocity x0 - noise"
+            x_t, target, kind = (interpolate(x0, noise, t / scheduler.num_timesteps), velocity_target(x0, noise),
+                                 "velocity x0 - noise")
         else:
             x_t, target, kind = scheduler.diffusion.q_sample(x0, t.long(), noise), noise, "eps (the noise)"
         terms = scheduler.training_loss(stdit, x0, {"y": cond["y"], "mask": cond["mask"]}, t=t, noise=noise)
@@ -314,8 +334,10 @@ def explain_training(cfg: SoraFlowConfig, root: DataRoot, prompt: str, out_dir: 
         facts = _facts(pipe, 1, length)
         rows = text_rows + [
             Stage("encode", "vae.encoder", _io(tracer.first("vae.encoder")), MEANING["encode"]),
-            Stage("x0", "VideoVAE.encode", _fmt([tuple(x0.shape)]), "the clip's latents x0 (B, C, T, H/f, W/f), scaled by the VAE's scaling factor"),
-            Stage("t", "scheduler.sample_timesteps", f"t = {float(t[0]):.1f}", f"sampled diffusion time ({type(scheduler).__name__}: 0 = data, {scheduler.num_timesteps} = noise)"),
+            Stage("x0", "VideoVAE.encode", _fmt([tuple(x0.shape)]),
+                  "the clip's latents x0 (B, C, T, H/f, W/f), scaled by the VAE's scaling factor"),
+            Stage("t", "scheduler.sample_timesteps", f"t = {float(t[0]):.1f}",
+                  f"sampled diffusion time ({type(scheduler).__name__}: 0 = data, {scheduler.num_timesteps} = noise)"),
             Stage("x_t", "scheduler", _fmt([tuple(x_t.shape)]), "x0 noised to time t: the model's input"),
             Stage("target", "scheduler", _fmt([tuple(target.shape)]), f"what the model must predict: {kind}"),
         ]
@@ -324,11 +346,13 @@ def explain_training(cfg: SoraFlowConfig, root: DataRoot, prompt: str, out_dir: 
     numbers = {"t": float(t[0])}
     for name, value in terms.items():
         numbers[f"loss.{name}"] = float(value.detach().mean())
-        rows.append(Stage(f"loss.{name}", "scheduler.training_loss", f"{numbers[f'loss.{name}']:.4f}", "loss term, mean over the batch"))
+        rows.append(Stage(f"loss.{name}", "scheduler.training_loss", f"{numbers[f'loss.{name}']:.4f}",
+                          "loss term, mean over the batch"))
     grad_meaning = "gradient norm of this part's parameters" + (
         "" if trained else " (untrained: only the zero-initialised final layer gets one)")
     for name, module in stdit.named_children():
-        parts = [(f"{name}.{i}", m) for i, m in enumerate(module)] if isinstance(module, torch.nn.ModuleList) else [(name, module)]
+        parts = ([(f"{name}.{i}", m) for i, m in enumerate(module)] if isinstance(module, torch.nn.ModuleList)
+                 else [(name, module)])
         for label, m in parts:
             grads = [p.grad.norm() ** 2 for p in m.parameters() if p.grad is not None]
             if grads:
@@ -342,6 +366,7 @@ def explain_training(cfg: SoraFlowConfig, root: DataRoot, prompt: str, out_dir: 
     images = {
         "training_step": _save_strip_png(strip, out / "training_step.png"),
         "cross_attention": _save_attention_png(attention, tokens, out / "cross_attention_train.png",
-                                               f"block {facts['depth'] - 1} cross attention, training step at t={float(t[0]):.0f}"),
+                                               f"block {facts['depth'] - 1} cross attention, "
+                                               f"training step at t={float(t[0]):.0f}"),
     }
     return ExplainResult("train", prompt, source, rows, facts, numbers, images, tokens)

@@ -36,7 +36,9 @@ def export_opensora_csv(manifest: str | Path, out: str | Path, root: str | Path 
         path = Path(row["path"]).expanduser().resolve()
         if base is not None:
             if base not in path.parents:
-                raise ValueError(f"{manifest}: row {i} ({row.get('clip_id') or row['video_id']}): {path} is not under --root {base}")
+                raise ValueError(
+                    f"{manifest}: row {i} ({row.get('clip_id') or row['video_id']}): {path} is not under --root {base}"
+                )
             value = os.path.relpath(path, base)
         else:
             value = str(path)

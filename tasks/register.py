@@ -62,12 +62,19 @@ def training_history(cfg: SoraFlowConfig, trained: TrainResult) -> dict[str, lis
     return {"train_loss": loss, "learning_rate": [(step, lr_at(cfg.train, int(step) - 1)) for step, _ in loss]}
 
 
-def register_model(cfg: SoraFlowConfig, data: DatasetSplit, trained: TrainResult, evaluated: EvalResult, vae: VaeFitResult,
-                   data_root: str, run_name: str) -> RegisterResult:
+def register_model(
+    cfg: SoraFlowConfig, data: DatasetSplit, trained: TrainResult, evaluated: EvalResult, vae: VaeFitResult,
+    data_root: str, run_name: str,
+) -> RegisterResult:
     """Log the run to MLflow, register the model folder, and move `champion` only if it is better."""
     registry = ModelRegistry(DataRoot(data_root), cfg.registry)
     version = data.version
-    tags = {"dataset_version": version, "config_hash": config_hash(cfg), "manifest": data.manifest, "run_name": run_name}
+    tags = {
+        "dataset_version": version,
+        "config_hash": config_hash(cfg),
+        "manifest": data.manifest,
+        "run_name": run_name,
+    }
     params = {"config": redact_config(cfg.model_dump(mode="json"))}
     metrics = {**_numbers(evaluated.metrics), **_numbers(trained.metrics, "train_"), **_numbers(vae.metrics, "vae_")}
     steps = int(trained.metrics.get("steps") or 0)
@@ -75,8 +82,14 @@ def register_model(cfg: SoraFlowConfig, data: DatasetSplit, trained: TrainResult
     prompts = data.held_out_captions(EXAMPLE_PROMPTS)
     with registry.run(run_name, params=params, tags=tags) as run_id:
         points = log_history(registry.client, run_id, history)
-        log_dataset_input(registry.client, run_id, data.manifest, name=cfg.name, version=version,
-                          profile={"train_clips": trained.metrics.get("train_clips"), "val_clips": trained.metrics.get("val_clips")})
+        log_dataset_input(
+            registry.client,
+            run_id,
+            data.manifest,
+            name=cfg.name,
+            version=version,
+            profile={"train_clips": trained.metrics.get("train_clips"), "val_clips": trained.metrics.get("val_clips")},
+        )
         for path in [trained.loss_curve_png, evaluated.samples_gif, *evaluated.samples_mp4]:
             if path and Path(path).exists():
                 registry.log_artifact(run_id, path, artifact_path="evaluation")
@@ -84,10 +97,19 @@ def register_model(cfg: SoraFlowConfig, data: DatasetSplit, trained: TrainResult
         write_model_card(model_dir, cfg, dataset_version=version, metrics=metrics, prompts=prompts)
         info = registry.register(run_id, model_dir, metrics=metrics, tags=tags, step=steps)
     promoted, reason = registry.promote_if_better(info.version, cfg.eval.metric, cfg.eval.higher_is_better)
-    return RegisterResult(info.name, int(info.version), promoted, reason, info.run_id, registry.experiment_id,
-                          registry.tracking_uri, points,
-                          run_url(registry.tracking_uri, registry.experiment_id, info.run_id, os.environ.get(MLFLOW_UI_ENV)),
-                          version, prompts)
+    return RegisterResult(
+        info.name,
+        int(info.version),
+        promoted,
+        reason,
+        info.run_id,
+        registry.experiment_id,
+        registry.tracking_uri,
+        points,
+        run_url(registry.tracking_uri, registry.experiment_id, info.run_id, os.environ.get(MLFLOW_UI_ENV)),
+        version,
+        prompts,
+    )
 
 
 def registered_markdown(r: RegisterResult, trained: TrainResult, evaluated: EvalResult) -> str:
@@ -105,8 +127,10 @@ def registered_markdown(r: RegisterResult, trained: TrainResult, evaluated: Eval
 
 
 @task(name="register", **STAGE_RETRIES)
-def register_task(cfg: SoraFlowConfig, data: DatasetSplit, trained: TrainResult, evaluated: EvalResult, vae: VaeFitResult,
-                  data_root: str, run_name: str) -> RegisterResult:
+def register_task(
+    cfg: SoraFlowConfig, data: DatasetSplit, trained: TrainResult, evaluated: EvalResult, vae: VaeFitResult,
+    data_root: str, run_name: str,
+) -> RegisterResult:
     """Log the run to MLflow, register the model folder, and move `champion` only if it is better."""
     registered = register_model(cfg, data, trained, evaluated, vae, data_root, run_name)
     create_link_artifact(registered.run_url, link_text=f"MLflow run of {registered.name} v{registered.version}",

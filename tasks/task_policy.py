@@ -17,7 +17,13 @@ from soraflow.storage.data.manifest import ManifestError
 
 # Retrying these cannot help: the input itself is wrong. ValueError covers storage.checkpoints'
 # CheckpointError too, which is not imported here: it would pull torch into every ingest command.
-BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ManifestError, UnsafePathError, FileNotFoundError, ValueError)
+BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    ManifestError,
+    UnsafePathError,
+    FileNotFoundError,
+    ValueError,
+)
 RETRY_DELAYS = exponential_backoff(backoff_factor=2)  # 2, 4, 8 s
 RETRY_JITTER = 0.5
 # A cached stage result is trusted for at most this long (and only while its files exist: the

@@ -63,7 +63,8 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> set[
 
 
 def respaced_betas(alphas_cumprod: np.ndarray, use_timesteps: set[int]) -> tuple[np.ndarray, list[int]]:
-    """Betas of the kept steps, beta'_i = 1 - abar[t_i] / abar[t_{i-1}] (abar before the first = 1), and the timestep map."""
+    """Betas of the kept steps, beta'_i = 1 - abar[t_i] / abar[t_{i-1}] (abar before the first = 1),
+    and the timestep map."""
     betas, timestep_map, last = [], [], 1.0
     for t, abar in enumerate(alphas_cumprod):
         if t in use_timesteps:
@@ -152,17 +153,27 @@ class GaussianDiffusion:
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
-        return extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
+            + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
+        )
 
     def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and clipped log-variance of q(x_{t-1} | x_t, x0)."""
-        mean = extract(self.posterior_mean_coef1, t, x_t.ndim) * x0 + extract(self.posterior_mean_coef2, t, x_t.ndim) * x_t
+        mean = (
+            extract(self.posterior_mean_coef1, t, x_t.ndim) * x0 + extract(self.posterior_mean_coef2, t, x_t.ndim) * x_t
+        )
         return mean, extract(self.posterior_log_variance_clipped, t, x_t.ndim)
 
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps
+        return (
+            extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
+            - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps
+        )
 
-    def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    def p_mean_variance(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """p(x_{t-1} | x_t) from a model output (B, 2C, ...) = [eps ; v]; pred_x0 is not clipped (Open-Sora)."""
         c = x_t.shape[1]
         if model_output.shape[1] != 2 * c:
@@ -175,12 +186,16 @@ class GaussianDiffusion:
         mean, _ = self.q_posterior(pred_x0, x_t, t)
         return {"mean": mean, "log_variance": log_var, "pred_x0": pred_x0, "eps": eps}
 
-    def vb_terms_bpd(self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def vb_terms_bpd(
+        self, model_output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
         """(B,) variational bound term in bits: KL(q || p) for t > 0, the decoder NLL of x0 at t = 0."""
         true_mean, true_log_var = self.q_posterior(x0, x_t, t)
         out = self.p_mean_variance(model_output, x_t, t)
         kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
-        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"])) / math.log(2.0)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"])) / math.log(
+            2.0
+        )
         return torch.where(t == 0, nll, kl)
 
 
@@ -194,7 +209,9 @@ def forward_with_cfg(model: Callable, x: torch.Tensor, timestep: torch.Tensor, y
     conditional pass's own. Returns the n guided rows (B=n, C_out, ...).
     """
     n = x.shape[0]
-    out = model(torch.cat([x, x]), torch.cat([timestep, timestep]), y=torch.cat([y, y_null]), mask=mask)  # (2n, C_out, ...)
+    out = model(
+        torch.cat([x, x]), torch.cat([timestep, timestep]), y=torch.cat([y, y_null]), mask=mask
+    )  # (2n, C_out, ...)
     cond, uncond = out[:n], out[n:]
     guided = uncond[:, :cfg_channel] + cfg_scale * (cond[:, :cfg_channel] - uncond[:, :cfg_channel])
     return torch.cat([guided, cond[:, cfg_channel:]], dim=1)  # (n, C_out, ...)
@@ -214,7 +231,8 @@ def expand_null(y_null: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class IDDPM:
     """Open-Sora v1.0's scheduler: IDDPM training loss, respaced ancestral sampling with 3-channel CFG."""
 
-    def __init__(self, num_sampling_steps: int = 100, cfg_scale: float = 7.0, num_train_timesteps: int = 1000, cfg_channel: int = 3):
+    def __init__(self, num_sampling_steps: int = 100, cfg_scale: float = 7.0, num_train_timesteps: int = 1000,
+                 cfg_channel: int = 3):
         self.num_timesteps = num_train_timesteps
         self.num_sampling_steps = num_sampling_steps
         self.cfg_scale = cfg_scale
@@ -236,7 +254,8 @@ class IDDPM:
         return torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=gen_device).to(device)
 
     def training_loss(self, model: Callable, x0: torch.Tensor, model_kwargs: dict, t: torch.Tensor | None = None,
-                      noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                      noise: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Per-sample (B,) "loss" = "mse" + "vb" for latents x0 (B, C, T, H, W) at timesteps t (B,) int."""
         t, noise = loss_inputs(self, x0, t, noise, generator)
         t = t.long()

@@ -53,8 +53,8 @@ def euler_timesteps(num_steps: int, shift: float = 1.0) -> torch.Tensor:
 class RFlow:
     """Rectified-flow scheduler with the IDDPM scheduler's interface."""
 
-    def __init__(self, num_sampling_steps: int = 30, cfg_scale: float = 7.0, num_train_timesteps: int = 1000, shift: float = 1.0,
-                 logit_std: float = 1.0):
+    def __init__(self, num_sampling_steps: int = 30, cfg_scale: float = 7.0, num_train_timesteps: int = 1000,
+                 shift: float = 1.0, logit_std: float = 1.0):
         self.num_timesteps = num_train_timesteps  # model time scale: t = num_timesteps * tau
         self.num_sampling_steps = num_sampling_steps
         self.cfg_scale = cfg_scale
@@ -67,7 +67,8 @@ class RFlow:
         return shift_timesteps(tau, self.shift) * self.num_timesteps
 
     def training_loss(self, model: Callable, x0: torch.Tensor, model_kwargs: dict, t: torch.Tensor | None = None,
-                      noise: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                      noise: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Per-sample (B,) "loss" = mean((v_pred - (x0 - noise))^2) at model times t (B,) in [0, 1000]."""
         t, noise = loss_inputs(self, x0, t, noise, generator)
         t = t.float()
@@ -91,7 +92,9 @@ class RFlow:
             if y_null is None:
                 v = model(x, t, y=y, mask=mask).float()[:, :c]
             else:  # [cond; uncond] in one pass; the n-row mask is tiled by the model
-                out = model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, expand_null(y_null, y)]), mask=mask).float()[:, :c]
+                out = model(
+                    torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, expand_null(y_null, y)]), mask=mask
+                ).float()[:, :c]
                 cond, uncond = out[:n], out[n:]
                 v = uncond + cfg_scale * (cond - uncond)  # (n, C, T, H, W)
             x = x + v * float(taus[i] - taus[i + 1])  # tau decreases, v points from noise to data

@@ -46,7 +46,9 @@ from torch.utils.data import Dataset
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def frame_indices(total: int, num_frames: int, frame_interval: int, rng: np.random.Generator | None = None) -> list[int]:
+def frame_indices(
+    total: int, num_frames: int, frame_interval: int, rng: np.random.Generator | None = None
+) -> list[int]:
     """Open-Sora v1.0 temporal sampling: which `num_frames` frames of a `total`-frame clip to read.
 
     window = num_frames * frame_interval; begin is uniform in [0, max(0, total - window - 1)]
@@ -130,7 +132,9 @@ class VideoClipDataset(Dataset):
         for row in ok:
             reason, total = self._check(row)
             if reason:
-                self.skipped.append({"clip_id": row.get("clip_id") or "", "path": row.get("path") or "", "reason": reason})
+                self.skipped.append(
+                    {"clip_id": row.get("clip_id") or "", "path": row.get("path") or "", "reason": reason}
+                )
             else:
                 self.rows.append(row)
                 self._totals.append(total)

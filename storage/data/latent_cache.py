@@ -164,8 +164,16 @@ def build_latent_cache(
     final = root.cache_dir(key)
     if (final / INDEX).exists():
         index = read_index(final)
-        return CacheInfo(final, key, len(index["clips"]), index["num_captions"], False, time.perf_counter() - t0, index["skipped"],
-                         *cache_geometry(final, index))
+        return CacheInfo(
+            final,
+            key,
+            len(index["clips"]),
+            index["num_captions"],
+            False,
+            time.perf_counter() - t0,
+            index["skipped"],
+            *cache_geometry(final, index),
+        )
 
     # The same usability checks as the training dataset (file exists, caption, long enough).
     clips = VideoClipDataset(source, num_frames, frame_interval, image_size, train=False)
@@ -183,7 +191,10 @@ def build_latent_cache(
             enc = text_encoder.encode(captions[i : i + 32])  # y (b, 1, L, C), mask (b, L)
             ys.append(enc["y"].float().cpu())
             masks.append(enc["mask"].cpu())
-        save_file({"y": torch.cat(ys).contiguous(), "mask": torch.cat(masks).to(torch.int64).contiguous()}, str(tmp / TEXT_SHARD))
+        save_file(
+            {"y": torch.cat(ys).contiguous(), "mask": torch.cat(masks).to(torch.int64).contiguous()},
+            str(tmp / TEXT_SHARD),
+        )
 
         entries, skipped, shard, shard_no = [], list(clips.skipped), {}, 0
 
@@ -214,7 +225,9 @@ def build_latent_cache(
                 print(f"latent cache: {n + 1}/{len(clips.rows)} clips encoded", flush=True)
         flush()
         if not entries:
-            raise LatentCacheError(f"no clip could be encoded ({len(skipped)} skipped: {[s['reason'] for s in skipped[:3]]})")
+            raise LatentCacheError(
+                f"no clip could be encoded ({len(skipped)} skipped: {[s['reason'] for s in skipped[:3]]})"
+            )
         index = {
             "format": FORMAT_VERSION,
             "key": key,
@@ -261,7 +274,9 @@ def read_index(cache_dir: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise LatentCacheError(f"{path}: not valid JSON: {e}") from e
     if index.get("format") != FORMAT_VERSION:
-        raise LatentCacheError(f"{path}: cache format {index.get('format')}, this code reads {FORMAT_VERSION}; rebuild it")
+        raise LatentCacheError(
+            f"{path}: cache format {index.get('format')}, this code reads {FORMAT_VERSION}; rebuild it"
+        )
     return index
 
 
@@ -300,7 +315,9 @@ class LatentCacheDataset(Dataset):
             entries = [e for e in entries if e["clip_id"] in wanted]
         too_short = [e["clip_id"] for e in entries if e["frames"] < self.num_frames]
         if too_short:
-            raise LatentCacheError(f"{self.cache_dir}: clips {too_short[:5]} have fewer than num_frames={num_frames} frames")
+            raise LatentCacheError(
+                f"{self.cache_dir}: clips {too_short[:5]} have fewer than num_frames={num_frames} frames"
+            )
         self.entries = entries
         self.index = index
         text = self._open(TEXT_SHARD)
@@ -365,5 +382,9 @@ class OnlineEncoder:
         mean, std = self.vae.encode_moments(batch["video"])  # each (B, C, T, h, w), scaled
         x0 = mean + std * randn(mean.shape, generator, mean.device, mean.dtype)
         enc = self.text_encoder.encode(list(batch["text"]))  # y (B, 1, L, C), mask (B, L)
-        return {**{k: v for k, v in batch.items() if k != "video"}, "x0": x0, "y": enc["y"].float(), "mask": enc["mask"]}
-
+        return {
+            **{k: v for k, v in batch.items() if k != "video"},
+            "x0": x0,
+            "y": enc["y"].float(),
+            "mask": enc["mask"],
+        }

@@ -172,7 +172,9 @@ def mark_duplicates(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], i
     for i, row in enumerate(rows):
         key = (row.get("source"), row.get("video_id"), row.get("clip_id"))
         if row.get("status") == "ok" and key in first:
-            out.append(reject(row, f"duplicate: same source, video id and clip id as row {first[key]} ({key[1]}, {key[2]})"))
+            out.append(
+                reject(row, f"duplicate: same source, video id and clip id as row {first[key]} ({key[1]}, {key[2]})")
+            )
             n += 1
             continue
         if row.get("status") == "ok":

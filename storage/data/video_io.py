@@ -28,7 +28,9 @@ MAX_DURATION_S = 24 * 3600.0
 MAX_DECODE_BYTES = 8 << 30  # frames x H x W x 3 of one decoded array
 
 
-def check_geometry(path: str | Path, height: int, width: int, fps: float | None = None, num_frames: int | None = None) -> None:
+def check_geometry(
+    path: str | Path, height: int, width: int, fps: float | None = None, num_frames: int | None = None
+) -> None:
     """VideoError unless the frame size, aspect and duration are within the caps above."""
     if not height or not width or height < 0 or width < 0:
         raise VideoError(f"{path}: no frame size in the header")
@@ -44,7 +46,10 @@ def check_decode_bytes(path: str | Path, frames: int, height: int, width: int) -
     """VideoError if (frames, height, width, 3) uint8 would be over MAX_DECODE_BYTES."""
     need = int(frames) * int(height) * int(width) * 3
     if need > MAX_DECODE_BYTES:
-        raise VideoError(f"{path}: decoding {frames} frames of {width}x{height} needs {need / 2**30:.1f} GiB, over the limit of {MAX_DECODE_BYTES / 2**30:.0f} GiB")
+        raise VideoError(
+            f"{path}: decoding {frames} frames of {width}x{height} needs {need / 2**30:.1f} GiB, "
+            f"over the limit of {MAX_DECODE_BYTES / 2**30:.0f} GiB"
+        )
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,10 @@ def read_frames(path: str | Path, indices: list[int] | None = None, size: tuple[
                 check_decode_bytes(path, len(indices), out_h, out_w)
             last = wanted[-1] if wanted else None
             wanted_set = set(wanted) if wanted is not None else None
-            resize, to_rgb = stream_reformatter(), stream_reformatter()  # one each: a change of settings rebuilds the context
+            resize, to_rgb = (
+                stream_reformatter(),
+                stream_reformatter(),
+            )  # one each: a change of settings rebuilds the context
             for i, frame in enumerate(container.decode(stream)):
                 if wanted is None:
                     check_decode_bytes(path, len(got) + 1, out_h, out_w)  # all frames: counted as they come
@@ -169,7 +177,11 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float, crf: int = 18)
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}  # one thread: identical frames give identical bytes
+            stream.options = {
+                "crf": str(crf),
+                "preset": "veryfast",
+                "threads": "1",
+            }  # one thread: identical frames give identical bytes
             for arr in frames:
                 for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
                     container.mux(packet)
@@ -228,7 +240,9 @@ def write_gif(path: str | Path, frames: np.ndarray, fps: float, scale: int = 1) 
     images = [Image.fromarray(f) for f in frames]
     path = Path(path)
     with atomic_output(path) as tmp:
-        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=max(1, int(1000 / fps)), loop=0)
+        images[0].save(
+            tmp, format="GIF", save_all=True, append_images=images[1:], duration=max(1, int(1000 / fps)), loop=0
+        )
     return path
 
 

@@ -20,7 +20,17 @@ MODEL_DIR_ARTIFACT = "model_dir"  # the artifact that holds the model folder
 PYFUNC_CODE = Path(__file__).with_name("video_model.py")  # the "models from code" file
 # Pinned in the model's requirements; listing them spares MLflow inferring them, which would load
 # the model in a subprocess. SoraFlow itself must be installed where the model is loaded.
-REQUIREMENTS = ("mlflow", "torch", "safetensors", "huggingface_hub", "transformers", "diffusers", "numpy", "pandas", "av")
+REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "safetensors",
+    "huggingface_hub",
+    "transformers",
+    "diffusers",
+    "numpy",
+    "pandas",
+    "av",
+)
 
 
 def video_signature():
@@ -69,7 +79,9 @@ def log_pyfunc_model(client, experiment_id: str, run_id: str, model_dir: Path, n
         with tempfile.TemporaryDirectory(prefix="soraflow-mlmodel-") as tmp:
             local = Path(tmp) / name
             with warnings.catch_warnings():  # the signature is given; no type hints or input example needed
-                warnings.filterwarnings("ignore", message=".*(type hints|input example|input_example).*", category=UserWarning)
+                warnings.filterwarnings(
+                    "ignore", message=".*(type hints|input example|input_example).*", category=UserWarning
+                )
                 mlflow.pyfunc.save_model(
                     str(local),
                     python_model=str(PYFUNC_CODE),

@@ -34,7 +34,10 @@ def model_card_text(cfg: SoraFlowConfig, dataset_version: str | None = None, met
     data = ModelCardData(library_name="soraflow", pipeline_tag="text-to-video", tags=["open-sora", "stdit", "soraflow"])
     t, m = cfg.train, cfg.model
     lines = [
-        "---", data.to_yaml(), "---", "",
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
         f"# {title}",
         "",
         f"An Open-Sora v1.0 STDiT ({m.preset}) text-to-video model trained with SoraFlow, "
@@ -48,13 +51,21 @@ def model_card_text(cfg: SoraFlowConfig, dataset_version: str | None = None, met
         "",
         f"* {t.steps} steps, batch {t.batch_size}, lr {t.lr:g}, weight decay {t.weight_decay:g}, "
         f"{t.num_workers or 1} worker(s), scheduler {cfg.scheduler.type}",
-        "* text encoder: " + ((cfg.text_encoder.path and redact_text(cfg.text_encoder.path)) or "the tiny T5 in text_encoder/"),
+        "* text encoder: "
+        + ((cfg.text_encoder.path and redact_text(cfg.text_encoder.path)) or "the tiny T5 in text_encoder/"),
         "* VAE: " + ((cfg.vae.path and redact_text(cfg.vae.path)) or "the tiny VAE fitted on the same data, in vae/"),
         "",
         "## Evaluation",
         "",
-        *([f"Example prompts, held-out captions of its data: {', '.join(json.dumps(redact_text(p)) for p in prompts)}.", ""]
-          if prompts else []),
+        *(
+            [
+                "Example prompts, held-out captions of its data: "
+                f"{', '.join(json.dumps(redact_text(p)) for p in prompts)}.",
+                "",
+            ]
+            if prompts
+            else []
+        ),
         _metrics_table(metrics) if metrics else "Not evaluated.",
         "",
         "## How to generate",
@@ -66,13 +77,13 @@ def model_card_text(cfg: SoraFlowConfig, dataset_version: str | None = None, met
         "",
         "```python",
         "import mlflow",
-        "mlflow.set_tracking_uri(\"sqlite:///<data root>/registry/mlflow.db\")",
-        f"model = mlflow.pyfunc.load_model(\"models:/{name}@champion\")",
+        'mlflow.set_tracking_uri("sqlite:///<data root>/registry/mlflow.db")',
+        f'model = mlflow.pyfunc.load_model("models:/{name}@champion")',
         f"videos = model.predict([{py_prompt}])  # (prompts, T, H, W, 3) uint8",
         "```",
         "",
-        "The parts load on their own too: `STDiT.from_pretrained(\"stdit\")`, diffusers' "
-        "`AutoencoderKL.from_pretrained(\"vae\")`, transformers' `T5EncoderModel.from_pretrained(\"text_encoder\")`.",
+        'The parts load on their own too: `STDiT.from_pretrained("stdit")`, diffusers\' '
+        '`AutoencoderKL.from_pretrained("vae")`, transformers\' `T5EncoderModel.from_pretrained("text_encoder")`.',
         "",
         "<details><summary>Full training config (soraflow.json)</summary>",
         "",

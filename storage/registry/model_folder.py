@@ -72,7 +72,9 @@ def _part(folder: Path, name: str, configured: str | None, key: str) -> Path:
         return folder / name
     if configured and Path(configured).expanduser().is_dir():
         return Path(configured).expanduser()
-    raise ModelFolderError(f"{folder}: no {name}/ folder and config key '{key}' ({configured!r}) is not a local directory")
+    raise ModelFolderError(
+        f"{folder}: no {name}/ folder and config key '{key}' ({configured!r}) is not a local directory"
+    )
 
 
 def stdit_input_size(folder: str | Path) -> list[int]:
@@ -98,7 +100,9 @@ def export_model_dir(folder: Path, cfg: SoraFlowConfig, stdit_state: dict[str, t
     """
     folder.mkdir(parents=True, exist_ok=True)
     save_model_dir(folder / "stdit", stdit_state, {**STDIT_PRESETS[cfg.model.preset], **stdit_config})
-    atomic_write_text(folder / CONFIG_FILE, json.dumps(redact_config(cfg.model_dump(mode="json")), indent=2))  # folders get shared
+    atomic_write_text(
+        folder / CONFIG_FILE, json.dumps(redact_config(cfg.model_dump(mode="json")), indent=2)
+    )  # folders get shared
     for name, src in (("vae", vae_dir), ("text_encoder", text_encoder_dir)):
         if src is not None:
             shutil.copytree(src, folder / name, dirs_exist_ok=True)
@@ -114,7 +118,9 @@ def load_model_folder(folder: str | Path, base: SoraFlowConfig | None = None, nu
         raise ModelFolderError(f"{folder}: not a SoraFlow model folder (no {CONFIG_FILE})")
     refuse_pickles(folder)
     cfg = folder_config(folder, base)
-    text_encoder = load_text_encoder(cfg, path=_part(folder, "text_encoder", cfg.text_encoder.path, "text_encoder.path"))
+    text_encoder = load_text_encoder(
+        cfg, path=_part(folder, "text_encoder", cfg.text_encoder.path, "text_encoder.path")
+    )
     vae, _ = load_vae(cfg, path=_part(folder, "vae", cfg.vae.path, "vae.path"))
     overrides = {}
     if num_frames:

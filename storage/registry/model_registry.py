@@ -136,13 +136,12 @@ class ModelRegistry(RunLog):
 
     # ------------------------------------------------------------ versions
 
-    def register(self, run_id: str, model_dir: str | Path, metrics: dict[str, float] | None = None, tags: dict[str, Any] | None = None,
-                 step: int | None = None) -> ModelVersionInfo:
+    def register(self, run_id: str, model_dir: str | Path, metrics: dict[str, float] | None = None,
+                 tags: dict[str, Any] | None = None, step: int | None = None) -> ModelVersionInfo:
         """Log `model_dir` as the run's "model" artifacts and register it as a new version.
 
-        `tags` must hold dataset_version and config_hash; code_version is added here.
-        Every metric is logged on the run (at `step`, e.g. the last training step) and set as the
-        version tag metric.<name>.
+        `tags` must hold dataset_version and config_hash; code_version is added here. Every metric is logged
+        on the run (at `step`, e.g. the last training step) and set as the version tag metric.<name>.
         """
         model_dir = Path(model_dir)
         self._check_model_dir(model_dir)
@@ -159,15 +158,17 @@ class ModelRegistry(RunLog):
         tags.setdefault("code_version", code_version())
         tags.update({f"{METRIC_TAG}{k}": repr(float(v)) for k, v in metrics.items()})
 
-        if self.client.get_run(run_id).data.tags.get(MODEL_ID_TAG) or self.client.list_artifacts(run_id, MODEL_ARTIFACT):
-            raise RegistryError(f"{self.name}: run {run_id} already holds a registered model; register from a new run")  # a version's files never change
+        if (self.client.get_run(run_id).data.tags.get(MODEL_ID_TAG)
+                or self.client.list_artifacts(run_id, MODEL_ARTIFACT)):  # a version's files never change
+            raise RegistryError(f"{self.name}: run {run_id} already holds a registered model; register from a new run")
         model = log_pyfunc_model(self.client, self.experiment_id, run_id, model_dir, MODEL_ARTIFACT)
         self._check_model_dir(model_dir)  # unchanged while MLflow copied it
         self.client.set_tag(run_id, MODEL_ID_TAG, model.model_id)
         if metrics:
             self.log_metrics(run_id, metrics, step=step)
         self._ensure_registered_model()
-        mv = self.client.create_model_version(self.name, source=model.artifact_location, run_id=run_id, tags=tags, model_id=model.model_id)
+        mv = self.client.create_model_version(self.name, source=model.artifact_location, run_id=run_id, tags=tags,
+                                              model_id=model.model_id)
         mv = self._wait_ready(mv.version)
         return self._info(mv, self._aliases())
 
@@ -186,7 +187,8 @@ class ModelRegistry(RunLog):
             self.client.get_registered_model(self.name)
         except MlflowException:
             try:
-                self.client.create_registered_model(self.name, description="SoraFlow STDiT text-to-video model folders (safetensors + JSON)")
+                self.client.create_registered_model(
+                    self.name, description="SoraFlow STDiT text-to-video model folders (safetensors + JSON)")
             except MlflowException:  # created meanwhile by another process
                 self.client.get_registered_model(self.name)
 
@@ -230,7 +232,8 @@ class ModelRegistry(RunLog):
                 tags[k] = v
         created = ""
         if mv.creation_timestamp:
-            created = datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=timezone.utc).isoformat(timespec="seconds")
+            created = datetime.fromtimestamp(mv.creation_timestamp / 1000,
+                                             tz=timezone.utc).isoformat(timespec="seconds")
         return ModelVersionInfo(
             name=mv.name,
             version=int(mv.version),
@@ -299,11 +302,13 @@ class ModelRegistry(RunLog):
         """
         from mlflow.artifacts import download_artifacts
 
-        local = next((p.parent for p in sorted(dest_dir.rglob("MLmodel"))), None) if reuse and dest_dir.is_dir() else None
+        local = (next((p.parent for p in sorted(dest_dir.rglob("MLmodel"))), None)
+                 if reuse and dest_dir.is_dir() else None)
         if local is None:
             uri = self.client.get_model_version_download_uri(self.name, str(info.version))
             dest_dir.mkdir(parents=True, exist_ok=True)
-            local = Path(download_artifacts(artifact_uri=uri, dst_path=str(dest_dir), tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri))
+            local = Path(download_artifacts(artifact_uri=uri, dst_path=str(dest_dir), tracking_uri=self.tracking_uri,
+                                            registry_uri=self.tracking_uri))
         self._refuse_pickles(local, f"v{info.version} as downloaded is not loaded")
         return local
 
@@ -342,7 +347,8 @@ class ModelRegistry(RunLog):
         try:
             self.client.set_registered_model_alias(self.name, alias, str(info.version))
         except MlflowException as e:
-            raise RegistryError(f"model {self.name!r}: cannot set alias {alias!r} to v{info.version}: {e.message}") from e
+            raise RegistryError(f"model {self.name!r}: cannot set alias {alias!r} to v{info.version}: "
+                                f"{e.message}") from e
         return self.get(alias)
 
     def promote_if_better(self, version: str | int, metric: str, higher_is_better: bool) -> tuple[bool, str]:
@@ -360,7 +366,8 @@ class ModelRegistry(RunLog):
             champ = None
 
         if c_val is None or not math.isfinite(c_val):
-            promoted, reason = False, f"candidate v{cand.version} has no finite {metric!r} (got {c_val}); champion unchanged"
+            promoted, reason = False, (f"candidate v{cand.version} has no finite {metric!r} (got {c_val}); "
+                                       "champion unchanged")
         elif champ is None:
             promoted, reason = True, f"no champion yet; candidate v{cand.version} {metric}={c_val:.6g}"
         elif champ.version == cand.version:
@@ -369,12 +376,14 @@ class ModelRegistry(RunLog):
             h_val = champ.metrics.get(metric)
             if h_val is None or not math.isfinite(h_val):
                 promoted = True
-                reason = f"champion v{champ.version} has no finite {metric!r} (got {h_val}); candidate v{cand.version} {metric}={c_val:.6g}"
+                reason = (f"champion v{champ.version} has no finite {metric!r} (got {h_val}); "
+                          f"candidate v{cand.version} {metric}={c_val:.6g}")
             else:
                 better = c_val > h_val if higher_is_better else c_val < h_val
                 promoted = better
                 verdict = "beats" if better else "does not beat"
-                reason = f"candidate v{cand.version} {metric}={c_val:.6g} {verdict} champion v{champ.version} {metric}={h_val:.6g} ({sense} is better)"
+                reason = (f"candidate v{cand.version} {metric}={c_val:.6g} {verdict} "
+                          f"champion v{champ.version} {metric}={h_val:.6g} ({sense} is better)")
         if promoted:
             self.promote(cand.version, CHAMPION)
         self.client.set_model_version_tag(self.name, str(cand.version), "champion_decision", reason[:5000])

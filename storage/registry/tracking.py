@@ -35,7 +35,9 @@ class RunLog:
         """Open a run in the experiment and log its params (nested dicts flattened to a.b.c)."""
         from mlflow.entities import Param
 
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()})
+        run = self.client.create_run(
+            self.experiment_id, run_name=run_name, tags={k: str(v) for k, v in (tags or {}).items()}
+        )
         flat = flatten_params(params or {})
         items = [Param(k, str(v)[:6000]) for k, v in flat.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
@@ -46,7 +48,9 @@ class RunLog:
         self.client.set_terminated(run_id, status=status)
 
     @contextlib.contextmanager
-    def run(self, run_name: str, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None) -> Iterator[str]:
+    def run(
+        self, run_name: str, params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None
+    ) -> Iterator[str]:
         """`with registry.run(...) as run_id:`; the run ends FINISHED, or FAILED if the block raises."""
         run_id = self.start_run(run_name, params, tags)
         try:

@@ -2,9 +2,9 @@
 
 "Models from code": storage/registry/mlflow_model.py logs this file itself as the `python_model`
 (`mlflow.pyfunc.save_model(python_model=<this file>, artifacts={"model_dir": <folder>})`) and
-MLflow runs it again at load time, so nothing is pickled (never import this module: MLflow runs it); the weights stay safetensors + JSON
-in the artifact `model_dir` (storage/registry/model_folder.py reads it). Loading needs SoraFlow
-installed (pip install -e <repo>).
+MLflow runs it again at load time, so nothing is pickled (never import this module: MLflow runs
+it); the weights stay safetensors + JSON in the artifact `model_dir` (storage/registry/model_folder.py
+reads it). Loading needs SoraFlow installed (pip install -e <repo>).
 
     model = mlflow.pyfunc.load_model("models:/soraflow-local@champion")
     videos = model.predict(["a red circle moving right"])                  # (B, T, H, W, 3) uint8

@@ -118,10 +118,16 @@ class LlavaCaptioner:
 
     def __init__(self, cfg: CaptionConfig):
         if not cfg.llava_path:
-            raise ConfigError("caption.llava_path is not set: the 'llava' captioner needs a local LLaVA checkpoint directory (or drop 'llava' from caption.captioners)")
+            raise ConfigError(
+                "caption.llava_path is not set: the 'llava' captioner needs a local LLaVA checkpoint directory "
+                "(or drop 'llava' from caption.captioners)"
+            )
         path = Path(cfg.llava_path).expanduser()
         if not (path / "config.json").is_file():
-            raise ConfigError(f"caption.llava_path {str(path)!r}: no LLaVA checkpoint there (expected a transformers directory with config.json)")
+            raise ConfigError(
+                f"caption.llava_path {str(path)!r}: no LLaVA checkpoint there "
+                "(expected a transformers directory with config.json)"
+            )
         self.path = path
         self.prompt = PROMPTS[cfg.prompt]
         self.batch_size = max(1, cfg.batch_size)
@@ -138,7 +144,9 @@ class LlavaCaptioner:
                 try:
                     self._model = LlavaCaptionModel(self.path)
                 except (OSError, ValueError) as e:
-                    raise ConfigError(f"caption.llava_path {str(self.path)!r}: cannot load a LLaVA checkpoint: {e}") from e
+                    raise ConfigError(
+                        f"caption.llava_path {str(self.path)!r}: cannot load a LLaVA checkpoint: {e}"
+                    ) from e
             return self._model
 
     def frames(self, row: dict[str, Any]):
@@ -212,7 +220,9 @@ def caption_isolated(captioner, rows: list[dict[str, Any]]) -> list[Attempt]:
     return out
 
 
-def caption_rows(rows: list[dict[str, Any]], cfg: CaptionConfig, captioner_cache: dict | None = None) -> list[dict[str, Any]]:
+def caption_rows(
+    rows: list[dict[str, Any]], cfg: CaptionConfig, captioner_cache: dict | None = None
+) -> list[dict[str, Any]]:
     """Rows in, rows out (same order and count): text + caption_source set, or rejected with the reasons.
 
     Rows that already have text keep it (caption_source "source" unless set). `captioner_cache`
@@ -247,7 +257,9 @@ def caption_rows(rows: list[dict[str, Any]], cfg: CaptionConfig, captioner_cache
     return out
 
 
-def caption_manifest(in_path: str | Path, root: DataRoot, cfg: CaptionConfig, captioner_cache: dict | None = None) -> Path:
+def caption_manifest(
+    in_path: str | Path, root: DataRoot, cfg: CaptionConfig, captioner_cache: dict | None = None
+) -> Path:
     """Read a manifest, caption its rows, write manifests/caption/<hash>.parquet."""
     rows = caption_rows(read_rows(in_path), cfg, captioner_cache)
     return write_manifest(rows, "caption", root, inputs=[in_path])

@@ -90,7 +90,9 @@ class _Deadline:
     def check(self, doing: str = "") -> float:
         left = self.remaining()
         if left <= 0:
-            raise DeadlineError(self.ctx.msg(f"{self.ctx.url}: not finished within the deadline of {self.seconds:g} s{doing}"))
+            raise DeadlineError(
+                self.ctx.msg(f"{self.ctx.url}: not finished within the deadline of {self.seconds:g} s{doing}")
+            )
         return left
 
 
@@ -197,7 +199,9 @@ def _status_check(resp: requests.Response, ctx: _Ctx, cfg: HttpConfig) -> None:
         raise BadInputError(ctx.msg(f"{ctx.url}: HTTP {code} {resp.reason or ''}".strip()))
 
 
-def _run_with_retries(attempt_fn: Callable[[int], Any], ctx: _Ctx, cfg: HttpConfig, sleep: Callable[[float], None], deadline: _Deadline) -> tuple[Any, int]:
+def _run_with_retries(
+    attempt_fn: Callable[[int], Any], ctx: _Ctx, cfg: HttpConfig, sleep: Callable[[float], None], deadline: _Deadline
+) -> tuple[Any, int]:
     """Call attempt_fn(n) until it returns -> (its value, attempts made).
 
     A _Retry is retried after a backoff; more than max_retries consecutive failures that made
@@ -214,13 +218,19 @@ def _run_with_retries(attempt_fn: Callable[[int], Any], ctx: _Ctx, cfg: HttpConf
         except _Retry as r:
             failures = 0 if r.progressed else failures + 1
             if failures > cfg.max_retries:
-                raise TransientError(ctx.msg(f"{ctx.url}: still failing after {total} attempt(s): {r.reason}")) from None
+                raise TransientError(
+                    ctx.msg(f"{ctx.url}: still failing after {total} attempt(s): {r.reason}")
+                ) from None
             if total >= cfg.max_attempts:
-                raise BadInputError(ctx.msg(f"{ctx.url}: gave up after {total} attempts (max_attempts), each failing part-way: {r.reason}")) from None
+                why = f"{ctx.url}: gave up after {total} attempts (max_attempts), each failing part-way: {r.reason}"
+                raise BadInputError(ctx.msg(why)) from None
             wait = r.wait if r.wait is not None else backoff_delay(max(0, failures - 1), cfg)
             if wait >= deadline.remaining():
-                deadline.check(f" (the next attempt would start after {wait:.1f} s more; last error: {ctx.msg(r.reason)})")
-                raise DeadlineError(ctx.msg(f"{ctx.url}: the deadline of {deadline.seconds:g} s would pass before the next attempt ({r.reason})"))
+                deadline.check(
+                    f" (the next attempt would start after {wait:.1f} s more; last error: {ctx.msg(r.reason)})"
+                )
+                why = f"the deadline of {deadline.seconds:g} s would pass before the next attempt ({r.reason})"
+                raise DeadlineError(ctx.msg(f"{ctx.url}: {why}"))
             log.warning("%s: attempt %d failed (%s); retrying in %.2f s", ctx.url, total, ctx.msg(r.reason), wait)
             sleep(wait)
 
@@ -266,7 +276,9 @@ def _get(session: requests.Session, url: str, ctx: _Ctx, cfg: HttpConfig, deadli
         left = deadline.check()
         timeout = min(cfg.timeout_s, left)
         try:
-            resp = session.get(current, headers=hdrs, params=params, timeout=(timeout, timeout), stream=True, allow_redirects=False)
+            resp = session.get(
+                current, headers=hdrs, params=params, timeout=(timeout, timeout), stream=True, allow_redirects=False
+            )
         except _BAD_REQUEST_ERRORS as e:
             raise BadInputError(ctx.msg(f"{ctx.url}: bad request: {ctx.describe(e)}")) from None
         except _NETWORK_ERRORS as e:
@@ -360,7 +372,7 @@ def get_json(
                 raise _Retry(f"truncated body: {raw_n} of {declared} bytes")
             try:
                 data = json.loads(bytes(body))
-            except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also ints over Python's digit limit
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: also ints over the digit limit
                 raise BadInputError(f"{ctx.url}: not valid JSON ({ctx.describe(e)})") from None
             return data, resp.headers
 

@@ -166,7 +166,11 @@ def download_file(
                 now = validator_of(resp.headers)
                 if start != have or (now is not None and now != validator):
                     part.discard()
-                    raise _Retry(f"server resumed at byte {start} of validator {now!r}, asked for {have} of {validator!r}; restarting from zero", wait=0.0)
+                    raise _Retry(
+                        f"server resumed at byte {start} of validator {now!r}, asked for {have} of {validator!r}; "
+                        "restarting from zero",
+                        wait=0.0,
+                    )
                 mode, offset = "ab", have
                 state["resumed"] = True
                 full = total if total is not None else (have + length if length is not None else None)
@@ -232,5 +236,3 @@ def download_file(
         if own:
             sess.close()
     return DownloadResult(path=dest, bytes=size, sha256=digest.hexdigest(), resumed=state["resumed"], attempts=attempts)
-
-

@@ -78,7 +78,8 @@ class Scan:
     first: np.ndarray | None = None  # downscaled BGR of positions[0]
     last: np.ndarray | None = None  # downscaled BGR of positions[-1]
     at_boundary: bool = False  # stopped on its end boundary frame (the next chunk's first), not at the end
-    end_position: FrameTimecode | None = None  # the reader's position when the scan stopped (SceneManager's last position)
+    # the reader's position when the scan stopped (SceneManager's last position)
+    end_position: FrameTimecode | None = None
     # OpenCV's frame counter at positions[0] and where the scan stopped, and the timestamp there.
     # The counter counts grabs, but a seek sets it from the timestamp (avg-rate frames), and
     # VideoStreamCv2.position falls back on it where there is no timestamp (after the last frame):
@@ -149,7 +150,9 @@ def open_reader(video: VideoStreamCv2, decoder_threads: int) -> VideoStreamCv2:
     return reader
 
 
-def scan(video: VideoStreamCv2, start_frame: int | None, end_frame: int | None, begin_s: float | None, end_s: float | None) -> Scan:
+def scan(
+    video: VideoStreamCv2, start_frame: int | None, end_frame: int | None, begin_s: float | None, end_s: float | None
+) -> Scan:
     """Read the window's frames from the first at/after `begin_s` (None: the window start) to the
     first at/after `end_s` (None: the window end), as SceneManager reads them, and score them.
     `video`: a reader at the start of the file."""
@@ -188,7 +191,9 @@ def scan(video: VideoStreamCv2, start_frame: int | None, end_frame: int | None, 
         elif size != frame_size:
             continue  # SceneManager skips frames whose size changed (chunks seeing two sizes are not stitched)
         if factor > 1.0:
-            image = cv2.resize(image, (max(1, round(size[0] / factor)), max(1, round(size[1] / factor))), interpolation=interpolation)
+            image = cv2.resize(
+                image, (max(1, round(size[0] / factor)), max(1, round(size[1] / factor))), interpolation=interpolation
+            )
         hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
         if prev is not None:
             score = content_score(hsv, prev)
@@ -219,7 +224,8 @@ def stitch(scans: list[Scan]) -> Scan | None:
     for nxt in scans[1:]:
         if not done.at_boundary:
             break  # the window ended in an earlier chunk; later chunks read past it
-        if not nxt.positions or (nxt.positions[0].pts, nxt.positions[0].time_base) != (done.positions[-1].pts, done.positions[-1].time_base):
+        head, tail = nxt.positions[:1], done.positions[-1:]  # the frame both chunks must have read
+        if not head or [(p.pts, p.time_base) for p in head] != [(p.pts, p.time_base) for p in tail]:
             return None
         if not np.array_equal(nxt.first, done.last):
             return None
@@ -333,8 +339,10 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def chunk_bounds(video: VideoStreamCv2, path: str, start_frame: int | None, end_frame: int | None, workers: int | None = None) -> list[float]:
-    """Where detect() splits the window of the (just opened) `video` at `path`: boundaries in seconds, [] for one scan."""
+def chunk_bounds(
+    video: VideoStreamCv2, path: str, start_frame: int | None, end_frame: int | None, workers: int | None = None
+) -> list[float]:
+    """Where detect() splits the window of the opened `video` at `path`: boundaries in seconds, [] for one scan."""
     rate = video.frame_rate
     last_frame = video.duration.frame_num if end_frame is None else end_frame  # OpenCV's frame count: an estimate
     workers = min(workers or usable_cpus(), (last_frame - (start_frame or 0)) // MIN_CHUNK_FRAMES)
@@ -345,7 +353,8 @@ def chunk_bounds(video: VideoStreamCv2, path: str, start_frame: int | None, end_
     return plan(path, rate, start_s, end_s, workers)
 
 
-def detect(path: str | Path, detector, window: tuple[float | None, float | None] = (None, None), workers: int | None = None, bounds: list[float] | None = None):
+def detect(path: str | Path, detector, window: tuple[float | None, float | None] = (None, None),
+           workers: int | None = None, bounds: list[float] | None = None):
     """Scenes of the window [start_s, end_s) (None: file start / end), as `scenedetect.detect(path,
     detector, start_time=start_frame, end_time=end_frame, start_in_scene=True)` returns them,
     where start_frame / end_frame are the first frames at/after start_s / end_s; and the frame
@@ -370,7 +379,8 @@ def detect(path: str | Path, detector, window: tuple[float | None, float | None]
                 readers = [open_reader(video, 1) for _ in chunks]  # one decoding thread each
                 later = [pool.submit(scan, r, start_frame, end_frame, *c) for r, c in zip(readers[1:], chunks[1:])]
                 whole = stitch([scan(readers[0], start_frame, end_frame, *chunks[0]), *(f.result() for f in later)])
-            except Exception:  # noqa: BLE001 - a chunk failed (after its seek): the one-chunk read decides, and raises if detect() would
+            except Exception:  # noqa: BLE001
+                # a chunk failed (after its seek): the one-chunk read decides, and raises if detect() would
                 whole = None
         video.capture.release()
         if whole is None:  # or the chunks disagree on a boundary frame: read the window as detect() does
@@ -380,5 +390,7 @@ def detect(path: str | Path, detector, window: tuple[float | None, float | None]
     if not whole.positions:
         return [], rate
     cuts = decide(detector, whole)
-    scenes = get_scenes_from_cuts(cut_list=sorted(set(cuts)), start_pos=whole.positions[0], end_pos=whole.end_position + 1)
+    scenes = get_scenes_from_cuts(
+        cut_list=sorted(set(cuts)), start_pos=whole.positions[0], end_pos=whole.end_position + 1
+    )
     return sorted(scenes), rate

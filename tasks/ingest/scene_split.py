@@ -73,7 +73,9 @@ def make_detector(cfg: SplitConfig):
     return ContentDetector() if cfg.threshold is None else ContentDetector(threshold=cfg.threshold)
 
 
-def detect_scenes(path: str | Path, cfg: SplitConfig, start_s: float | None = None, end_s: float | None = None) -> tuple[list[tuple[int, int]], float]:
+def detect_scenes(
+    path: str | Path, cfg: SplitConfig, start_s: float | None = None, end_s: float | None = None
+) -> tuple[list[tuple[int, int]], float]:
     """Scenes of the window [start_s, end_s) (None = file start / end) -> ([(first, end), ...], fps).
 
     (first, end) are absolute source frame indices, end exclusive, at `fps`, the frame rate
@@ -167,7 +169,12 @@ def split_row(row: dict[str, Any], root: DataRoot, cfg: SplitConfig) -> list[dic
             slots.append(reject(base, f"{src}: scene {k}: {e}"))
             continue
         if b - a < min_frames:
-            slots.append(reject(dict(base, clip_id=clip_id), f"{src}: scene too short: {(b - a) / fps:.1f} s < min {cfg.min_seconds:.1f} s"))
+            slots.append(
+                reject(
+                    dict(base, clip_id=clip_id),
+                    f"{src}: scene too short: {(b - a) / fps:.1f} s < min {cfg.min_seconds:.1f} s",
+                )
+            )
             continue
         keep = min(b - a, max_keep)
         slots.append(ScenePlan(k, a, b, keep, frames_out(keep, fps, cfg.fps), clip_id, clip_path))
@@ -182,7 +189,15 @@ def split_row(row: dict[str, Any], root: DataRoot, cfg: SplitConfig) -> list[dic
         if isinstance(p, dict):
             result.append(p)
             continue
-        base = dict(row, clip_id=p.clip_id, start_s=p.first / fps, end_s=(p.first + p.keep) / fps, aes=None, flow=None, match=None)
+        base = dict(
+            row,
+            clip_id=p.clip_id,
+            start_s=p.first / fps,
+            end_s=(p.first + p.keep) / fps,
+            aes=None,
+            flow=None,
+            match=None,
+        )
         got = done[p.index]
         result.append(reject(base, got) if isinstance(got, str) else clip_row(base, p.path, got))
     return result

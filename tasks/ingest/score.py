@@ -95,9 +95,13 @@ def load_head(path: str | Path, in_features: int):
         prefix = f"{m}." if m else ""
         w, b = state.get(f"{prefix}weight"), state.get(f"{prefix}bias")
         if w is None or w.ndim != 2:
-            raise ConfigError(f"score.aesthetic_head_path {str(path)!r}: '{prefix}weight' is not a linear layer's weight")
+            raise ConfigError(
+                f"score.aesthetic_head_path {str(path)!r}: '{prefix}weight' is not a linear layer's weight"
+            )
         if w.shape[1] != dim:
-            raise ConfigError(f"score.aesthetic_head_path {str(path)!r}: layer '{m}' takes {w.shape[1]} features, expected {dim}")
+            raise ConfigError(
+                f"score.aesthetic_head_path {str(path)!r}: layer '{m}' takes {w.shape[1]} features, expected {dim}"
+            )
         layer = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
         layer.load_state_dict({"weight": w, **({"bias": b} if b is not None else {})})
         layers.append(layer)
@@ -121,8 +125,10 @@ class AestheticScorer:
         try:
             model, _, self.preprocess = open_clip.create_model_and_transforms(cfg.aesthetic_clip_model, pretrained=None)
             open_clip.load_checkpoint(model, cfg.aesthetic_clip_path)
-        except (RuntimeError, AssertionError, KeyError, ValueError) as e:  # unknown model, or weights of another architecture
-            raise ConfigError(f"score.aesthetic_clip_path {cfg.aesthetic_clip_path!r} for {cfg.aesthetic_clip_model!r}: {e}") from e
+        except (RuntimeError, AssertionError, KeyError, ValueError) as e:  # unknown model, or another architecture
+            raise ConfigError(
+                f"score.aesthetic_clip_path {cfg.aesthetic_clip_path!r} for {cfg.aesthetic_clip_model!r}: {e}"
+            ) from e
         self.model = model.to(self.device).eval()
         embed_dim = self.model.visual.output_dim
         self.head = load_head(cfg.aesthetic_head_path, embed_dim).to(self.device)
@@ -138,7 +144,9 @@ class AestheticScorer:
         import torch
         from PIL import Image
 
-        pixels = torch.stack([self.preprocess(Image.fromarray(f)) for v in videos for f in v]).to(self.device)  # (sum F, 3, S, S)
+        pixels = torch.stack([self.preprocess(Image.fromarray(f)) for v in videos for f in v]).to(
+            self.device
+        )  # (sum F, 3, S, S)
         with self._lock, torch.no_grad():
             feats = self.model.encode_image(pixels).float()  # (sum F, D)
             feats = feats / feats.norm(dim=-1, keepdim=True)
@@ -204,7 +212,11 @@ def score_rows(rows: list[dict[str, Any]], cfg: ScoreConfig) -> tuple[list[dict[
                     batch.append(i)
                 except Exception as e:  # noqa: BLE001 - one row's failure is its rejection
                     raise_if_environment(e, f"aesthetic frames of {out[i]['path']}")
-                    errors[i] = str(e) if isinstance(e, VideoError) else f"{out[i]['path']}: aesthetic score: {type(e).__name__}: {e}"
+                    errors[i] = (
+                        str(e)
+                        if isinstance(e, VideoError)
+                        else f"{out[i]['path']}: aesthetic score: {type(e).__name__}: {e}"
+                    )
             if batch:
                 for i, score in zip(batch, scorer.score_frames(videos)):
                     out[i]["aes"] = score

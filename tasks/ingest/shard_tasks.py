@@ -2,9 +2,9 @@
 
 Each task wraps a plain stage function (tasks/ingest/sources, scene_split, caption, score) and
 takes the validated config section it needs (SourceConfig, HttpConfig, SplitConfig, ...:
-validated once, when the flow loaded the config) plus paths; it returns the manifest path. A retry repeats one shard; bad input never
-retries (it is already a rejected row); outputs are content-addressed manifests, so a
-task is cached across runs on its inputs and source.
+validated once, when the flow loaded the config) plus paths; it returns the manifest path. A
+retry repeats one shard; bad input never retries (it is already a rejected row); outputs are
+content-addressed manifests, so a task is cached across runs on its inputs and source.
 
 Results are persisted as JSON (the path strings the tasks return), never pickled. Only
 completed shards are cached: a shard that failed (a machine fault such as a full disk, a

@@ -116,7 +116,9 @@ def check_url(url: str, cfg: HttpConfig, resolve: Callable[[str, int], list[str]
         except socket.gaierror as e:
             if e.errno == socket.EAI_AGAIN:
                 raise DnsUnavailable(f"{shown}: name resolution failed for now ({e})") from None
-            raise UrlRefused(f"{shown}: host {host!r} does not resolve ({e})") from None  # no such host: the source is wrong
+            raise UrlRefused(
+                f"{shown}: host {host!r} does not resolve ({e})"
+            ) from None  # no such host: the source is wrong
         except UnicodeError as e:
             raise UrlRefused(f"{shown}: host {host!r} is not a valid name ({e})") from None
     for ip in ips:

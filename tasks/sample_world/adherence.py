@@ -118,7 +118,9 @@ def find_object(frame: np.ndarray) -> _FrameObject | None:
     f = frame.astype(np.float32)
     h, w = f.shape[:2]
     b = max(1, min(h, w) // 16)
-    ring = np.concatenate([f[:b].reshape(-1, 3), f[-b:].reshape(-1, 3), f[:, :b].reshape(-1, 3), f[:, -b:].reshape(-1, 3)])
+    ring = np.concatenate(
+        [f[:b].reshape(-1, 3), f[-b:].reshape(-1, 3), f[:, :b].reshape(-1, 3), f[:, -b:].reshape(-1, 3)]
+    )
     bg = np.median(ring, axis=0)  # (3,)
     dist = np.sqrt(((f - bg) ** 2).sum(axis=-1))  # (H, W) contrast
     ring_dist = np.sqrt(((ring - bg) ** 2).sum(axis=-1))
@@ -308,7 +310,14 @@ def score_videos(
     chance = {a: 1.0 / n for a, n in sizes.items()}
     chance["all"] = chance["color"] * chance["shape"] * chance["direction"]
     accuracy = {a: (c["correct"] / c["scored"] if c["scored"] else float("nan")) for a, c in counts.items()}
-    return {"accuracy": accuracy, "chance": chance, "counts": counts, "n_videos": len(videos), "unparsed": unparsed, "rows": rows}
+    return {
+        "accuracy": accuracy,
+        "chance": chance,
+        "counts": counts,
+        "n_videos": len(videos),
+        "unparsed": unparsed,
+        "rows": rows,
+    }
 
 
 def flat_metrics(result: dict, prefix: str = "adherence_", chance_prefix: str | None = "chance_") -> dict[str, float]:

@@ -57,7 +57,9 @@ def hdvg_entry(plan, base_url: str, fps: float, span_frames: tuple[int, int]) ->
         start += s.n_frames
     return {
         "url": f"{base_url}/videos/{vid}.mp4",
-        "clip": {f"{vid}.0.mp4": {"span": [timecode(a / fps), timecode(b / fps)], "fps": fps, "scene_split": scenes[::-1]}},
+        "clip": {
+            f"{vid}.0.mp4": {"span": [timecode(a / fps), timecode(b / fps)], "fps": fps, "scene_split": scenes[::-1]}
+        },
     }
 
 
@@ -100,7 +102,11 @@ def pexels_video(plan, base_url: str, width: int, height: int, fps: float, sizes
         "tags": [],
         "duration": max(1, int(round(plan.n_frames / fps))),
         "avg_color": None,
-        "user": {"id": 500 + vid % 7, "name": f"Sample Maker {vid % 7}", "url": f"https://www.pexels.com/@sample-maker-{vid % 7}"},
+        "user": {
+            "id": 500 + vid % 7,
+            "name": f"Sample Maker {vid % 7}",
+            "url": f"https://www.pexels.com/@sample-maker-{vid % 7}",
+        },
         "video_files": files,
         "video_pictures": [],
     }
@@ -130,7 +136,13 @@ def pexels_listing(videos: list[dict], api: str, query: dict, base_url: str, tar
         videos = search(videos, q)
     total = len(videos)
     chosen = videos[(page - 1) * per_page : page * per_page]
-    body: dict[str, Any] = {"page": page, "per_page": per_page, "total_results": total, "url": f"{base_url}{target}", "videos": chosen}
+    body: dict[str, Any] = {
+        "page": page,
+        "per_page": per_page,
+        "total_results": total,
+        "url": f"{base_url}{target}",
+        "videos": chosen,
+    }
     if page * per_page < total:
         body["next_page"] = f"{base_url}{api}?{urlencode({**params, 'page': page + 1, 'per_page': per_page})}"
     if page > 1:
@@ -167,7 +179,9 @@ def zip_bytes(members: list[tuple[str | zipfile.ZipInfo, bytes]]) -> bytes:
 
 def inter4k_zip(videos: list[tuple[str, bytes]]) -> bytes:
     """Inter4K.zip: the folder entries, then Inter4K/60fps/UHD/<id>.mp4 per (id, mp4 bytes)."""
-    return zip_bytes([*((d, b"") for d in INTER4K_DIRS), *((f"Inter4K/60fps/UHD/{vid}.mp4", data) for vid, data in videos)])
+    return zip_bytes(
+        [*((d, b"") for d in INTER4K_DIRS), *((f"Inter4K/60fps/UHD/{vid}.mp4", data) for vid, data in videos)]
+    )
 
 
 def _symlink_info(name: str) -> zipfile.ZipInfo:

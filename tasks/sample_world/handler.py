@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 FAULTS = {
     "reset": "send the headers and about half the body (opts at=<bytes>), then close with a TCP reset",
     "truncate": "declare the full Content-Length, send part of the body (opts at=<bytes>), then close",
-    "429": "429 {'error': 'Too Many Requests'}; opts retry_after=<s> (Retry-After), ratelimit_reset=<unix> (X-Ratelimit-Reset)",
+    "429": "429 {'error': 'Too Many Requests'}; opts retry_after=<s> (Retry-After), "
+    "ratelimit_reset=<unix> (X-Ratelimit-Reset)",
     "500": "500 with a JSON error body",
     "503": "503 with a JSON error body",
     "404": "404 with a JSON error body",
@@ -29,7 +30,10 @@ FAULTS = {
 }
 _STATUS_FAULTS = ("500", "503", "404", "429")  # answered instead of the route
 _CUT_FAULTS = ("reset", "truncate")  # the route's answer, cut short
-_NOT_VIDEO = b"<!DOCTYPE html>\n<html><head><title>Just a moment...</title></head><body><p>Please enable cookies.</p></body></html>\n"
+_NOT_VIDEO = (
+    b"<!DOCTYPE html>\n<html><head><title>Just a moment...</title></head>"
+    b"<body><p>Please enable cookies.</p></body></html>\n"
+)
 
 
 class LogEntry(NamedTuple):

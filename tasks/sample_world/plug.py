@@ -50,13 +50,17 @@ def sample_source(cfg: SoraFlowConfig, root: DataRoot) -> Iterator[SoraFlowConfi
     key = previous or "sample-source-key"
     os.environ[ENV_KEY] = key
     try:
-        with server.SampleServer(root.root / "sample_source", cfg.ingest.sample_source, api_key=key, port=stable_port(root)) as running:
+        with server.SampleServer(
+            root.root / "sample_source", cfg.ingest.sample_source, api_key=key, port=stable_port(root)
+        ) as running:
             cfg = cfg.model_copy(deep=True)
             # The sample server is on loopback, which the URL policy refuses unless allow-listed:
             # this server's port only, so metadata cannot point at other local services.
             cfg.ingest.http.allow_hosts = [*cfg.ingest.http.allow_hosts, running.base_url.split("://", 1)[1]]
             for source in cfg.ingest.sources:
-                source.url = source.url and source.url.replace(SAMPLE_TOKEN, running.base_url)  # folder/csv sources may have no url
+                source.url = source.url and source.url.replace(
+                    SAMPLE_TOKEN, running.base_url
+                )  # folder/csv sources may have no url
             yield cfg
     finally:
         if previous is None:

@@ -210,10 +210,18 @@ def render_video(scenes: list[SceneSpec], width: int, height: int, pad_frames: t
             )
     parts = []
     if pad_frames[0] > 0:
-        parts.append(np.broadcast_to(np.array(padding_background(scenes[0].background), np.uint8), (pad_frames[0], height, width, 3)))
+        parts.append(
+            np.broadcast_to(
+                np.array(padding_background(scenes[0].background), np.uint8), (pad_frames[0], height, width, 3)
+            )
+        )
     parts += [render_scene(s, width, height) for s in scenes]
     if pad_frames[1] > 0:
-        parts.append(np.broadcast_to(np.array(padding_background(scenes[-1].background), np.uint8), (pad_frames[1], height, width, 3)))
+        parts.append(
+            np.broadcast_to(
+                np.array(padding_background(scenes[-1].background), np.uint8), (pad_frames[1], height, width, 3)
+            )
+        )
     return np.concatenate(parts)
 
 
@@ -277,7 +285,15 @@ def _scene(cfg, combo: tuple[str, str, str], background, rng: np.random.Generato
         p_along = along - 1 - p_along
     p_across = rng.uniform(e + 0.75, max(e + 0.75, across - 1.75 - e))
     start = (p_along, p_across) if ux else (p_across, p_along)
-    return SceneSpec(color, shape, direction, tuple(int(c) for c in background), n, (float(start[0]), float(start[1])), travel / max(1, n - 1))
+    return SceneSpec(
+        color,
+        shape,
+        direction,
+        tuple(int(c) for c in background),
+        n,
+        (float(start[0]), float(start[1])),
+        travel / max(1, n - 1),
+    )
 
 
 def plan_videos(cfg, kind: str) -> list[VideoPlan]:

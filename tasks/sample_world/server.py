@@ -104,7 +104,8 @@ class SampleServer:
         self.api_key = api_key
         self.request_budget = request_budget
         self.retry_after = retry_after
-        self.rate_limit = rate_limit if rate_limit is not None else (request_budget if request_budget is not None else DEFAULT_RATE_LIMIT)
+        fallback = request_budget if request_budget is not None else DEFAULT_RATE_LIMIT
+        self.rate_limit = rate_limit if rate_limit is not None else fallback
         key = json.dumps(cfg.model_dump() if hasattr(cfg, "model_dump") else vars(cfg), sort_keys=True, default=str)
         fields = {k: v for k, v in json.loads(key).items() if k != "enabled"}
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
@@ -150,7 +151,9 @@ class SampleServer:
         httpd.daemon_threads = True
         self._httpd = httpd
         self._base_url = f"http://127.0.0.1:{httpd.server_address[1]}"
-        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="SampleServer", daemon=True)
+        self._thread = threading.Thread(
+            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="SampleServer", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -202,7 +205,8 @@ class SampleServer:
                 if not path.exists():
                     self._write(path, render_video([scale_spec(s, k) for s in plan.scenes], w * k, h * k))
         if not self.zip_path.exists():
-            atomic_write_bytes(self.zip_path, inter4k_zip([(p.video_id, self.inter4k_path(p.video_id).read_bytes()) for p in self.inter4k]))
+            members = [(p.video_id, self.inter4k_path(p.video_id).read_bytes()) for p in self.inter4k]
+            atomic_write_bytes(self.zip_path, inter4k_zip(members))
 
     def _write(self, path: Path, frames) -> None:
         from soraflow.storage.data.video_io import write_video
@@ -217,7 +221,9 @@ class SampleServer:
 
     def hdvg_metadata(self) -> dict:
         """The hdvg_0.json object: the generated videos, then the entries tests added."""
-        meta: dict[str, Any] = {p.video_id: hdvg_entry(p, self.base_url, self.fps, self.span_frames(p)) for p in self.hdvg}
+        meta: dict[str, Any] = {
+            p.video_id: hdvg_entry(p, self.base_url, self.fps, self.span_frames(p)) for p in self.hdvg
+        }
         with self._lock:
             meta.update(self._extra_hdvg)
         return meta
@@ -284,7 +290,9 @@ class SampleServer:
     def set_zip(self, members: list[tuple[str | zipfile.ZipInfo, bytes]] | bytes | None) -> None:
         """Serve these members (or these raw bytes) as /Inter4K.zip from now on; None restores the real one."""
         with self._lock:
-            self._zip_override = None if members is None else members if isinstance(members, bytes) else zip_bytes(members)
+            self._zip_override = (
+                None if members is None else members if isinstance(members, bytes) else zip_bytes(members)
+            )
 
     def evil_zip_route(self, kind: str) -> str:
         """The URL of a hostile Inter4k-style archive (EVIL_ZIPS); each also holds one good member 1.mp4."""
@@ -329,7 +337,9 @@ class SampleServer:
         if path == "/Inter4K.zip":
             with self._lock:
                 data = self._zip_override
-            return Reply(200, data if data is not None else self.zip_path.read_bytes(), "application/zip", rangeable=True)
+            return Reply(
+                200, data if data is not None else self.zip_path.read_bytes(), "application/zip", rangeable=True
+            )
         if path.startswith("/evil/") and path.endswith(".zip"):
             kind = path[len("/evil/") : -len(".zip")]
             if kind in EVIL_ZIPS:
@@ -355,7 +365,9 @@ class SampleServer:
                 if bits[2] == str(plan.video_id):
                     for quality, _ in PEXELS_QUALITIES:
                         if bits[3] == self.pexels_file_name(plan.video_id, quality):
-                            return Reply(200, self.pexels_path(plan.video_id, quality).read_bytes(), "video/mp4", rangeable=True)
+                            return Reply(
+                                200, self.pexels_path(plan.video_id, quality).read_bytes(), "video/mp4", rangeable=True
+                            )
         return error_reply(404, f"no such file {path}")
 
     def _pexels_api(self, api: str, query: dict, headers, target: str) -> Reply:
@@ -369,7 +381,8 @@ class SampleServer:
                 return error_reply(429, "Too Many Requests", extra)
             self.api_requests += 1
             remaining = max(0, self.rate_limit - self.api_requests)
-        limits = {"X-Ratelimit-Limit": str(self.rate_limit), "X-Ratelimit-Remaining": str(remaining), "X-Ratelimit-Reset": str(self._reset_at)}
+        limits = {"X-Ratelimit-Limit": str(self.rate_limit), "X-Ratelimit-Remaining": str(remaining),
+                  "X-Ratelimit-Reset": str(self._reset_at)}
         videos = self.pexels_videos()
         if api.startswith("/videos/videos/"):
             vid = api[len("/videos/videos/") :]

@@ -50,7 +50,9 @@ def wrap_for_strategy(model: torch.nn.Module, ema: torch.nn.Module, strategy: st
     if world <= 1:
         return model, ema, "plain"
     if strategy == "fsdp":
-        kw = {"use_orig_params": False}  # flat shards; the FSDP1 optimizer round trip with use_orig_params=True loses exp_avg (torch 2.14)
+        kw = {
+            "use_orig_params": False
+        }  # flat shards; the FSDP1 optimizer round trip with use_orig_params=True loses exp_avg (torch 2.14)
         model = ray.train.torch.prepare_model(model, parallel_strategy="fsdp", parallel_strategy_kwargs=kw)
         ema = ray.train.torch.prepare_model(ema, parallel_strategy="fsdp", parallel_strategy_kwargs=kw)
         return model, ema, "fsdp"
@@ -61,7 +63,9 @@ def full_states(model, ema, optimizer, fmt: str) -> tuple[dict, dict, dict]:
     """Full (model, EMA, optimizer) state dicts; under FSDP a collective call, full on rank 0 only."""
     if fmt != "fsdp":
         return unwrap(model).state_dict(), ema.state_dict(), optimizer.state_dict()
-    sd_cfg, osd_cfg = FullStateDictConfig(offload_to_cpu=True, rank0_only=True), FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    sd_cfg, osd_cfg = FullStateDictConfig(offload_to_cpu=True, rank0_only=True), FullOptimStateDictConfig(
+        offload_to_cpu=True, rank0_only=True
+    )
     with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, sd_cfg, osd_cfg):
         model_sd, optim_sd = model.state_dict(), FSDP.optim_state_dict(model, optimizer)
     with FSDP.state_dict_type(ema, StateDictType.FULL_STATE_DICT, sd_cfg):

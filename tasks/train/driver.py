@@ -167,12 +167,23 @@ def train(
         del vae
 
     resumed_from = latest_step(run_dir)
-    loop_config = LoopConfig(cfg=cfg, data=loop_data, train_clip_ids=[r["clip_id"] for r in train_rows], model_kwargs=model_kwargs,
-                             run_dir=str(run_dir), root=str(root.root), total_steps=tc.steps, local_mode=tc.num_workers == 0,
-                             on_step=list(on_step))
+    loop_config = LoopConfig(
+        cfg=cfg,
+        data=loop_data,
+        train_clip_ids=[r["clip_id"] for r in train_rows],
+        model_kwargs=model_kwargs,
+        run_dir=str(run_dir),
+        root=str(root.root),
+        total_steps=tc.steps,
+        local_mode=tc.num_workers == 0,
+        on_step=list(on_step),
+    )
     t = time.perf_counter()
     if resumed_from >= tc.steps:
-        print(f"train: run {name!r} already has step {resumed_from} >= train.steps={tc.steps}; nothing to train", flush=True)
+        print(
+            f"train: run {name!r} already has step {resumed_from} >= train.steps={tc.steps}; nothing to train",
+            flush=True,
+        )
     else:
         _fit(cfg, name, root, loop_config)
     timings["fit"] = time.perf_counter() - t
@@ -217,12 +228,17 @@ def train_task(cfg: SoraFlowConfig, data: DatasetSplit, vae_dir: str, data_root:
                cache: CacheInfo | None = None) -> TrainResult:
     """Ray Train STDiT; resumes run `run_name` from its newest valid checkpoint if it exists."""
     root = DataRoot(data_root)
-    artifact = create_progress_artifact(0.0, key="soraflow-train-progress", description=f"training {run_name}: starting")
+    artifact = create_progress_artifact(
+        0.0, key="soraflow-train-progress", description=f"training {run_name}: starting"
+    )
 
     def show(p: dict) -> None:
-        update_progress_artifact(artifact, 100.0 * p["step"] / max(1, p["total"]),
-                                 description=f"training {run_name}: step {p['step']}/{p['total']}, loss {p['loss']:.4f}, "
-                                             f"{p['samples_per_s']:.1f} samples/s")
+        update_progress_artifact(
+            artifact,
+            100.0 * p["step"] / max(1, p["total"]),
+            description=f"training {run_name}: step {p['step']}/{p['total']}, loss {p['loss']:.4f}, "
+            f"{p['samples_per_s']:.1f} samples/s",
+        )
 
     with watch_progress(root.run_dir(run_name), show):
         return train(cfg, data, root, vae_dir, run_name=run_name, cache=cache)

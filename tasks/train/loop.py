@@ -135,7 +135,8 @@ def build_dataset(lc: LoopConfig, device: torch.device):
     """(dataset, encoder): encoder is None for the cache, an OnlineEncoder for the online path."""
     v, seed = lc.cfg.video, lc.cfg.train.seed
     if isinstance(lc.data, CacheData):
-        ds = LatentCacheDataset(lc.data.cache_dir, v.num_frames, v.frame_interval, seed=seed, train=True, clip_ids=lc.train_clip_ids)
+        ds = LatentCacheDataset(lc.data.cache_dir, v.num_frames, v.frame_interval, seed=seed, train=True,
+                                clip_ids=lc.train_clip_ids)
         return ds, None
     root = DataRoot(lc.root)
     wanted = set(lc.train_clip_ids)
@@ -167,7 +168,8 @@ def restore_optimizer(model, optimizer, state: dict | None, fmt: str, is_main: b
     if saved_fmt == fmt:
         load_optimizer(model, optimizer, state["optimizer"], fmt)
     elif is_main:
-        print(f"train: optimizer state saved as {saved_fmt!r}, running as {fmt!r}: AdamW restarts its moments", flush=True)
+        print(f"train: optimizer state saved as {saved_fmt!r}, running as {fmt!r}: AdamW restarts its moments",
+              flush=True)
 
 
 def start_worker(lc: LoopConfig) -> Worker:
@@ -195,25 +197,28 @@ def start_worker(lc: LoopConfig) -> Worker:
     model, ema, fmt = wrap_for_strategy(model, ema, tc.strategy, world)
     # The fused kernel updates all parameters in one pass (5-10% of a STDiT-Tiny step on CPU); the
     # same state dict as the per-tensor loop. FSDP's sharded parameters keep the default.
-    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=tc.lr, weight_decay=tc.weight_decay,
-                                  fused=fmt != "fsdp" and device.type in ("cpu", "cuda"))
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=tc.lr,
+                                  weight_decay=tc.weight_decay, fused=fmt != "fsdp" and device.type in ("cpu", "cuda"))
     restore_optimizer(model, optimizer, state, fmt, rank == 0)
 
     dataset, encoder = build_dataset(lc, device)
-    sampler = StatefulDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed, drop_last=True)
+    sampler = StatefulDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=tc.seed,
+                                         drop_last=True)
     if len(sampler) < tc.batch_size:
-        raise ValueError(f"train.batch_size={tc.batch_size} is larger than the {len(sampler)} training clips each of the "
-                         f"{world} worker(s) gets ({len(dataset)} clips): lower train.batch_size or add data")
+        raise ValueError(f"train.batch_size={tc.batch_size} is larger than the {len(sampler)} training clips each "
+                         f"of the {world} worker(s) gets ({len(dataset)} clips): lower train.batch_size or add data")
     loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, drop_last=True,
                         num_workers=tc.dataloader_workers, persistent_workers=False)
     if rank == 0:
         where = f"resuming from step {pos.start_step} ({state_dir})" if state else "from scratch"
         print(f"train: {lc.cfg.model.preset} ({n_params / 1e6:.2f} M trainable params) on {len(dataset)} clips, "
-              f"{world} worker(s) x batch {tc.batch_size}, steps {pos.start_step}->{lc.total_steps}, {where}", flush=True)
+              f"{world} worker(s) x batch {tc.batch_size}, steps {pos.start_step}->{lc.total_steps}, {where}",
+              flush=True)
     if device.type == "cpu":  # subnormal floats are 10-100x slower on CPUs: flush them to zero (run_loop restores it)
         torch.set_flush_denormal(True)
-    return Worker(lc, rank, world, device, pos, model, ema, ema_pairs(model, ema, fmt), fmt, optimizer, scheduler_for(lc.cfg),
-                  dataset, encoder, sampler, loader, build_precision(model, tc.precision, fmt, world),
+    return Worker(lc, rank, world, device, pos, model, ema, ema_pairs(model, ema, fmt), fmt, optimizer,
+                  scheduler_for(lc.cfg), dataset, encoder, sampler, loader,
+                  build_precision(model, tc.precision, fmt, world),
                   BatchThreads(tc.batch_threads if world == 1 else 1), gen)
 
 
@@ -266,7 +271,8 @@ def train_step(w: Worker, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if w.threads.n > 1:
             loss = threaded_loss(w.threads, w.precision, w.scheduler, m, batch, t, w.gen)
         else:
-            out = w.scheduler.training_loss(m, x0, model_kwargs={"y": batch["y"], "mask": batch["mask"]}, t=t, generator=w.gen)
+            out = w.scheduler.training_loss(m, x0, model_kwargs={"y": batch["y"], "mask": batch["mask"]}, t=t,
+                                            generator=w.gen)
             loss = out["loss"].float().mean()
             loss.backward()
     if w.lc.cfg.train.precision == "bf16" and w.world > 1:
@@ -311,7 +317,8 @@ def log_and_checkpoint(w: Worker, log: StepLog, grad_norm: torch.Tensor) -> None
     if not (log_now or save_now):
         return
     elapsed = time.perf_counter() - log.t_start
-    metrics = {"step": pos.step, "epoch": pos.epoch, "loss": pos.loss_history[-1][1], "avg_loss": sum(log.window) / len(log.window),
+    metrics = {"step": pos.step, "epoch": pos.epoch, "loss": pos.loss_history[-1][1],
+               "avg_loss": sum(log.window) / len(log.window),
                "samples_per_s": (pos.step - pos.start_step) * tc.batch_size * w.world / max(elapsed, 1e-9),
                "start_step": pos.start_step, "world_size": w.world, "grad_norm": float(grad_norm)}
     if w.rank == 0 and log_now:
@@ -319,9 +326,11 @@ def log_and_checkpoint(w: Worker, log: StepLog, grad_norm: torch.Tensor) -> None
         print(f"train: step {pos.step}/{lc.total_steps} loss {metrics['avg_loss']:.4f} (mean of {len(log.window)}) "
               f"grad-norm {float(grad_norm):.2f} {metrics['samples_per_s']:.1f} samples/s, {elapsed:.0f} s", flush=True)
     if save_now:
-        meta = {**pos.meta(tc.batch_size, w.world), "samples_per_s": metrics["samples_per_s"], "config_hash": config_hash(lc.cfg),
-                "preset": lc.cfg.model.preset, "model_kwargs": lc.model_kwargs, "optimizer_format": w.fmt}
-        save_checkpoint(lc.run_dir, lc.local_mode, full_states(w.model, w.ema, w.optimizer, w.fmt), meta, metrics, w.rank)
+        meta = {**pos.meta(tc.batch_size, w.world), "samples_per_s": metrics["samples_per_s"],
+                "config_hash": config_hash(lc.cfg), "preset": lc.cfg.model.preset, "model_kwargs": lc.model_kwargs,
+                "optimizer_format": w.fmt}
+        save_checkpoint(lc.run_dir, lc.local_mode, full_states(w.model, w.ema, w.optimizer, w.fmt), meta, metrics,
+                        w.rank)
     else:
         ray.train.report(metrics)
     log.window, log.last_metrics = [], metrics
@@ -339,8 +348,8 @@ def check_nonfinite(in_a_row: int, step: int, grad_norm: float, lr: float, rank:
     if rank == 0:
         print(f"train: step {step}: gradient norm {grad_norm}, update skipped ({in_a_row} in a row)", flush=True)
     if in_a_row >= MAX_NONFINITE_STEPS:
-        raise FloatingPointError(f"train: {in_a_row} steps in a row up to step {step} had non-finite gradients: the run "
-                                 f"diverged; lower train.lr (now {lr}) or resume from an earlier checkpoint")
+        raise FloatingPointError(f"train: {in_a_row} steps in a row up to step {step} had non-finite gradients: "
+                                 f"the run diverged; lower train.lr (now {lr}) or resume from an earlier checkpoint")
 
 
 def threaded_loss(split: BatchThreads, precision, scheduler, m, batch: dict, t: torch.Tensor, gen) -> torch.Tensor:
@@ -349,7 +358,8 @@ def threaded_loss(split: BatchThreads, precision, scheduler, m, batch: dict, t: 
     The noise and the caption dropout are drawn here, before the split, so the parts share nothing random.
     """
     x0 = batch["x0"]  # (B, C, T, h, w)
-    rows = {"x0": x0, "y": batch["y"], "mask": batch["mask"], "t": t, "noise": randn(x0.shape, gen, x0.device, x0.dtype)}
+    rows = {"x0": x0, "y": batch["y"], "mask": batch["mask"], "t": t,
+            "noise": randn(x0.shape, gen, x0.device, x0.dtype)}
     drop = m.y_embedder.draw_drop_ids(x0.shape[0], x0.device, gen)  # (B,) or None: the model's own caption dropout
     if drop is not None:
         rows["drop"] = drop

@@ -32,7 +32,8 @@ def start_ray(cfg: SoraFlowConfig) -> bool:
         # each): set it, or every worker spawns a thread per core and they fight (4x slower here).
         "env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "OMP_NUM_THREADS": "1"},
         # On a real cluster the autoscaling coordinator's warnings stay visible (quiet_local_ray_logs).
-        "worker_process_setup_hook": f"{__name__}." + ("quiet_ray_logs" if cfg.train.ray_address else "quiet_local_ray_logs"),
+        "worker_process_setup_hook": f"{__name__}."
+        + ("quiet_ray_logs" if cfg.train.ray_address else "quiet_local_ray_logs"),
     }
     if cfg.train.ray_address:
         ray.init(address=cfg.train.ray_address, runtime_env=runtime_env)
@@ -40,8 +41,14 @@ def start_ray(cfg: SoraFlowConfig) -> bool:
         # `_node_ip_address` is ray.init's documented keyword for this node's address (Ray 2.60).
         # address="local": a new instance for this run. With no address, ray.init joins any Ray
         # already running on the machine (it scans for a GCS process), e.g. someone's `ray start`.
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True, runtime_env=runtime_env,
-                 _node_ip_address=LOCAL_NODE_IP)
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env=runtime_env,
+            _node_ip_address=LOCAL_NODE_IP,
+        )
     return True
 
 

@@ -70,7 +70,9 @@ def newest_valid_state(folders: Iterable[Path], log=print) -> tuple[Path | None,
     return None, None
 
 
-def resume_state(run_dir: str | Path, ray_checkpoint_dir: str | Path | None = None, log=print) -> tuple[Path | None, dict[str, Any] | None]:
+def resume_state(
+    run_dir: str | Path, ray_checkpoint_dir: str | Path | None = None, log=print
+) -> tuple[Path | None, dict[str, Any] | None]:
     """The newest valid training state: Ray's checkpoint (worker restart) or the run folder's newest."""
     folders = checkpoint_folders(run_dir)
     if ray_checkpoint_dir is not None and Path(ray_checkpoint_dir).exists():

@@ -39,7 +39,10 @@ def split_batch(batch: dict, n: int) -> list[dict]:
     if not 1 <= n <= b:
         raise ValueError(f"cannot split a batch of {b} into {n} parts")
     bounds = [b * k // n for k in range(n + 1)]
-    return [{k: (v[lo:hi] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()} for lo, hi in zip(bounds, bounds[1:])]
+    return [
+        {k: (v[lo:hi] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        for lo, hi in zip(bounds, bounds[1:])
+    ]
 
 
 @contextmanager

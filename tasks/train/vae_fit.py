@@ -57,7 +57,9 @@ class VaeFitResult:
     fitted: bool = False  # True only when this call ran the fit
 
 
-def collect_frames(rows: list[dict], image_size: tuple[int, int], max_per_clip: int = MAX_FRAMES_PER_CLIP) -> torch.Tensor:
+def collect_frames(
+    rows: list[dict], image_size: tuple[int, int], max_per_clip: int = MAX_FRAMES_PER_CLIP
+) -> torch.Tensor:
     """Frames of the given clips, resized and cropped: (N, 3, H, W) in [-1, 1]."""
     out = []
     for row in rows:
@@ -68,7 +70,9 @@ def collect_frames(rows: list[dict], image_size: tuple[int, int], max_per_clip: 
     return torch.cat(out)
 
 
-def _vae_loss(vae, x: torch.Tensor, kl_weight: float, generator: torch.Generator, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _vae_loss(
+    vae, x: torch.Tensor, kl_weight: float, generator: torch.Generator, bf16: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(total loss, reconstruction MSE) for a batch of frames (B, 3, H, W); `bf16`: compute under autocast."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         posterior = vae.encode(x).latent_dist  # mean, std: (B, C, h, w)
@@ -165,7 +169,11 @@ def fit_vae(cfg: SoraFlowConfig, data: DatasetSplit, root: DataRoot, progress: b
         torch.set_flush_denormal(False)  # the default
     metrics = {**train_metrics, "dataset_version": version}
     if progress:
-        print(f"vae fit: held-out recon mse {metrics['recon_mse']:.4f}, PSNR {metrics['psnr']:.1f} dB in {metrics['seconds']} s", flush=True)
+        print(
+            f"vae fit: held-out recon mse {metrics['recon_mse']:.4f}, PSNR {metrics['psnr']:.1f} dB "
+            f"in {metrics['seconds']} s",
+            flush=True,
+        )
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".vae.", dir=target.parent))
@@ -191,7 +199,9 @@ def _fit(cfg: SoraFlowConfig, train_frames: torch.Tensor, test_frames: torch.Ten
     vae.train()
     bf16 = fit.precision == "bf16"  # autocast: the convolutions run in bf16, the weights stay fp32
     opt = torch.optim.AdamW(vae.parameters(), lr=fit.lr, weight_decay=0.0, fused=True)  # one kernel for all tensors
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(1, fit.steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / max(1, fit.steps)))
+    )
     g = torch.Generator().manual_seed(cfg.train.seed)
     n = len(train_frames)
     log_every = max(1, fit.steps // 10)
@@ -204,7 +214,10 @@ def _fit(cfg: SoraFlowConfig, train_frames: torch.Tensor, test_frames: torch.Ten
         opt.step()
         sched.step()
         if progress and ((step + 1) % log_every == 0 or step == 0):
-            print(f"vae fit: step {step + 1}/{fit.steps} recon mse {mse.item():.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"vae fit: step {step + 1}/{fit.steps} recon mse {mse.item():.4f} ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
     vae.eval()
 
     shift, std = latent_stats(vae, train_frames)

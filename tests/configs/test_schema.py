@@ -65,7 +65,9 @@ def test_rflow_requires_no_sigma():
     with pytest.raises(ConfigError, match="shift"):
         load_config("local", ["scheduler.type=iddpm", "model.pred_sigma=true", "scheduler.shift=3"])
     with pytest.raises(ConfigError, match="logit_std"):
-        load_config("local", ["scheduler.type=iddpm", "model.pred_sigma=true", "scheduler.shift=1", "scheduler.logit_std=2"])
+        load_config(
+            "local", ["scheduler.type=iddpm", "model.pred_sigma=true", "scheduler.shift=1", "scheduler.logit_std=2"]
+        )
 
 
 def test_missing_file_lists_presets():

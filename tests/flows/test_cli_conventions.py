@@ -20,7 +20,9 @@ def runner(monkeypatch) -> CliRunner:
 def _one_error_line(output: str) -> str:
     lines = [ln for ln in output.splitlines() if ln.strip() and not ln.startswith("(run with --debug")]
     assert len(lines) == 1, f"expected one line, got:\n{output}"
-    assert "Traceback" not in output and "validation error" not in output and "For further information" not in output, output
+    assert (
+        "Traceback" not in output and "validation error" not in output and "For further information" not in output
+    ), output
     return lines[0]
 
 
@@ -62,7 +64,11 @@ def test_choices_are_checked_by_the_parser(runner):
     from soraflow.flows.local import BUDGETS
 
     assert [b.value for b in Budget] == list(BUDGETS)
-    for args in (["run", "local", "--budget", "tiny"], ["stage", "transcode"], ["export", "--manifest", "m", "--out", "o", "--format", "webvid"]):
+    for args in (
+        ["run", "local", "--budget", "tiny"],
+        ["stage", "transcode"],
+        ["export", "--manifest", "m", "--out", "o", "--format", "webvid"],
+    ):
         out = runner.invoke(app, args)
         assert out.exit_code == 2, (args, out.output)
         assert "Invalid value" in out.output
@@ -111,7 +117,13 @@ def test_one_line_unwraps_ray_and_pydantic_wrappers():
         M(x=1)
     assert one_line(info.value) == "x is wrong: use 3"
 
-    worker = ("Training failed.\nTraceback (most recent call last):\n  File \"driver.py\", line 295, in loop\n"
-              "    raise ValueError(...)\nValueError: train.batch_size=8 is larger than the 3 training clips: lower train.batch_size or add data\n")
-    assert one_line(RuntimeError(worker)) == "train.batch_size=8 is larger than the 3 training clips: lower train.batch_size or add data"
+    worker = (
+        'Training failed.\nTraceback (most recent call last):\n  File "driver.py", line 295, in loop\n'
+        "    raise ValueError(...)\n"
+        "ValueError: train.batch_size=8 is larger than the 3 training clips: lower train.batch_size or add data\n"
+    )
+    assert (
+        one_line(RuntimeError(worker))
+        == "train.batch_size=8 is larger than the 3 training clips: lower train.batch_size or add data"
+    )
     assert one_line(ValueError("a\nb")) == "a; b"

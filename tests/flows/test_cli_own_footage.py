@@ -37,7 +37,9 @@ def _json(result) -> dict:
 
 
 def soraflow(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "soraflow.flows.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "soraflow.flows.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _json_child(proc: subprocess.CompletedProcess) -> dict:
@@ -99,7 +101,9 @@ def test_train_evaluate_register_promote_then_generate_the_champion(own, ingeste
     assert Path(trained["eval_grid"]).exists()
 
     runner = CliRunner()
-    out = runner.invoke(app, ["generate", "a man talking on a phone", *common, "--set", "generate.steps=3", "--out", str(tmp_path)])
+    out = runner.invoke(
+        app, ["generate", "a man talking on a phone", *common, "--set", "generate.steps=3", "--out", str(tmp_path)]
+    )
     assert out.exit_code == 0, out.output
     assert "champion (v1)" in out.output and "random" not in out.output.lower(), out.output
     lines = out.stdout.strip().splitlines()
@@ -115,8 +119,20 @@ def test_train_evaluate_register_promote_then_generate_the_champion(own, ingeste
 
 def test_too_little_data_says_what_to_do_in_one_line(own, ingested):
     base, _ = own
-    args = ["train", "--manifest", ingested["manifest"], "--config", str(base / "my.yaml"), "--root", str(base / "data"),
-            *[x for o in [*TINY, "train.steps=2", "train.num_workers=0", "train.batch_size=64", "train.run_name=toolittle"] for x in ("--set", o)]]
+    args = [
+        "train",
+        "--manifest",
+        ingested["manifest"],
+        "--config",
+        str(base / "my.yaml"),
+        "--root",
+        str(base / "data"),
+        *[
+            x
+            for o in [*TINY, "train.steps=2", "train.num_workers=0", "train.batch_size=64", "train.run_name=toolittle"]
+            for x in ("--set", o)
+        ],
+    ]
     out = soraflow(*args)
     assert out.returncode == 1, out.stderr[-5000:]
     assert "lower train.batch_size or add data" in out.stderr and "Traceback" not in out.stderr, out.stderr[-5000:]

@@ -93,10 +93,15 @@ def stack(tmp_path_factory):
                 def both_deployments():
                     if not serve.alive():
                         raise AssertionError("soraflow serve exited")
-                    return {name: client.read_deployment_by_name(name) for name in ("soraflow-pipeline/scheduled-pipeline", "soraflow-train/retrain-on-new-data")}
+                    return {
+                        name: client.read_deployment_by_name(name)
+                        for name in ("soraflow-pipeline/scheduled-pipeline", "soraflow-train/retrain-on-new-data")
+                    }
 
                 try:
-                    s.deployments = wait_for("soraflow serve to create both deployments", both_deployments, timeout=180, interval=1)
+                    s.deployments = wait_for(
+                        "soraflow serve to create both deployments", both_deployments, timeout=180, interval=1
+                    )
                 except TimeoutError:
                     if not serve.alive():
                         raise AssertionError(f"soraflow serve exited with {serve.proc.returncode}") from None
@@ -112,7 +117,15 @@ def pipeline_run(stack):
     t0 = time.monotonic()
     with stack.explained():
         proc = subprocess.run(
-            [*prefect, "deployment", "run", "soraflow-pipeline/scheduled-pipeline", "--watch", "--watch-timeout", "360"],
+            [
+                *prefect,
+                "deployment",
+                "run",
+                "soraflow-pipeline/scheduled-pipeline",
+                "--watch",
+                "--watch-timeout",
+                "360",
+            ],
             env=stack.server.env(),
             cwd=REPO,
             capture_output=True,
@@ -146,7 +159,9 @@ def _subflow_ids(client, parent: UUID) -> dict[str, UUID]:
         FlowRunFilterParentFlowRunId,
     )
 
-    runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))
+    runs = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent]))
+    )
     names = {f.id: f.name for f in (client.read_flow(r.flow_id) for r in {r.flow_id: r for r in runs}.values())}
     return {names[r.flow_id]: r.id for r in runs}
 
@@ -171,7 +186,11 @@ def test_serve_creates_deployments_with_schedule_trigger_and_limits(stack):
         for dep in (pipeline, retrain):
             assert dep.global_concurrency_limit is not None, f"{dep.name}: no concurrency limit"
             assert dep.global_concurrency_limit.limit == 1, dep.global_concurrency_limit
-            strategy = dep.concurrency_options.collision_strategy if dep.concurrency_options else ConcurrencyLimitStrategy.ENQUEUE
+            strategy = (
+                dep.concurrency_options.collision_strategy
+                if dep.concurrency_options
+                else ConcurrencyLimitStrategy.ENQUEUE
+            )
             assert strategy == ConcurrencyLimitStrategy.ENQUEUE
 
         # parameters carry the config reference, the overrides and the data root
@@ -182,8 +201,12 @@ def test_serve_creates_deployments_with_schedule_trigger_and_limits(stack):
 
         # the dataset trigger is an automation on the retrain deployment
         # (serve creates it just after the deployment itself: wait for it rather than race it)
-        automations = wait_for("the retrain trigger's automation",
-                               lambda: client.read_resource_related_automations(f"prefect.deployment.{retrain.id}"), timeout=60, interval=1)
+        automations = wait_for(
+            "the retrain trigger's automation",
+            lambda: client.read_resource_related_automations(f"prefect.deployment.{retrain.id}"),
+            timeout=60,
+            interval=1,
+        )
         triggers = [a.trigger for a in automations if a.enabled]
         assert len(triggers) == 1, automations
         trigger = triggers[0]
@@ -193,7 +216,9 @@ def test_serve_creates_deployments_with_schedule_trigger_and_limits(stack):
         actions = [a for a in automations if a.enabled][0].actions
         assert len(actions) == 1 and actions[0].type == "run-deployment" and actions[0].deployment_id == retrain.id
         assert actions[0].parameters["manifest"] == "{{ event.payload.manifest }}"
-        assert not client.read_resource_related_automations(f"prefect.deployment.{pipeline.id}"), "the pipeline has no trigger"
+        assert not client.read_resource_related_automations(
+            f"prefect.deployment.{pipeline.id}"
+        ), "the pipeline has no trigger"
 
         # the global slot every training run takes
         gcl = client.read_global_concurrency_limit_by_name("soraflow-training")
@@ -214,8 +239,12 @@ def test_pipeline_deployment_run_completes_with_artifacts(stack, pipeline_run):
         for sub in subflows.values():
             assert client.read_flow_run(sub).state.is_completed()
         arts = _artifacts_by_key(client, [flow_run_id, *subflows.values()])
-        assert {"ingest-manifests", "manifest-statistics", "eval-metrics", "mlflow-run", "registered-model"} <= set(arts), sorted(arts)
-        assert re.search(r"\(http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]{32}\)$", arts["mlflow-run"].data), arts["mlflow-run"].data
+        assert {"ingest-manifests", "manifest-statistics", "eval-metrics", "mlflow-run", "registered-model"} <= set(
+            arts
+        ), sorted(arts)
+        assert re.search(
+            r"\(http://127\.0\.0\.1:5000/#/experiments/\d+/runs/[0-9a-f]{32}\)$", arts["mlflow-run"].data
+        ), arts["mlflow-run"].data
         assert "mlflow.pyfunc.load_model" in arts["registered-model"].data
 
         # ingest: one row per stage, each an existing manifest under the data root
@@ -246,7 +275,9 @@ def test_pipeline_deployment_run_completes_with_artifacts(stack, pipeline_run):
 
 
 def _dataset_events(stack) -> list[dict]:
-    page = stack.server.post("/events/filter", {"filter": {"event": {"name": [DATASET_EVENT]}, "order": "ASC"}, "limit": 20})
+    page = stack.server.post(
+        "/events/filter", {"filter": {"event": {"name": [DATASET_EVENT]}, "order": "ASC"}, "limit": 20}
+    )
     return sorted(page["events"], key=lambda e: e["occurred"])
 
 
@@ -265,14 +296,18 @@ def test_dataset_event_triggers_retrain_on_a_new_manifest(stack, pipeline_run):
 
         # 1. The pipeline's own ingest announces its dataset but trains on it itself: no retrain
         #    (checked below, once the standalone ingest has run: by then its trigger had ample time).
-        events = wait_for("the pipeline's dataset event to be stored", lambda: _dataset_events(stack), timeout=60, interval=1)
+        events = wait_for(
+            "the pipeline's dataset event to be stored", lambda: _dataset_events(stack), timeout=60, interval=1
+        )
         assert len(events) == 1, events
         event = events[0]
         assert event["resource"]["prefect.resource.id"] == "soraflow.dataset.local"
         assert event["resource"]["soraflow.retrain"] == "false", event["resource"]
         assert event["payload"]["manifest"] == final_manifest
         assert event["payload"]["dataset_version"] == dataset_version(final_manifest)
-        assert any(r.get("prefect.resource.id") == f"prefect.flow-run.{ingest_id}" for r in event["related"]), event["related"]
+        assert any(r.get("prefect.resource.id") == f"prefect.flow-run.{ingest_id}" for r in event["related"]), event[
+            "related"
+        ]
 
         # 2. A standalone ingest that finds more data publishes a new version: one retrain run on it.
         argv = [*_soraflow(), "ingest", "--config", "local", "--root", str(stack.root)]
@@ -280,7 +315,9 @@ def test_dataset_event_triggers_retrain_on_a_new_manifest(stack, pipeline_run):
             argv += ["--set", item]
         proc = subprocess.run(argv, env=stack.server.env(), cwd=REPO, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-        events = wait_for("the standalone ingest's event", lambda: (e := _dataset_events(stack))[1:] and e, timeout=60, interval=1)
+        events = wait_for(
+            "the standalone ingest's event", lambda: (e := _dataset_events(stack))[1:] and e, timeout=60, interval=1
+        )
         assert len(events) == 2, events
         new = events[1]
         new_manifest = new["payload"]["manifest"]
@@ -290,16 +327,22 @@ def test_dataset_event_triggers_retrain_on_a_new_manifest(stack, pipeline_run):
         runs = wait_for("a run of train/retrain-on-new-data", retrain_runs, timeout=60, interval=1)
         _settle(events[0])  # automations act within a second or two on loopback; the pipeline's event is long past that
         runs = retrain_runs()
-        assert len(runs) == 1, [(r.name, r.state_name, r.parameters.get("manifest")) for r in runs]  # none for step 1's event
+        assert len(runs) == 1, [
+            (r.name, r.state_name, r.parameters.get("manifest")) for r in runs
+        ]  # none for step 1's event
         run = runs[0]
         assert run.parameters["manifest"] == new_manifest
-        assert run.parameters["params"] == stack.deployments["soraflow-pipeline/scheduled-pipeline"].parameters["params"]
+        assert (
+            run.parameters["params"] == stack.deployments["soraflow-pipeline/scheduled-pipeline"].parameters["params"]
+        )
 
         # 3. Publishing a version already seen starts nothing. (The repeat ingest runs while the
         #    retrain trains: the published-version marker, not the retrain, decides that it is old.)
         repeat_log = stack.root.parent / "repeat-ingest.log"  # a file, not a pipe nobody reads meanwhile
         with open(repeat_log, "w") as log:
-            repeat = subprocess.Popen(argv, env=stack.server.env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+            repeat = subprocess.Popen(
+                argv, env=stack.server.env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True
+            )
         try:
 
             def finished():
@@ -312,14 +355,18 @@ def test_dataset_event_triggers_retrain_on_a_new_manifest(stack, pipeline_run):
             metrics = {row["metric"]: row["value"] for row in _table(artifacts["eval-metrics"])}
             assert int(float(metrics["steps"])) == 4, metrics
             assert new_manifest in artifacts["eval-metrics"].description
-            assert re.search(r"## soraflow-local v\d+", artifacts["registered-model"].data), artifacts["registered-model"].data
+            assert re.search(r"## soraflow-local v\d+", artifacts["registered-model"].data), artifacts[
+                "registered-model"
+            ].data
 
             repeat.wait(timeout=300)
         finally:
             if repeat.poll() is None:
                 repeat.kill()
         assert repeat.returncode == 0, tail(repeat_log)
-        events = wait_for("the repeated ingest's event", lambda: (e := _dataset_events(stack))[2:] and e, timeout=60, interval=1)
+        events = wait_for(
+            "the repeated ingest's event", lambda: (e := _dataset_events(stack))[2:] and e, timeout=60, interval=1
+        )
         assert events[2]["payload"]["manifest"] == new_manifest, "same data, same dataset version"
         assert events[2]["resource"]["soraflow.retrain"] == "false"
         _settle(events[2])
@@ -372,36 +419,63 @@ def test_scheduled_runs_follow_the_cron_complete_and_queue_behind_each_other(sta
             ahead = [r for r in runs() if r.auto_scheduled and r.state.is_scheduled()]
             return ahead if len(ahead) >= 2 else None
 
-        first, second = wait_for("the scheduler to create the cron's runs", scheduled_ahead, timeout=120, interval=1)[:2]
+        first, second = wait_for("the scheduler to create the cron's runs", scheduled_ahead, timeout=120, interval=1)[
+            :2
+        ]
         for r in (first, second):  # at the cron's times: 03:17 in the schedule's time zone, a day apart
             at = r.expected_start_time.astimezone(tz)
             assert (at.hour, at.minute, at.second) == (3, 17, 0), (schedule, at)
         assert second.expected_start_time - first.expected_start_time == datetime.timedelta(days=1)
 
         def due_now(run):
-            client.set_flow_run_state(run.id, Scheduled(scheduled_time=datetime.datetime.now(datetime.timezone.utc)), force=True)
+            client.set_flow_run_state(
+                run.id, Scheduled(scheduled_time=datetime.datetime.now(datetime.timezone.utc)), force=True
+            )
 
-        with temporary_settings(updates={PREFECT_API_URL: stack.server.api_url}), concurrency("soraflow-training", occupy=1, strict=True):
+        with (
+            temporary_settings(updates={PREFECT_API_URL: stack.server.api_url}),
+            concurrency("soraflow-training", occupy=1, strict=True),
+        ):
             due_now(first)
-            wait_for(f"scheduled run {first.name} to start", lambda: client.read_flow_run(first.id).state.is_running(),
-                     timeout=240, interval=1, explain=stack.serve.tail)  # a flow-run process may take a minute to start on busy cores
+            wait_for(
+                f"scheduled run {first.name} to start",
+                lambda: client.read_flow_run(first.id).state.is_running(),
+                timeout=240,
+                interval=1,
+                explain=stack.serve.tail,
+            )  # a flow-run process may take a minute to start on busy cores
             due_now(second)
 
             def second_turned_away():
                 r = client.read_flow_run(second.id)
-                assert not r.state.is_running() and not r.state.is_pending(), f"a second run runs beside the first: {r.state}"
+                assert (
+                    not r.state.is_running() and not r.state.is_pending()
+                ), f"a second run runs beside the first: {r.state}"
                 return r.state.name == "AwaitingConcurrencySlot"
 
-            wait_for("the second run to be turned away", second_turned_away, timeout=150, interval=1, explain=stack.serve.tail)
+            wait_for(
+                "the second run to be turned away",
+                second_turned_away,
+                timeout=150,
+                interval=1,
+                explain=stack.serve.tail,
+            )
             assert client.read_flow_run(first.id).state.is_running()
         # slot released: the first run trains and completes; the second has waited all along
-        done = wait_for(f"scheduled run {first.name} to finish", lambda: (r := client.read_flow_run(first.id)).state.is_final() and r,
-                        timeout=400, interval=1, explain=stack.serve.tail)
+        done = wait_for(
+            f"scheduled run {first.name} to finish",
+            lambda: (r := client.read_flow_run(first.id)).state.is_final() and r,
+            timeout=400,
+            interval=1,
+            explain=stack.serve.tail,
+        )
         assert done.state.is_completed(), done.state
         assert done.auto_scheduled and done.parameters == dep.parameters
         history = client.read_flow_run_states(second.id)
         names = [s.name for s in history]
-        assert "AwaitingConcurrencySlot" in names, names  # the deployment's limit held it back, the runner did not start it
+        assert (
+            "AwaitingConcurrencySlot" in names
+        ), names  # the deployment's limit held it back, the runner did not start it
         assert not any(s.is_running() and s.timestamp < done.end_time for s in history), names
         # The second run would start now: cancel it rather than run a whole second pipeline on 2 cores.
         state = client.read_flow_run(second.id).state
@@ -409,4 +483,9 @@ def test_scheduled_runs_follow_the_cron_complete_and_queue_behind_each_other(sta
             client.set_flow_run_state(second.id, Cancelled(), force=True)
         elif not state.is_final():  # it has just started: the runner stops it on Cancelling
             client.set_flow_run_state(second.id, Cancelling(), force=True)
-            wait_for(f"run {second.name} to be cancelled", lambda: client.read_flow_run(second.id).state.is_final(), timeout=120, interval=1)
+            wait_for(
+                f"run {second.name} to be cancelled",
+                lambda: client.read_flow_run(second.id).state.is_final(),
+                timeout=120,
+                interval=1,
+            )

@@ -92,7 +92,9 @@ def expected_clips(p: RunParams) -> dict[str, dict]:
     """clip_id -> what the final manifest must say about it, from the sample source's seeded plan."""
     cfg = p.load_config()
     src, split = cfg.ingest.sample_source, cfg.ingest.split
-    assert src.width >= src.height and (src.width * split.short_side) % src.height == 0, "test assumes a landscape frame that scales to an integer width"
+    assert (
+        src.width >= src.height and (src.width * split.short_side) % src.height == 0
+    ), "test assumes a landscape frame that scales to an integer width"
     size = (split.short_side, src.width * split.short_side // src.height)
     out: dict[str, dict] = {}
 
@@ -119,7 +121,9 @@ def expected_clips(p: RunParams) -> dict[str, dict]:
 
     # the same truth the server itself reports (SampleServer.truth), without starting it
     truth = server_module.SampleServer(Path("/nonexistent"), src).truth()
-    assert {k: v["text"] for k, v in out.items()} == truth, "the test's reading of the plan disagrees with SampleServer.truth()"
+    assert {
+        k: v["text"] for k, v in out.items()
+    } == truth, "the test's reading of the plan disagrees with SampleServer.truth()"
     return out
 
 
@@ -130,17 +134,29 @@ def assert_final_manifest(rows: list[dict], expected: dict[str, dict]) -> None:
     paths = Counter(r["path"] for r in ok)
     assert not [k for k, n in ids.items() if n > 1], f"duplicate clip_id rows: {[k for k, n in ids.items() if n > 1]}"
     assert not [k for k, n in paths.items() if n > 1], f"duplicate path rows: {[k for k, n in paths.items() if n > 1]}"
-    assert set(ids) == set(expected), f"ok clips differ from the planned scenes: missing {sorted(set(expected) - set(ids))}, unexpected {sorted(set(ids) - set(expected))}"
+    assert set(ids) == set(
+        expected
+    ), (
+        f"ok clips differ from the planned scenes: missing {sorted(set(expected) - set(ids))}, "
+        f"unexpected {sorted(set(ids) - set(expected))}"
+    )
     for r in ok:
         want, cid = expected[r["clip_id"]], r["clip_id"]
         assert r["text"] == want["text"], f"{cid}: caption {r['text']!r}, true caption {want['text']!r}"
         assert r["caption_source"] == "source", f"{cid}: caption_source {r['caption_source']!r}"
-        assert (r["video_id"], r["source"]) == (want["video_id"], want["source"]), f"{cid}: video {r['video_id']!r} from {r['source']!r}, expected {want['video_id']!r} from {want['source']!r}"
-        assert r["start_s"] == pytest.approx(want["start_s"], abs=1e-6) and r["end_s"] == pytest.approx(want["end_s"], abs=1e-6), (
-            f"{cid}: cut at [{r['start_s']}, {r['end_s']}) s, the scene is [{want['start_s']}, {want['end_s']}) s"
-        )
+        assert (r["video_id"], r["source"]) == (
+            want["video_id"],
+            want["source"],
+        ), f"{cid}: video {r['video_id']!r} from {r['source']!r}, expected {want['video_id']!r} from {want['source']!r}"
+        assert r["start_s"] == pytest.approx(want["start_s"], abs=1e-6) and r["end_s"] == pytest.approx(
+            want["end_s"], abs=1e-6
+        ), f"{cid}: cut at [{r['start_s']}, {r['end_s']}) s, the scene is [{want['start_s']}, {want['end_s']}) s"
         got = (r["num_frames"], r["fps"], (r["height"], r["width"]))
-        assert got == (want["num_frames"], want["fps"], want["size"]), f"{cid}: (frames, fps, (H, W)) = {got}, expected {(want['num_frames'], want['fps'], want['size'])}"
+        assert got == (
+            want["num_frames"],
+            want["fps"],
+            want["size"],
+        ), f"{cid}: (frames, fps, (H, W)) = {got}, expected {(want['num_frames'], want['fps'], want['size'])}"
         assert r["flow"] is not None and r["flow"] > 0, f"{cid}: motion score {r['flow']!r}, every planned scene moves"
 
 
@@ -167,7 +183,11 @@ def test_every_scene_is_one_ok_clip_with_its_true_caption(main_run):
     assert result["ok"] == len(expected), f"summary says {result['ok']} ok rows, expected {len(expected)}"
     for r in ok_rows(rows):  # the manifest describes the file that is there
         info = probe_video(r["path"])
-        assert (info.num_frames, info.height, info.width) == (r["num_frames"], r["height"], r["width"]), f"{r['path']}: file is {info}, manifest row says {r['num_frames']} frames {r['height']}x{r['width']}"
+        assert (info.num_frames, info.height, info.width) == (
+            r["num_frames"],
+            r["height"],
+            r["width"],
+        ), f"{r['path']}: file is {info}, manifest row says {r['num_frames']} frames {r['height']}x{r['width']}"
         assert info.fps == pytest.approx(8.0), f"{r['path']}: {info.fps} fps, expected 8"
 
 
@@ -180,18 +200,36 @@ def test_every_source_video_is_ok_or_rejected_with_a_reason(main_run):
     rejected = [r for r in rows if r["status"] == "rejected"]
     missing = videos - ok_ids - {r["video_id"] for r in rejected}
     assert not missing, f"source videos with no row at all in the final manifest: {sorted(missing)}"
-    assert all(r["error"] and r["error"].strip() for r in rejected), f"rejected rows without a reason: {[r for r in rejected if not r['error']]}"
-    assert ok_ids == videos - set(BROKEN), f"videos with ok clips: {sorted(ok_ids)}, expected {sorted(videos - set(BROKEN))}"
-    by_video = {vid: [r["error"] for r in rejected if r["video_id"] == vid] for vid in {r["video_id"] for r in rejected}}
-    assert set(by_video) == set(BROKEN), f"videos with rejected rows: {sorted(by_video)}, expected the broken ones {sorted(BROKEN)}"
+    assert all(
+        r["error"] and r["error"].strip() for r in rejected
+    ), f"rejected rows without a reason: {[r for r in rejected if not r['error']]}"
+    assert ok_ids == videos - set(
+        BROKEN
+    ), f"videos with ok clips: {sorted(ok_ids)}, expected {sorted(videos - set(BROKEN))}"
+    by_video = {
+        vid: [r["error"] for r in rejected if r["video_id"] == vid] for vid in {r["video_id"] for r in rejected}
+    }
+    assert set(by_video) == set(
+        BROKEN
+    ), f"videos with rejected rows: {sorted(by_video)}, expected the broken ones {sorted(BROKEN)}"
     for vid, reason in BROKEN.items():
-        assert all(reason in e for e in by_video[vid]), f"{vid}: rejected rows should say {reason!r}, got {by_video[vid]}"
+        assert all(
+            reason in e for e in by_video[vid]
+        ), f"{vid}: rejected rows should say {reason!r}, got {by_video[vid]}"
     hdvg_broken = [r for r in rejected if r["video_id"] == "hdvg0002"]
-    assert sorted(r["clip_id"] for r in hdvg_broken) == [f"hdvg0002.0_{k}" for k in range(3)], f"each scene of the broken HD-VG video is one rejected row: {[r['clip_id'] for r in hdvg_broken]}"
-    assert result["rejected"] == len(rejected) == 4, f"summary says {result['rejected']} rejected rows, manifest has {len(rejected)}, expected 3 + 1"
-    assert recorder.started[0].pending_faults() == 0, "an injected fault was never hit: the broken videos were not requested"
+    assert sorted(r["clip_id"] for r in hdvg_broken) == [
+        f"hdvg0002.0_{k}" for k in range(3)
+    ], f"each scene of the broken HD-VG video is one rejected row: {[r['clip_id'] for r in hdvg_broken]}"
+    assert (
+        result["rejected"] == len(rejected) == 4
+    ), f"summary says {result['rejected']} rejected rows, manifest has {len(rejected)}, expected 3 + 1"
+    assert (
+        recorder.started[0].pending_faults() == 0
+    ), "an injected fault was never hit: the broken videos were not requested"
     for stage in ("download", "split", "caption", "score"):
-        assert Path(result["stage_manifests"][stage]).exists(), f"{stage} manifest {result['stage_manifests'][stage]} is missing"
+        assert Path(
+            result["stage_manifests"][stage]
+        ).exists(), f"{stage} manifest {result['stage_manifests'][stage]} is missing"
 
 
 # ---------------------------------------------------------------- kill and restart
@@ -223,10 +261,15 @@ def crash_split_of_pexels_rows(mp: pytest.MonkeyPatch) -> None:
 
 def file_ids(folder: Path) -> dict[str, tuple[int, int, int]]:
     """relative path -> (inode, mtime_ns, size) of every mp4 under folder."""
-    return {str(f.relative_to(folder)): (f.stat().st_ino, f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(folder.rglob("*.mp4"))}
+    return {
+        str(f.relative_to(folder)): (f.stat().st_ino, f.stat().st_mtime_ns, f.stat().st_size)
+        for f in sorted(folder.rglob("*.mp4"))
+    }
 
 
-@pytest.mark.parametrize("crash", [crash_download_of_second_pexels_video, crash_split_of_pexels_rows], ids=["download", "split"])
+@pytest.mark.parametrize(
+    "crash", [crash_download_of_second_pexels_video, crash_split_of_pexels_rows], ids=["download", "split"]
+)
 def test_rerun_after_a_crash_resumes_without_refetching(crash, tmp_path, monkeypatch):
     data = tmp_path / "data"
     p = params(data, SMALL)
@@ -239,25 +282,38 @@ def test_rerun_after_a_crash_resumes_without_refetching(crash, tmp_path, monkeyp
     first = recorder.started[0]
     assert not (data / "manifests" / "score").exists(), "the crashed run still wrote a final manifest"
     raw_before, clips_before = file_ids(data / "raw"), file_ids(data / "clips")
-    assert len(gets(first, "/videos/hdvg")) == 2, f"run 1 should fetch both full HD-VG videos: {gets(first, '/videos/hdvg')}"
+    assert (
+        len(gets(first, "/videos/hdvg")) == 2
+    ), f"run 1 should fetch both full HD-VG videos: {gets(first, '/videos/hdvg')}"
     if crash is crash_download_of_second_pexels_video:
-        assert sorted(raw_before) == ["hdvg/hdvg0000.0.mp4", "hdvg/hdvg0001.0.mp4", "pexels/1000.mp4"], f"raw files after the crash: {sorted(raw_before)}"
+        assert sorted(raw_before) == [
+            "hdvg/hdvg0000.0.mp4",
+            "hdvg/hdvg0001.0.mp4",
+            "pexels/1000.mp4",
+        ], f"raw files after the crash: {sorted(raw_before)}"
         assert not clips_before, f"no clip can exist before the split stage: {sorted(clips_before)}"
     else:
         assert len(raw_before) == 4, f"every video is downloaded before the split crash: {sorted(raw_before)}"
         v = scene_split.split_variant(p.load_config().ingest.split)  # clips live under a hash of the split settings
-        assert sorted(clips_before) == [f"hdvg/{v}/hdvg0000/hdvg0000.0_0.mp4", f"hdvg/{v}/hdvg0000/hdvg0000.0_1.mp4", f"hdvg/{v}/hdvg0000/hdvg0000.0_2.mp4", f"hdvg/{v}/hdvg0001/hdvg0001.0_0.mp4"], (
-            f"split shard [0, 4) should have cut its 4 clips before the run died: {sorted(clips_before)}"
-        )
+        assert sorted(clips_before) == [
+            f"hdvg/{v}/hdvg0000/hdvg0000.0_0.mp4",
+            f"hdvg/{v}/hdvg0000/hdvg0000.0_1.mp4",
+            f"hdvg/{v}/hdvg0000/hdvg0000.0_2.mp4",
+            f"hdvg/{v}/hdvg0001/hdvg0001.0_0.mp4",
+        ], f"split shard [0, 4) should have cut its 4 clips before the run died: {sorted(clips_before)}"
 
     result = run_ingest(p)  # the restart: same config, same data root, nothing patched
     assert len(recorder.started) == 2, "the restarted run should start its own sample server"
     second = recorder.started[1]
     assert gets(second, "/metafiles/") and gets(second, "/videos/search"), "the restarted run did not list the sources"
-    assert gets(second, "/videos/hdvg") == [], f"finished HD-VG videos were downloaded again: {gets(second, '/videos/hdvg')}"
+    assert (
+        gets(second, "/videos/hdvg") == []
+    ), f"finished HD-VG videos were downloaded again: {gets(second, '/videos/hdvg')}"
     refetched = gets(second, "/video-files/")
     if crash is crash_download_of_second_pexels_video:
-        assert len(refetched) == 1 and refetched[0].startswith("/video-files/1001/"), f"only the unfinished Pexels 1001 should be fetched, got {refetched}"
+        assert len(refetched) == 1 and refetched[0].startswith(
+            "/video-files/1001/"
+        ), f"only the unfinished Pexels 1001 should be fetched, got {refetched}"
     else:
         assert refetched == [], f"finished Pexels videos were downloaded again: {refetched}"
 
@@ -270,7 +326,9 @@ def test_rerun_after_a_crash_resumes_without_refetching(crash, tmp_path, monkeyp
 
     rows = read_rows(result["manifest"])
     assert_final_manifest(rows, expected_clips(p))
-    assert result["rejected"] == 0, f"rejected rows after the restart: {[r['error'] for r in rows if r['status'] == 'rejected']}"
+    assert (
+        result["rejected"] == 0
+    ), f"rejected rows after the restart: {[r['error'] for r in rows if r['status'] == 'rejected']}"
 
 
 # ---------------------------------------------------------------- `soraflow stage split`
@@ -296,9 +354,16 @@ def test_cli_stage_split_writes_the_split_manifest(main_run, runner):
     assert len(printed) == 1, f"expected one split manifest path in the output, found {printed}:\n{out.output}"
     manifest = printed.pop()
     assert Path(manifest).exists(), f"printed manifest {manifest} does not exist"
-    assert manifest == result["stage_manifests"]["split"], f"the stage alone wrote {manifest}, the flow's split stage wrote {result['stage_manifests']['split']} from the same input"
+    assert (
+        manifest == result["stage_manifests"]["split"]
+    ), (
+        f"the stage alone wrote {manifest}, "
+        f"the flow's split stage wrote {result['stage_manifests']['split']} from the same input"
+    )
     rows = read_rows(manifest)
-    assert len(ok_rows(rows)) == 8 and len(rows) == 12, f"split manifest: {len(ok_rows(rows))} ok of {len(rows)} rows, expected 8 of 12"
+    assert (
+        len(ok_rows(rows)) == 8 and len(rows) == 12
+    ), f"split manifest: {len(ok_rows(rows))} ok of {len(rows)} rows, expected 8 of 12"
 
 
 def test_cli_stage_split_without_a_manifest_file_fails_clearly(tmp_path, runner):
@@ -310,7 +375,9 @@ def test_cli_stage_split_without_a_manifest_file_fails_clearly(tmp_path, runner)
     assert not (tmp_path / "data" / "manifests").exists(), "nothing should run when the input is missing"
 
     out = runner.invoke(cli.app, ["stage", "split", "--root", str(tmp_path / "data")])
-    assert out.exit_code != 0 and "needs --manifest" in out.output, f"stage split with no --manifest: exit {out.exit_code}:\n{out.output}"
+    assert (
+        out.exit_code != 0 and "needs --manifest" in out.output
+    ), f"stage split with no --manifest: exit {out.exit_code}:\n{out.output}"
 
 
 # ---------------------------------------------------------------- machine faults, locks, cached results

@@ -94,9 +94,13 @@ def _group_alive(pgid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def cluster():
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "support"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "support"), os.environ.get("PYTHONPATH", "")]),
+    }
     c = TwoNodeCluster(env)
     try:
         yield c.start()
@@ -106,14 +110,17 @@ def cluster():
 
 def _driver(cluster: TwoNodeCluster, code: str) -> dict:
     """Run `code` as a Ray driver in a child process with the cluster's token; its last stdout line is JSON."""
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=cluster.env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=cluster.env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_training_spreads_two_workers_over_both_nodes(cluster, tmp_path):
-    out = _driver(cluster, f"""
+    out = _driver(
+        cluster,
+        f"""
         import json
         from pathlib import Path
         from ray.util.state import list_actors
@@ -127,17 +134,19 @@ def test_training_spreads_two_workers_over_both_nodes(cluster, tmp_path):
         manifest = make_clip_manifest(Path({str(tmp_path / "videos")!r}), root, n=8, frames=12)
         # a VAE of 2 fit steps and 2 training steps: where the workers run does not depend on how long they learn
         cfg = train_cfg(root, **{{"train.ray_address": {cluster.address!r}, "train.num_workers": 2, "train.steps": 2,
-                                 "train.batch_size": 2, "train.ckpt_every": 2, "train.log_every": 1, "vae.fit.steps": 2}})
+                                 "train.batch_size": 2, "train.ckpt_every": 2, "train.log_every": 1,
+                                 "vae.fit.steps": 2}})
         data = DatasetSplit.read(manifest, cfg.train.val_fraction)
         vae = fit_vae(cfg, data, root, progress=False)
         result = train(cfg, data, root, vae.path, run_name="cluster")
         # the state API (served by the head's dashboard) keeps the finished workers
-        actors = list_actors(address={cluster.dashboard!r}, filters=[("class_name", "=", "RayTrainWorker")], detail=True,
-                             raise_on_missing_output=False)
+        actors = list_actors(address={cluster.dashboard!r}, filters=[("class_name", "=", "RayTrainWorker")],
+                             detail=True, raise_on_missing_output=False)
         print(json.dumps({{"steps": result.metrics["steps"], "world_size": result.metrics["world_size"],
                           "weights": [str(p) for p in result.model_dir.rglob("*.safetensors")],
                           "nodes": sorted({{a.node_id for a in actors}})}}))
-    """)
+    """,
+    )
     assert out["steps"] == 2 and out["world_size"] == 2
     assert out["weights"]
     assert len(out["nodes"]) == 2  # one CPU per node: one worker on each

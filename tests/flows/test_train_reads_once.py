@@ -75,7 +75,15 @@ def counted(tmp_path_factory):
     mp.setattr(T5TextEncoder, "__init__", t5_from)
     mp.setattr(RFlow, "sample_timesteps", sample_timesteps)
     try:
-        args = ["train", "--manifest", str(clips), "--root", str(root.root), "--json", *[x for s in SETS for x in ("--set", s)]]
+        args = [
+            "train",
+            "--manifest",
+            str(clips),
+            "--root",
+            str(root.root),
+            "--json",
+            *[x for s in SETS for x in ("--set", s)],
+        ]
         out = CliRunner().invoke(app, args)
     finally:
         mp.undo()

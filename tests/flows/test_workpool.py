@@ -23,7 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_prefect_yaml_is_generated_from_the_deployment_definitions():
-    assert PREFECT_YAML.read_text() == prefect_yaml(), "prefect.yaml is stale: run `python -m soraflow.flows.deploy --write-yaml`"
+    assert (
+        PREFECT_YAML.read_text() == prefect_yaml()
+    ), "prefect.yaml is stale: run `python -m soraflow.flows.deploy --write-yaml`"
 
 
 def test_serve_and_prefect_yaml_define_the_same_deployments():
@@ -64,7 +66,9 @@ def test_process_work_pool_runs_the_pipeline_deployment_from_prefect_yaml(tmp_pa
 
         def cli(*args: str) -> str:
             proc = subprocess.run([*prefect, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
-            assert proc.returncode == 0, f"prefect {' '.join(args)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}"
+            assert (
+                proc.returncode == 0
+            ), f"prefect {' '.join(args)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}"
             return proc.stdout + proc.stderr
 
         cli("work-pool", "create", "soraflow", "--type", "process")
@@ -79,7 +83,12 @@ def test_process_work_pool_runs_the_pipeline_deployment_from_prefect_yaml(tmp_pa
         # the worker starts elsewhere: the deployment's pull step changes into $SORAFLOW_REPO
         worker_cwd = tmp_path / "worker"
         worker_cwd.mkdir()
-        with ChildProcess([*prefect, "worker", "start", "--pool", "soraflow", "--limit", "1"], env, tmp_path / "worker.log", cwd=worker_cwd) as worker:
+        with ChildProcess(
+            [*prefect, "worker", "start", "--pool", "soraflow", "--limit", "1"],
+            env,
+            tmp_path / "worker.log",
+            cwd=worker_cwd,
+        ) as worker:
             with server.client() as client:
 
                 def finished():
@@ -94,12 +103,20 @@ def test_process_work_pool_runs_the_pipeline_deployment_from_prefect_yaml(tmp_pa
                     print(worker.tail(), tail(server.log, 2000))
                     raise
                 assert done.state.is_completed(), f"{done.state}\n{worker.tail()}"
-                subs = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+                subs = client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id]))
+                )
                 names = {client.read_flow(r.flow_id).name for r in subs}
                 assert names == {"soraflow-ingest", "soraflow-train"}, names
-                arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id, *[r.id for r in subs]])))
+                arts = client.read_artifacts(
+                    artifact_filter=ArtifactFilter(
+                        flow_run_id=ArtifactFilterFlowRunId(any_=[run.id, *[r.id for r in subs]])
+                    )
+                )
                 by_key = {a.key: a for a in arts if a.key}
-                assert {"ingest-manifests", "eval-metrics", "mlflow-run", "registered-model"} <= set(by_key), sorted(by_key)
+                assert {"ingest-manifests", "eval-metrics", "mlflow-run", "registered-model"} <= set(by_key), sorted(
+                    by_key
+                )
                 assert "/runs/" in by_key["mlflow-run"].data and "soraflow-local v1" in by_key["registered-model"].data
                 # the train flow created the global training slot itself (prefect deploy does not)
                 limit = client.read_global_concurrency_limit_by_name("soraflow-training")

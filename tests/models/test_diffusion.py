@@ -58,10 +58,16 @@ def test_posterior_closed_forms_by_hand():
         assert d.posterior_mean_coef1[t] == pytest.approx(beta * math.sqrt(abar_prev) / (1 - abar), rel=1e-9)
         assert d.posterior_mean_coef2[t] == pytest.approx((1 - abar_prev) * math.sqrt(1 - beta) / (1 - abar), rel=1e-9)
         # noise-free x_t = sqrt(abar_t) x0 has posterior mean sqrt(abar_{t-1}) x0
-        assert d.posterior_mean_coef1[t] + d.posterior_mean_coef2[t] * math.sqrt(abar) == pytest.approx(math.sqrt(abar_prev), rel=1e-9)
+        assert d.posterior_mean_coef1[t] + d.posterior_mean_coef2[t] * math.sqrt(abar) == pytest.approx(
+            math.sqrt(abar_prev), rel=1e-9
+        )
     assert d.posterior_variance[0] == 0.0
     # "clipped" log-variance: entry 0 takes entry 1's value
-    assert d.posterior_log_variance_clipped[0] == d.posterior_log_variance_clipped[1] == pytest.approx(math.log(d.posterior_variance[1]))
+    assert (
+        d.posterior_log_variance_clipped[0]
+        == d.posterior_log_variance_clipped[1]
+        == pytest.approx(math.log(d.posterior_variance[1]))
+    )
     assert d.posterior_log_variance_clipped[7] == pytest.approx(math.log(d.posterior_variance[7]))
 
 
@@ -90,7 +96,9 @@ def test_learned_range_variance_identities():
     t = torch.tensor([0, 400])
     for v, expect in ((-1.0, d.posterior_log_variance_clipped), (1.0, np.log(d.betas))):
         out = d.p_mean_variance(torch.cat([eps, torch.full_like(eps, v)], dim=1), x_t, t)
-        torch.testing.assert_close(out["log_variance"][:, 0, 0, 0, 0], torch.tensor([expect[0], expect[400]], dtype=torch.float32))
+        torch.testing.assert_close(
+            out["log_variance"][:, 0, 0, 0, 0], torch.tensor([expect[0], expect[400]], dtype=torch.float32)
+        )
     mid = learned_range_log_variance(torch.tensor(0.0), torch.tensor(-4.0), torch.tensor(-2.0))
     assert mid.item() == pytest.approx(-3.0)
     # the mean is the posterior mean at the predicted x0, not clipped
@@ -284,7 +292,10 @@ def test_iddpm_sample_seeded_tiny_stdit():
             torch.nn.init.normal_(blk.cross_attn.proj.weight, std=0.05)
     s = build_scheduler("iddpm", num_sampling_steps=5)
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
-    kw = {"y": torch.randn(2, 1, 16, 64, generator=torch.Generator().manual_seed(1)), "mask": torch.ones(2, 16, dtype=torch.long)}
+    kw = {
+        "y": torch.randn(2, 1, 16, 64, generator=torch.Generator().manual_seed(1)),
+        "mask": torch.ones(2, 16, dtype=torch.long),
+    }
     null = m.y_embedder.y_embedding
 
     def run(seed, **extra):
@@ -373,7 +384,10 @@ def test_rflow_sampling_deterministic_given_noise():
     with torch.no_grad():
         torch.nn.init.normal_(m.final_layer.linear.weight, std=0.05)
     s = build_scheduler("rflow", num_sampling_steps=4)
-    kw = {"y": torch.randn(2, 1, 16, 64, generator=torch.Generator().manual_seed(1)), "mask": torch.ones(2, 16, dtype=torch.long)}
+    kw = {
+        "y": torch.randn(2, 1, 16, 64, generator=torch.Generator().manual_seed(1)),
+        "mask": torch.ones(2, 16, dtype=torch.long),
+    }
 
     def run(seed):
         z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
@@ -438,7 +452,11 @@ def test_tiny_stdit_overfits_one_batch(kind, steps, ratio):
 
     def val() -> float:
         with torch.no_grad():
-            return s.training_loss(m.eval(), x0.repeat(8, 1, 1, 1, 1), kw_val, t=t_val, noise=noise_val)["loss"].mean().item()
+            return (
+                s.training_loss(m.eval(), x0.repeat(8, 1, 1, 1, 1), kw_val, t=t_val, noise=noise_val)["loss"]
+                .mean()
+                .item()
+            )
 
     before = val()
     opt = torch.optim.AdamW(m.train().parameters(), lr=3e-3, weight_decay=0.0)

@@ -122,18 +122,39 @@ def test_presets_and_build_errors():
 
 def test_xl2_layout_and_param_count_on_meta():
     with torch.device("meta"):
-        m = build_stdit("STDiT-XL/2", input_size=(16, 32, 32), space_scale=0.5, caption_channels=4096, model_max_length=120)
+        m = build_stdit(
+            "STDiT-XL/2", input_size=(16, 32, 32), space_scale=0.5, caption_channels=4096, model_max_length=120
+        )
     assert sum(p.numel() for p in m.parameters() if p.requires_grad) == 759_620_768
     sd = m.state_dict()
     assert len(sd) == 550
     keys = list(sd)
     assert keys[:2] == ["pos_embed", "pos_embed_temporal"]
     assert keys[-3:] == ["final_layer.scale_shift_table", "final_layer.linear.weight", "final_layer.linear.bias"]
-    assert [k for k in keys if k.startswith("blocks.0.")] == [f"blocks.0.{k}" for k in (
-        "scale_shift_table", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
-        "cross_attn.q_linear.weight", "cross_attn.q_linear.bias", "cross_attn.kv_linear.weight", "cross_attn.kv_linear.bias",
-        "cross_attn.proj.weight", "cross_attn.proj.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
-        "attn_temp.qkv.weight", "attn_temp.qkv.bias", "attn_temp.proj.weight", "attn_temp.proj.bias")]
+    assert [k for k in keys if k.startswith("blocks.0.")] == [
+        f"blocks.0.{k}"
+        for k in (
+            "scale_shift_table",
+            "attn.qkv.weight",
+            "attn.qkv.bias",
+            "attn.proj.weight",
+            "attn.proj.bias",
+            "cross_attn.q_linear.weight",
+            "cross_attn.q_linear.bias",
+            "cross_attn.kv_linear.weight",
+            "cross_attn.kv_linear.bias",
+            "cross_attn.proj.weight",
+            "cross_attn.proj.bias",
+            "mlp.fc1.weight",
+            "mlp.fc1.bias",
+            "mlp.fc2.weight",
+            "mlp.fc2.bias",
+            "attn_temp.qkv.weight",
+            "attn_temp.qkv.bias",
+            "attn_temp.proj.weight",
+            "attn_temp.proj.bias",
+        )
+    ]
     buffers = {n for n, _ in m.named_buffers()}
     assert buffers == {"pos_embed", "pos_embed_temporal", "y_embedder.y_embedding"}
     assert len(set(sd) - buffers) == 547 and len([k for k in sd if k not in ("pos_embed", "pos_embed_temporal")]) == 548
@@ -182,9 +203,19 @@ def test_positional_buffers_match_reference_values():
     for t in (0, 5, 15):
         expect = torch.cat([torch.sin(t * omega_t), torch.cos(t * omega_t)])
         torch.testing.assert_close(m.pos_embed_temporal[0, t].double(), expect, rtol=0, atol=1e-6)
-    m2 = STDiT(input_size=(4, 4, 4), hidden_size=64, num_heads=4, depth=1, time_scale=2 / 3, caption_channels=8, model_max_length=4)
+    m2 = STDiT(
+        input_size=(4, 4, 4),
+        hidden_size=64,
+        num_heads=4,
+        depth=1,
+        time_scale=2 / 3,
+        caption_channels=8,
+        model_max_length=4,
+    )
     omega_t = 10000.0 ** (-torch.arange(32, dtype=torch.float64) / 32)
-    torch.testing.assert_close(m2.pos_embed_temporal[0, 2].double()[:32], torch.sin(3.0 * omega_t), rtol=0, atol=1e-6)  # 2 / (2/3)
+    torch.testing.assert_close(
+        m2.pos_embed_temporal[0, 2].double()[:32], torch.sin(3.0 * omega_t), rtol=0, atol=1e-6
+    )  # 2 / (2/3)
 
 
 def test_timestep_embedding_cos_first():
@@ -210,8 +241,10 @@ def test_patch_embed_order_padding_and_unpatchify_layout():
     m = tiny(input_size=[2, 4, 6], in_channels=3)  # out 6 channels, grid (2, 2, 3)
     n, _p, c = 2 * 2 * 3, 4, 6
     # token n, patch element (i, j), channel c encoded as a number
-    x = torch.tensor([[tn * 100 + (i * 2 + j) * 10 + ch for i in range(2) for j in range(2) for ch in range(c)] for tn in range(n)],
-                     dtype=torch.float32)[None]
+    x = torch.tensor(
+        [[tn * 100 + (i * 2 + j) * 10 + ch for i in range(2) for j in range(2) for ch in range(c)] for tn in range(n)],
+        dtype=torch.float32,
+    )[None]
     out = m.unpatchify(x)  # (1, 6, 2, 4, 6)
     assert out.shape == (1, c, 2, 4, 6)
     for (t, h, w, i, j, ch) in [(0, 0, 0, 0, 0, 0), (1, 1, 2, 1, 0, 5), (0, 1, 1, 0, 1, 3)]:
@@ -365,11 +398,14 @@ def test_low_precision_model_returns_float32():
         assert out.dtype == torch.float32 and torch.isfinite(out).all()
         torch.testing.assert_close(out, ref, rtol=0.1, atol=0.1)
         # timesteps are cast to the model dtype before the sinusoid (Open-Sora v1.0, bf16: 999 -> 1000)
-        torch.testing.assert_close(m16(x, torch.tensor([999, 999]), y, mask), m16(x, torch.tensor([1000, 1000]), y, mask), rtol=0, atol=0)
+        torch.testing.assert_close(
+            m16(x, torch.tensor([999, 999]), y, mask), m16(x, torch.tensor([1000, 1000]), y, mask), rtol=0, atol=0
+        )
 
 
 def test_attend_in_bf16_on_cpu_matches_fp32_attention():
-    """bf16 on CPU takes the matmul path (no SDPA kernel), matches fp32 SDPA forward and backward, also under autocast."""
+    """bf16 on CPU takes the matmul path (no SDPA kernel), matches fp32 SDPA forward and backward,
+    also under autocast."""
     g = torch.Generator().manual_seed(0)
     q32, k32, v32 = (torch.randn(2, 4, 16, 32, generator=g) for _ in range(3))
     mask = torch.ones(2, 1, 1, 16, dtype=torch.bool)
@@ -409,7 +445,9 @@ def test_tanh_gelu_is_exact_in_fp32_and_within_bf16_rounding_in_bf16():
     torch.testing.assert_close(act(x), F.gelu(x, approximate="tanh"), rtol=0, atol=0)
     xb = x.bfloat16()
     got, want = act(xb).float(), F.gelu(xb, approximate="tanh").float()
-    ulp = torch.where(want == 0, torch.zeros_like(want), 2.0 ** (torch.floor(torch.log2(want.abs().clamp_min(1e-30))) - 7))
+    ulp = torch.where(
+        want == 0, torch.zeros_like(want), 2.0 ** (torch.floor(torch.log2(want.abs().clamp_min(1e-30))) - 7)
+    )
     diff, large = (got - want).abs(), want.abs() >= 1 / 16
     assert (diff[large] <= ulp[large]).all() and (diff[~large] <= 5e-4).all()
     assert (got != want).any()  # the bf16 path really is the other kernel
@@ -468,7 +506,9 @@ def test_save_pretrained_from_pretrained_round_trip(tmp_path):
     for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k
     shorter = STDiT.from_pretrained(tmp_path / "m", input_size=[4, 8, 8])  # another clip length, same weights
-    assert shorter.pos_embed_temporal.shape[1] == 4 and torch.equal(shorter.final_layer.linear.weight, model.final_layer.linear.weight)
+    assert shorter.pos_embed_temporal.shape[1] == 4 and torch.equal(
+        shorter.final_layer.linear.weight, model.final_layer.linear.weight
+    )
     with pytest.raises(ValueError, match="do not fit config.json"):
         STDiT.from_pretrained(tmp_path / "m", hidden_size=64, num_heads=4)
     with pytest.raises(FileNotFoundError, match="never downloads"):

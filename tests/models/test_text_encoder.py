@@ -38,8 +38,28 @@ def test_build_writes_hf_folders_without_pickles(t5_dir):
 def test_tokenizer_is_t5_style_and_word_level(encoder):
     tok = encoder.tokenizer
     assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
-    assert tok.convert_ids_to_tokens(tok("a red circle moving left")["input_ids"]) == ["▁a", "▁red", "▁circle", "▁moving", "▁left", "</s>"]
-    for word in ("green", "blue", "yellow", "white", "purple", "orange", "square", "triangle", "right", "up", "down", "zebra"):
+    assert tok.convert_ids_to_tokens(tok("a red circle moving left")["input_ids"]) == [
+        "▁a",
+        "▁red",
+        "▁circle",
+        "▁moving",
+        "▁left",
+        "</s>",
+    ]
+    for word in (
+        "green",
+        "blue",
+        "yellow",
+        "white",
+        "purple",
+        "orange",
+        "square",
+        "triangle",
+        "right",
+        "up",
+        "down",
+        "zebra",
+    ):
         assert tok.tokenize(word) == ["▁" + word], word  # built-in words and the extra corpus's words are one token
     # unseen words are spelled out, not <unk>
     pieces = tok.tokenize("quixotic")

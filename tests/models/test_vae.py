@@ -68,7 +68,9 @@ def test_save_load_round_trip(vae, tmp_path):
     loaded = VideoVAE.from_pretrained(tmp_path / "vae", micro_batch_size=2, scaling_factor=0.5)
     assert loaded.micro_batch_size == 2 and loaded.scaling_factor == 0.5 and not loaded.training
     x = video()
-    torch.testing.assert_close(loaded.encode(x, sample=False), vae.encode(x, sample=False) / SF * 0.5, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        loaded.encode(x, sample=False), vae.encode(x, sample=False) / SF * 0.5, rtol=1e-5, atol=1e-6
+    )
     with pytest.raises(FileNotFoundError, match="missing-vae"):
         VideoVAE.from_pretrained(tmp_path / "missing-vae")
 

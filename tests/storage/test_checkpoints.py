@@ -107,7 +107,13 @@ def test_training_state_roundtrip_restores_optimizer(tmp_path):
         opt.zero_grad()
         model.b(model.a(torch.randn(5, 3))).pow(2).mean().backward()
         opt.step()
-    save_training_state(tmp_path / "ck", model.state_dict(), model.state_dict(), opt.state_dict(), {"step": 3, "loss_history": [1.0, 0.5]})
+    save_training_state(
+        tmp_path / "ck",
+        model.state_dict(),
+        model.state_dict(),
+        opt.state_dict(),
+        {"step": 3, "loss_history": [1.0, 0.5]},
+    )
     assert not list((tmp_path / "ck").glob("*.pt"))
     state = load_training_state(tmp_path / "ck")
     assert state["meta"] == {"step": 3, "loss_history": [1.0, 0.5]}

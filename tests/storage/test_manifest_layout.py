@@ -69,7 +69,16 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
 
 def _rows():
     return [
-        new_row(path="/d/a.mp4", text="a red circle moving left", video_id="a", source="hdvg", num_frames=16, height=32, width=48, fps=8.0),
+        new_row(
+            path="/d/a.mp4",
+            text="a red circle moving left",
+            video_id="a",
+            source="hdvg",
+            num_frames=16,
+            height=32,
+            width=48,
+            fps=8.0,
+        ),
         reject(new_row(path="/d/b.mp4", video_id="b", source="pexels"), "download failed: 404"),
     ]
 
@@ -112,7 +121,12 @@ def test_shards_and_summary():
     rows = _rows() * 5
     assert [b - a for a, b in shard_ranges(len(rows), 4)] == [4, 4, 2]
     s = summarize(rows)
-    assert s["ok"] == 5 and s["rejected"] == 5 and s["ok_by_source"] == {"hdvg": 5} and s["reject_reasons"] == {"download failed": 5}
+    assert (
+        s["ok"] == 5
+        and s["rejected"] == 5
+        and s["ok_by_source"] == {"hdvg": 5}
+        and s["reject_reasons"] == {"download failed": 5}
+    )
 
 
 def test_video_roundtrip(tmp_path):
@@ -138,7 +152,7 @@ def test_corrupt_video_is_a_clear_error(tmp_path):
         probe_video(tmp_path / "none.mp4")
 
 
-# ---------------------------------------------------------------- hardening: ids, locks, redaction, duplicates, decode caps
+# ----------------------------------------------------- hardening: ids, locks, redaction, duplicates, decode caps
 
 
 def test_safe_id_uses_fullmatch_and_refuses_control_characters():
@@ -162,7 +176,9 @@ def test_file_lock_names_the_holder_across_processes(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "held"
-        with pytest.raises(LockHeldError, match=rf"ingest here is held by PID {child.pid} on \S+ since 20\d\d-\d\d-\d\dT"):
+        with pytest.raises(
+            LockHeldError, match=rf"ingest here is held by PID {child.pid} on \S+ since 20\d\d-\d\d-\d\dT"
+        ):
             with file_lock(lock, wait_s=0.2, what="ingest here"):
                 pass
     finally:
@@ -176,9 +192,18 @@ def test_redact_config_masks_secrets_everywhere():
     from soraflow.storage.redact import redact_config
 
     cfg = {
-        "ingest": {"sources": [{"kind": "pexels", "url": "https://user:hunter2@api.example/v1?api_key=SEKRET&page=2", "query": "cats"}],
-                   "http": {"secret_headers": ["X-Api-Key"], "max_bytes": 10, "allow_hosts": ["10.0.0.0/8"]}},
-        "registry": {"tracking_uri": "postgresql://ml:pw123@db:5432/mlflow", "api_token": "tok-123", "password": "p", "token_path": "/x"},
+        "ingest": {
+            "sources": [
+                {"kind": "pexels", "url": "https://user:hunter2@api.example/v1?api_key=SEKRET&page=2", "query": "cats"}
+            ],
+            "http": {"secret_headers": ["X-Api-Key"], "max_bytes": 10, "allow_hosts": ["10.0.0.0/8"]},
+        },
+        "registry": {
+            "tracking_uri": "postgresql://ml:pw123@db:5432/mlflow",
+            "api_token": "tok-123",
+            "password": "p",
+            "token_path": "/x",
+        },
         "note": "see https://a:b@h/x",
     }
     out = redact_config(cfg)
@@ -202,9 +227,13 @@ def test_lineage_is_redacted(tmp_path):
 def test_mark_duplicates_keeps_the_first_ok_row():
     from soraflow.storage.data.manifest import mark_duplicates
 
-    rows = [new_row(video_id="1", source="pexels", path="/a"), new_row(video_id="1", source="pexels", path="/a"),
-            new_row(video_id="2", source="hdvg", clip_id="c", path="/b"), new_row(video_id="2", source="hdvg", clip_id="c", path="/c"),
-            new_row(video_id="2", source="hdvg", clip_id="d", path="/d")]
+    rows = [
+        new_row(video_id="1", source="pexels", path="/a"),
+        new_row(video_id="1", source="pexels", path="/a"),
+        new_row(video_id="2", source="hdvg", clip_id="c", path="/b"),
+        new_row(video_id="2", source="hdvg", clip_id="c", path="/c"),
+        new_row(video_id="2", source="hdvg", clip_id="d", path="/d"),
+    ]
     out, n = mark_duplicates(rows)
     assert n == 2 and [r["status"] for r in out] == ["ok", "rejected", "ok", "rejected", "ok"]
     assert "row 0" in out[1]["error"] and "row 2" in out[3]["error"]

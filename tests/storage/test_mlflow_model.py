@@ -29,7 +29,9 @@ def champion(tmp_path_factory):
     folder, cfg = make_model_folder(root, base / "model")
     registry = ModelRegistry(root, RegistryConfig(model_name="tiny-video", experiment="tests"))
     with registry.run("tiny", params={"train": {"steps": 1}}) as run_id:
-        info = registry.register(run_id, folder, {"val_loss": 0.5}, {"dataset_version": "test-data-v1", "config_hash": "c"})
+        info = registry.register(
+            run_id, folder, {"val_loss": 0.5}, {"dataset_version": "test-data-v1", "config_hash": "c"}
+        )
     assert registry.promote_if_better(info.version, "val_loss", higher_is_better=False)[0]
     return registry, cfg, folder
 
@@ -42,7 +44,14 @@ def test_folder_follows_hf_conventions_with_a_model_card(champion):
     assert stdit.config["depth"] == 4 and stdit.config["input_size"][0] == 8  # STDiT-Tiny, 8 frames / VAE 1:1 in time
     card = (folder / "README.md").read_text()
     assert card.startswith("---\n") and "pipeline_tag: text-to-video" in card
-    for needed in ("test-data-v1", "val_loss", "| 0.5 |", "soraflow generate --model", "mlflow.pyfunc.load_model", '"steps"'):
+    for needed in (
+        "test-data-v1",
+        "val_loss",
+        "| 0.5 |",
+        "soraflow generate --model",
+        "mlflow.pyfunc.load_model",
+        '"steps"',
+    ):
         assert needed in card, needed
 
 
@@ -57,7 +66,11 @@ def test_version_is_a_pyfunc_model_with_signature_and_logged_model(champion):
     local = registry.download("champion", registry.root.tmp / "dl")
     assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in folder.iterdir())
     mlmodel = (local.parent.parent / "MLmodel").read_text()
-    assert "loader_module: mlflow.pyfunc.loaders.code_model" in mlmodel and "\"type\": \"string\"" in mlmodel and "uint8" in mlmodel
+    assert (
+        "loader_module: mlflow.pyfunc.loaders.code_model" in mlmodel
+        and '"type": "string"' in mlmodel
+        and "uint8" in mlmodel
+    )
     assert not [p for p in local.parent.parent.rglob("*") if p.suffix in (".pkl", ".pt", ".bin")]
 
 
@@ -80,12 +93,16 @@ def test_plain_mlflow_loads_the_champion_and_predicts(champion, tmp_path):
         model = mlflow.pyfunc.load_model("models:/tiny-video@champion")
         videos = model.predict({PROMPTS!r}, params={{"steps": 2, "seed": 3}})
         again = model.predict({PROMPTS!r}, params={{"steps": 2, "seed": 3}})
-        paths = model.predict({PROMPTS[:1]!r}, params={{"output": "paths", "output_dir": {str(tmp_path / "out")!r}, "steps": 2}})
-        print(json.dumps({{"shape": list(videos.shape), "dtype": str(videos.dtype), "same": bool((videos == again).all()),
-                           "paths": paths, "inputs": [t.name for t in model.metadata.get_input_schema().input_types()]}}))
+        paths = model.predict({PROMPTS[:1]!r},
+                              params={{"output": "paths", "output_dir": {str(tmp_path / "out")!r}, "steps": 2}})
+        print(json.dumps({{"shape": list(videos.shape), "dtype": str(videos.dtype),
+                           "same": bool((videos == again).all()), "paths": paths,
+                           "inputs": [t.name for t in model.metadata.get_input_schema().input_types()]}}))
     """)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["shape"] == [2, cfg.video.num_frames, *cfg.video.image_size, 3] and result["dtype"] == "uint8"
@@ -120,15 +137,29 @@ def test_a_version_registered_before_mlflow_models_still_loads_and_competes(cham
     from soraflow.models.stdit import STDIT_PRESETS
 
     # the old layout left out what the preset (or a constructor default) already said, kept the rest
-    preset, tiny = {"depth", "hidden_size", "num_heads", "patch_size", "mlp_ratio", "no_temporal_pos_emb"}, STDIT_PRESETS["STDiT-Tiny"]
-    legacy = {"preset": "STDiT-Tiny", "kwargs": {k: v for k, v in kwargs.items() if k not in preset or (k in tiny and tiny[k] != v)}}
+    preset, tiny = {
+        "depth",
+        "hidden_size",
+        "num_heads",
+        "patch_size",
+        "mlp_ratio",
+        "no_temporal_pos_emb",
+    }, STDIT_PRESETS["STDiT-Tiny"]
+    legacy = {
+        "preset": "STDiT-Tiny",
+        "kwargs": {k: v for k, v in kwargs.items() if k not in preset or (k in tiny and tiny[k] != v)},
+    }
     (old / "stdit" / "config.json").write_text(json.dumps(legacy))
     with registry.run("legacy") as run_id:  # what register() did before
         registry.client.log_artifacts(run_id, str(old), "model")
         source = f"{registry.run_artifact_uri(run_id)}/model"
         registry._ensure_registered_model()
-        mv = registry.client.create_model_version(registry.name, source=source, run_id=run_id,
-                                                  tags={"dataset_version": "d", "config_hash": "c", "metric.val_loss": "0.1"})
+        mv = registry.client.create_model_version(
+            registry.name,
+            source=source,
+            run_id=run_id,
+            tags={"dataset_version": "d", "config_hash": "c", "metric.val_loss": "0.1"},
+        )
     promoted, reason = registry.promote_if_better(mv.version, "val_loss", higher_is_better=False)
     assert promoted and "0.1" in reason and "0.5" in reason
     local = registry.download("champion", tmp_path / "dl")

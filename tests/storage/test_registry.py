@@ -34,13 +34,20 @@ def reg(tmp_path_factory):
 
 
 def _register(reg, tmp_path, name, value, val_loss):
-    with reg.run(name, params={"model": {"preset": "STDiT-Tiny", "depth": 2}, "lr": 1e-3}, tags={"flow": "test"}) as run_id:
+    with reg.run(
+        name, params={"model": {"preset": "STDiT-Tiny", "depth": 2}, "lr": 1e-3}, tags={"flow": "test"}
+    ) as run_id:
         reg.log_metrics(run_id, {"train_loss": 1.0}, step=1)
         curve = tmp_path / f"{name}-loss.png"
         curve.write_bytes(b"\x89PNG fake")
         reg.log_artifact(run_id, curve, "plots")
         metrics = {} if val_loss is None else {"val_loss": val_loss}
-        info = reg.register(run_id, _model_dir(tmp_path / name, value), metrics=metrics, tags={"dataset_version": "abc123", "config_hash": "cfg42"})
+        info = reg.register(
+            run_id,
+            _model_dir(tmp_path / name, value),
+            metrics=metrics,
+            tags={"dataset_version": "abc123", "config_hash": "cfg42"},
+        )
     return info
 
 
@@ -86,7 +93,12 @@ def test_register_promote_download(reg, tmp_path):
 
     # one run, one version: a second register would overwrite the files a version points at
     with pytest.raises(RegistryError, match="already holds"):
-        reg.register(better.run_id, _model_dir(tmp_path / "again", 9.0), {"val_loss": 0.1}, {"dataset_version": "d", "config_hash": "c"})
+        reg.register(
+            better.run_id,
+            _model_dir(tmp_path / "again", 9.0),
+            {"val_loss": 0.1},
+            {"dataset_version": "d", "config_hash": "c"},
+        )
 
     # look-ups
     assert reg.get("latest").version == better.version
@@ -161,8 +173,13 @@ def test_empty_registry(tmp_path):
 
 
 def test_import_is_cheap_and_offline():
-    code = "import sys, storage.registry.model_registry, os; assert 'mlflow' not in sys.modules; print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"
+    code = (
+        "import sys, storage.registry.model_registry, os; assert 'mlflow' not in sys.modules; "
+        "print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[2])
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[2]
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "true"

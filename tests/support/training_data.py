@@ -44,7 +44,9 @@ def render_clip(shape: str, rgb, direction: str, frames: int = 12, size: int = 3
     return np.stack(out)
 
 
-def make_clip_manifest(folder: Path, root: DataRoot, n: int = 8, frames: int = 12, size: int = 32, seed: int = 0) -> Path:
+def make_clip_manifest(
+    folder: Path, root: DataRoot, n: int = 8, frames: int = 12, size: int = 32, seed: int = 0
+) -> Path:
     """n captioned clips ("a red circle moving left") as mp4 files + an ok-row manifest; returns its path."""
     palette = _palette()
     colors, shapes, dirs = sorted(palette), ["circle", "square", "triangle"], list(STEPS)
@@ -57,7 +59,16 @@ def make_clip_manifest(folder: Path, root: DataRoot, n: int = 8, frames: int = 1
         write_video(path, render_clip(s, palette[c], d, frames, size, seed=int(rng.integers(1 << 30))), fps=8.0)
         rows.append(new_row(path=str(path), text=f"a {c} {s} moving {d}", num_frames=frames, height=size, width=size,
                             fps=8.0, clip_id=f"c{seed}-{i:03d}", video_id=f"v{i:03d}", source="pexels", status="ok"))
-    rows.append(new_row(path=str(folder / "gone.mp4"), clip_id="bad", video_id="bad", source="pexels", status="rejected", error="404"))
+    rows.append(
+        new_row(
+            path=str(folder / "gone.mp4"),
+            clip_id="bad",
+            video_id="bad",
+            source="pexels",
+            status="rejected",
+            error="404",
+        )
+    )
     return write_manifest(rows, "score", root)
 
 

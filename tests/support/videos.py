@@ -110,14 +110,24 @@ def make_scene_video(
     return SceneVideo(Path(path), fps, tuple(frames_per_scene), tuple(levels), height, width)
 
 
-def make_static_video(path: str | Path, num_frames: int = 24, fps: float = 24.0, height: int = 64, width: int = 96) -> Path:
+def make_static_video(
+    path: str | Path, num_frames: int = 24, fps: float = 24.0, height: int = 64, width: int = 96
+) -> Path:
     """One scene, nothing moves: a grey frame with a fixed square."""
     frames, _ = render_scenes([num_frames], height, width, speed=0.0, seed=3)
     write_video(path, frames, fps)
     return Path(path)
 
 
-def make_panning_video(path: str | Path, px_per_frame: float, num_frames: int = 31, height: int = 160, width: int = 288, fps: float = 24.0, seed: int = 0) -> Path:
+def make_panning_video(
+    path: str | Path,
+    px_per_frame: float,
+    num_frames: int = 31,
+    height: int = 160,
+    width: int = 288,
+    fps: float = 24.0,
+    seed: int = 0,
+) -> Path:
     """A smooth random texture sliding left by `px_per_frame` pixels per frame (a camera pan)."""
     import cv2
 

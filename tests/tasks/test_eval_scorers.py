@@ -22,8 +22,11 @@ TINY = "SoraFlow-Test-Tiny-CLIP-Text"
 def tiny_clip(tmp_path_factory):
     """A tiny open_clip model registered by config; its seeded weights as local safetensors."""
     # the stock BPE tokenizer's ids go up to 49407: the embedding table must hold them
-    _, _, config, weights = make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), TINY,
-                                           {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1})
+    _, _, config, weights = make_tiny_clip(
+        tmp_path_factory.mktemp("tiny-clip"),
+        TINY,
+        {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+    )
     return config, weights
 
 
@@ -48,7 +51,9 @@ def test_clip_similarity_is_the_cosine_of_the_local_model(tiny_clip):
         v = videos[1]
         img = model.encode_image(torch.stack([pre(Image.fromarray(v[i])) for i in (0, 4, 7)])).float()
         img = torch.nn.functional.normalize(torch.nn.functional.normalize(img, dim=-1).mean(0), dim=0)
-        txt = torch.nn.functional.normalize(model.encode_text(open_clip.get_tokenizer(TINY)([texts[1]])).float()[0], dim=0)
+        txt = torch.nn.functional.normalize(
+            model.encode_text(open_clip.get_tokenizer(TINY)([texts[1]])).float()[0], dim=0
+        )
     assert got[1] == pytest.approx(100 * float(img @ txt), abs=1e-3)
     # a model config given as a path works too
     assert ClipSimilarity(str(config), str(weights)).score(videos, texts) == pytest.approx(got, abs=1e-4)
@@ -82,8 +87,16 @@ def test_run_scorers_runs_only_what_is_configured(tiny_clip):
     frames, prompts = [_video(0), _video(1)], ["a red ball", "a dog"]
     none = run_scorers(load_config(None, {"eval.scorers": []}), pipe, frames, prompts, clips, lambda: clips)
     assert none.metrics == {} and none.per_sample == [{"prompt": "a red ball"}, {"prompt": "a dog"}]
-    cfg = load_config(None, {"eval.scorers": ["clip_similarity"], "eval.clip_path": str(weights), "eval.clip_model": TINY,
-                             "eval.metric": "clip_score", "eval.higher_is_better": True})
+    cfg = load_config(
+        None,
+        {
+            "eval.scorers": ["clip_similarity"],
+            "eval.clip_path": str(weights),
+            "eval.clip_model": TINY,
+            "eval.metric": "clip_score",
+            "eval.higher_is_better": True,
+        },
+    )
     got = run_scorers(cfg, pipe, frames, prompts, clips, lambda: pytest.fail("adherence is not configured"))
     assert set(got.metrics) == set(SCORER_METRICS["clip_similarity"])
     assert [r["prompt"] for r in got.per_sample] == prompts and all("clip_score" in r for r in got.per_sample)
@@ -93,7 +106,9 @@ def test_run_scorers_runs_only_what_is_configured(tiny_clip):
 
 def test_config_refuses_a_champion_metric_no_scorer_produces():
     assert set(SCORERS) == set(SCORER_METRICS)
-    with pytest.raises(ConfigError, match="champion metric 'adherence_all' is not produced.*add 'adherence' to eval.scorers"):
+    with pytest.raises(
+        ConfigError, match="champion metric 'adherence_all' is not produced.*add 'adherence' to eval.scorers"
+    ):
         load_config(None, {"eval.metric": "adherence_all"})
     with pytest.raises(ConfigError, match="'clip_score'.*add 'clip_similarity'"):
         load_config(None, {"eval.metric": "clip_score"})
@@ -103,7 +118,10 @@ def test_config_refuses_a_champion_metric_no_scorer_produces():
         load_config(None, {"eval.scorers": ["clip_similarity"]})
     assert load_config("local").eval.scorers == ["adherence"]
     assert load_config("local").eval.metric == "adherence_all"
-    assert load_config("opensora-v1-16x256x256").eval.scorers == [] and load_config("opensora-v1-16x256x256").eval.metric == "val_loss"
+    assert (
+        load_config("opensora-v1-16x256x256").eval.scorers == []
+        and load_config("opensora-v1-16x256x256").eval.metric == "val_loss"
+    )
     assert load_config(None).eval.scorers == []
 
 
@@ -112,6 +130,15 @@ def test_adherence_on_captions_outside_the_vocabulary_says_what_to_configure():
 
     cfg = load_config("local")
     with pytest.raises(ValueError, match="remove it from eval.scorers and set eval.metric to val_loss"):
-        adherence(cfg, None, [_video(0)], ["a blurry man talking on a phone in a car"], None, lambda: pytest.fail("not reached"))
+        adherence(
+            cfg,
+            None,
+            [_video(0)],
+            ["a blurry man talking on a phone in a car"],
+            None,
+            lambda: pytest.fail("not reached"),
+        )
     with pytest.raises(ConfigError, match="every source here is your own footage"):
-        load_config("local", {"ingest.sample_source.enabled": False, "ingest.sources": [{"kind": "folder", "path": "/tmp"}]})
+        load_config(
+            "local", {"ingest.sample_source.enabled": False, "ingest.sources": [{"kind": "folder", "path": "/tmp"}]}
+        )

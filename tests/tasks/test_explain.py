@@ -17,7 +17,10 @@ PROMPT = "a red circle moving left"
 def setup(tmp_path_factory):
     root = DataRoot(tmp_path_factory.mktemp("explain") / "data")
     # the local preset at a quarter of its pixels (16x16, 4 frames): the same model, faster VAE passes
-    return load_config("local", {"data.root": str(root.root), "video.num_frames": 4, "video.image_size": [16, 16]}), root
+    return (
+        load_config("local", {"data.root": str(root.root), "video.num_frames": 4, "video.image_size": [16, 16]}),
+        root,
+    )
 
 
 def _shape(result, stage: str) -> list[tuple[int, ...]]:
@@ -74,7 +77,9 @@ def test_explain_training_step(setup, tmp_path):
     assert 0 <= r.numbers["t"] <= 1000 and r.numbers["loss.loss"] > 0
     norms = {k: v for k, v in r.numbers.items() if k.startswith("grad_norm.")}
     assert {f"grad_norm.blocks.{i}" for i in range(f["depth"])} <= set(norms)
-    assert all(v >= 0 for v in norms.values()) and norms["grad_norm.final_layer"] > 0  # zero-init output layer gets a gradient
+    assert (
+        all(v >= 0 for v in norms.values()) and norms["grad_norm.final_layer"] > 0
+    )  # zero-init output layer gets a gradient
     grad_rows = [row for row in r.stages if row.stage.startswith("grad ")]
     assert grad_rows and all("untrained" in row.meaning for row in grad_rows)  # random weights, and it says so
     assert Image.open(r.images["training_step"]).size == (4 * 18 * 4, 4 * 18 * 4)  # clip, x0, x_t, prediction

@@ -20,9 +20,32 @@ def manifest(tmp_path):
     a = copy_real("bikes.mp4", clips / "a.mp4")
     b = copy_real("carphone_pristine.mp4", clips / "sub" / "b.mp4")
     rows = [
-        new_row(path=str(a), text="cyclists racing,\nfast", num_frames=250, clip_id="a", video_id="a", source="folder", status="ok"),
-        new_row(path=str(clips / "x.mp4"), clip_id="x", video_id="x", source="folder", status="rejected", error="not a video"),
-        new_row(path=str(b), text="a man on the phone", num_frames=120, clip_id="b", video_id="b", source="folder", status="ok"),
+        new_row(
+            path=str(a),
+            text="cyclists racing,\nfast",
+            num_frames=250,
+            clip_id="a",
+            video_id="a",
+            source="folder",
+            status="ok",
+        ),
+        new_row(
+            path=str(clips / "x.mp4"),
+            clip_id="x",
+            video_id="x",
+            source="folder",
+            status="rejected",
+            error="not a video",
+        ),
+        new_row(
+            path=str(b),
+            text="a man on the phone",
+            num_frames=120,
+            clip_id="b",
+            video_id="b",
+            source="folder",
+            status="ok",
+        ),
     ]
     return write_manifest(rows, "score", DataRoot(tmp_path / "data")), clips
 
@@ -34,7 +57,10 @@ def test_opensora_csv_columns_and_paths(manifest, tmp_path):
     with open(tmp_path / "out" / "train.csv", newline="") as f:
         rows = list(csv.reader(f))
     # Open-Sora v1.0: no header; path, caption, num_frames (DatasetFromCSV reads columns 0 and 1)
-    assert rows == [[str(clips / "a.mp4"), "cyclists racing, fast", "250"], [str(clips / "sub" / "b.mp4"), "a man on the phone", "120"]]
+    assert rows == [
+        [str(clips / "a.mp4"), "cyclists racing, fast", "250"],
+        [str(clips / "sub" / "b.mp4"), "a man on the phone", "120"],
+    ]
     export_opensora_csv(path, tmp_path / "rel.csv", root=clips)
     with open(tmp_path / "rel.csv", newline="") as f:
         assert [r[0] for r in csv.reader(f)] == ["a.mp4", "sub/b.mp4"]
@@ -51,4 +77,6 @@ def test_csv_source_reads_the_export_back(manifest, tmp_path):
         source = SourceConfig(kind="csv", path=str(out))
         rows = download_items(source, list_items(source, http, root), root, http)
         assert [(r["status"], r["path"], r["text"], r["num_frames"]) for r in rows] == [
-            ("ok", str(clips / "a.mp4"), "cyclists racing, fast", 250), ("ok", str(clips / "sub" / "b.mp4"), "a man on the phone", 120)]
+            ("ok", str(clips / "a.mp4"), "cyclists racing, fast", 250),
+            ("ok", str(clips / "sub" / "b.mp4"), "a man on the phone", 120),
+        ]

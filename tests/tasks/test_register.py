@@ -26,7 +26,9 @@ def registered(tmp_path_factory):
     root = DataRoot(base / "data")
     manifest = make_clip_manifest(base / "clips", root, n=2, frames=8)
     secret_url = "https://alice:s3cret@videos.example/list.json?token=abc123&page=2"
-    folder, cfg = make_model_folder(root, base / "run" / "model", **{"ingest.sources": [{"kind": "hdvg", "url": secret_url}]})
+    folder, cfg = make_model_folder(
+        root, base / "run" / "model", **{"ingest.sources": [{"kind": "hdvg", "url": secret_url}]}
+    )
     ckpt = base / "run" / "checkpoint_step_0000006"
     ckpt.mkdir()
     loss = [[1, 0.9], [2, 0.8], [3, 0.75], [4, 0.7], [5, 0.65], [6, 0.6]]
@@ -40,7 +42,9 @@ def registered(tmp_path_factory):
                           loss_history=[(int(a), b) for a, b in loss])
     evaluated = EvalResult(metrics={"val_loss": 0.4, "adherence_all": 0.5}, samples_gif=grid)
     data = DatasetSplit.read(manifest, cfg.train.val_fraction)
-    out = register_model(cfg, data, trained, evaluated, VaeFitResult(path=base, metrics={"recon_mse": 0.01}), str(root.root), "run-a")
+    out = register_model(
+        cfg, data, trained, evaluated, VaeFitResult(path=base, metrics={"recon_mse": 0.01}), str(root.root), "run-a"
+    )
     return out, cfg, root, manifest, folder, secret_url
 
 
@@ -50,7 +54,14 @@ def test_run_has_per_step_history_dataset_input_and_artifacts(registered):
     out, cfg, root, manifest, _, _ = registered
     registry = ModelRegistry(root, cfg.registry)
     history = registry.client.get_metric_history(out.run_id, "train_loss")
-    assert [(m.step, round(m.value, 3)) for m in history] == [(1, 0.9), (2, 0.8), (3, 0.75), (4, 0.7), (5, 0.65), (6, 0.6)]
+    assert [(m.step, round(m.value, 3)) for m in history] == [
+        (1, 0.9),
+        (2, 0.8),
+        (3, 0.75),
+        (4, 0.7),
+        (5, 0.65),
+        (6, 0.6),
+    ]
     lr = registry.client.get_metric_history(out.run_id, "learning_rate")
     assert [m.step for m in lr] == [1, 2, 3, 4, 5, 6] and {m.value for m in lr} == {cfg.train.lr}
     assert [m.step for m in registry.client.get_metric_history(out.run_id, "val_loss")] == [6]

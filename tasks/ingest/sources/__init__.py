@@ -39,7 +39,14 @@ __all__ = ["list_items", "list_items_or_error", "download_items"]
 
 log = logging.getLogger(__name__)
 
-_KINDS = {"hdvg": "hdvg", "inter4k": "inter4k", "pexels": "pexels", "folder": "folder", "csv": "listfile", "parquet": "listfile"}
+_KINDS = {
+    "hdvg": "hdvg",
+    "inter4k": "inter4k",
+    "pexels": "pexels",
+    "folder": "folder",
+    "csv": "listfile",
+    "parquet": "listfile",
+}
 LISTING_ERROR = "listing_error"  # the key of the one item a failed listing leaves
 
 
@@ -68,9 +75,19 @@ def list_items_or_error(source: SourceConfig, http: HttpConfig, root: DataRoot, 
         return list_items(source, http, root, **kw)
     except Exception as e:  # noqa: BLE001 - any failure of one source is reported, the others go on
         raise_if_environment(e, f"listing {source.kind} source {redact_url(source.url)}")
-        reason = redact_text(describe(e) if isinstance(e, (BadInputError, TransientError, UnsafePathError)) else f"{type(e).__name__}: {e}")
+        reason = redact_text(
+            describe(e)
+            if isinstance(e, (BadInputError, TransientError, UnsafePathError))
+            else f"{type(e).__name__}: {e}"
+        )
         log.warning("%s source %s could not be listed: %s", source.kind, redact_url(source.url), reason)
-        return [{"video_id": f"{source.kind}-source", "source_url": redact_url(source.url), LISTING_ERROR: f"listing the source failed: {reason}"}]
+        return [
+            {
+                "video_id": f"{source.kind}-source",
+                "source_url": redact_url(source.url),
+                LISTING_ERROR: f"listing the source failed: {reason}",
+            }
+        ]
 
 
 def download_items(source: SourceConfig, items: list[dict], root: DataRoot, http: HttpConfig, *,

@@ -29,7 +29,9 @@ from soraflow.tasks.ingest.sources import video_row
 
 KIND = "folder"
 # The containers Open-Sora's loaders take (mp4, avi, mov, mkv) and what cameras and phones write.
-VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".mts", ".m2ts", ".3gp"})
+VIDEO_EXTENSIONS = frozenset(
+    {".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".mts", ".m2ts", ".3gp"}
+)
 
 
 def file_video_id(rel: str) -> str:
@@ -59,7 +61,10 @@ def quick_probe(path: Path) -> VideoInfo:
 def folder_of(source: SourceConfig) -> Path:
     folder = Path(source.path or "").expanduser()
     if not folder.is_dir():
-        raise BadInputError(f"source kind 'folder': path {str(folder)!r} is not a folder (set ingest.sources[].path to your videos' folder)")
+        raise BadInputError(
+            f"source kind 'folder': path {str(folder)!r} is not a folder "
+            "(set ingest.sources[].path to your videos' folder)"
+        )
     return folder.resolve()
 
 
@@ -93,7 +98,9 @@ def list_items(source: SourceConfig, http: HttpConfig, root: DataRoot, *, sessio
     return items
 
 
-def download_item(source: SourceConfig, item: dict, root: DataRoot, http: HttpConfig, *, session=None, sleep=time.sleep) -> list[dict]:
+def download_item(
+    source: SourceConfig, item: dict, root: DataRoot, http: HttpConfig, *, session=None, sleep=time.sleep
+) -> list[dict]:
     """Probe the file in place -> one ok row (with the sidecar caption, if any)."""
     if item.get("error"):
         raise BadInputError(item["error"])

@@ -73,7 +73,9 @@ def list_items(source: SourceConfig, http: HttpConfig, root: DataRoot, *, sessio
     """One item per video of the metadata file, in file order (at most source.max_videos)."""
     data, _ = get_json(source.url, cfg=http, session=session, sleep=sleep, metadata_file=True)  # 234 MB for hdvg_0.json
     if not isinstance(data, dict):
-        raise BadInputError(f"{source.url}: HD-VG metadata must be an object keyed by video id, got {type(data).__name__}")
+        raise BadInputError(
+            f"{source.url}: HD-VG metadata must be an object keyed by video id, got {type(data).__name__}"
+        )
     items = []
     for vid, entry in data.items():
         if source.max_videos is not None and len(items) >= source.max_videos:
@@ -138,7 +140,9 @@ def ytdlp_options(dest: Path, http: HttpConfig) -> dict:
     }
 
 
-_YTDLP_TRANSIENT = re.compile(r"(HTTP Error 429|HTTP Error 5\d\d|timed out|Connection|Temporary failure|Network is unreachable)", re.I)
+_YTDLP_TRANSIENT = re.compile(
+    r"(HTTP Error 429|HTTP Error 5\d\d|timed out|Connection|Temporary failure|Network is unreachable)", re.I
+)
 
 
 def ytdlp_fetch(url: str, dest: Path, http: HttpConfig, session=None, sleep=None) -> None:
@@ -321,10 +325,13 @@ def _scene_row(vid: str, url: str | None, span: _Span, scene: Any) -> dict:
     )
     if not ok_cut:
         shown = str(cut)[:80]
-        return reject(base, f"{where}: scene {clip_id}: bad scene_cut {shown} (expected [start, end] frames in 0 .. {MAX_FRAME}, end -1 = to the end)")
+        return reject(base, f"{where}: scene {clip_id}: bad scene_cut {shown} "
+                            f"(expected [start, end] frames in 0 .. {MAX_FRAME}, end -1 = to the end)")
     assert span.info is not None and span.path is not None
     fps = span.fps or span.info.fps
-    row = video_row(KIND, vid, url, span.path, span.info, clip_id=clip_id, text=base["text"], caption_source=base["caption_source"])
+    row = video_row(
+        KIND, vid, url, span.path, span.info, clip_id=clip_id, text=base["text"], caption_source=base["caption_source"]
+    )
     row["start_s"] = cut[0] / fps
     row["end_s"] = None if cut[1] == -1 else cut[1] / fps
     return row
@@ -332,11 +339,14 @@ def _scene_row(vid: str, url: str | None, span: _Span, scene: Any) -> dict:
 
 def _scene_order(scene: Any) -> tuple:
     cut = scene.get("scene_cut") if isinstance(scene, dict) else None
-    first = cut[0] if isinstance(cut, (list, tuple)) and cut and isinstance(cut[0], int) and not isinstance(cut[0], bool) else 1 << 62
+    starts_at_frame = isinstance(cut, (list, tuple)) and cut and type(cut[0]) is int  # bool is no frame number
+    first = cut[0] if starts_at_frame else 1 << 62
     return (first, str(scene.get("clip_id") if isinstance(scene, dict) else ""))
 
 
-def download_item(source: SourceConfig, item: dict, root: DataRoot, http: HttpConfig, *, session=None, sleep=time.sleep) -> list[dict]:
+def download_item(
+    source: SourceConfig, item: dict, root: DataRoot, http: HttpConfig, *, session=None, sleep=time.sleep
+) -> list[dict]:
     """One video -> one row per scene of each of its spans."""
     vid = safe_id(item.get("video_id"), "video id")  # UnsafePathError -> a rejected row ("unsafe id")
     url = item.get("url")
@@ -358,7 +368,9 @@ def download_item(source: SourceConfig, item: dict, root: DataRoot, http: HttpCo
     return rows
 
 
-def _fetch_and_cut(vid: str, url: Any, spans: list[_Span], full: Path, source: SourceConfig, http: HttpConfig, session, sleep) -> None:
+def _fetch_and_cut(
+    vid: str, url: Any, spans: list[_Span], full: Path, source: SourceConfig, http: HttpConfig, session, sleep
+) -> None:
     """Cut every usable span that is not on disk yet (fetching the full video if needed); drop
     the full video once every span is cut. Failures are recorded on the spans."""
     usable = [s for s in spans if not s.error]

@@ -106,9 +106,13 @@ def extract_member(zf: zipfile.ZipFile, member: dict, dest: Path, member_cap: in
                     n += len(chunk)
                     budget[0] -= len(chunk)
                     if n > info.file_size or n > member_cap:
-                        raise BadInputError(f"refused archive entry {info.filename!r}: more bytes than its declared {info.file_size}")
+                        raise BadInputError(
+                            f"refused archive entry {info.filename!r}: more bytes than its declared {info.file_size}"
+                        )
                     if budget[0] < 0:
-                        raise BadInputError(f"refused archive entry {info.filename!r}: the archive expands past the total limit")
+                        raise BadInputError(
+                            f"refused archive entry {info.filename!r}: the archive expands past the total limit"
+                        )
                     out.write(chunk)
             if n != info.file_size:
                 raise BadInputError(f"refused archive entry {info.filename!r}: {n} bytes, declared {info.file_size}")
@@ -156,10 +160,17 @@ def list_items(source: SourceConfig, http: HttpConfig, root: DataRoot, *, sessio
 
 
 def _item(source: SourceConfig, member: dict) -> dict:
-    return {"video_id": member["video_id"], "member": member["member"], "size": member["size"], "source_url": f"{source.url}#{member['member']}"}
+    return {
+        "video_id": member["video_id"],
+        "member": member["member"],
+        "size": member["size"],
+        "source_url": f"{source.url}#{member['member']}",
+    }
 
 
-def download_item(source: SourceConfig, item: dict, root: DataRoot, http: HttpConfig, *, session=None, sleep=time.sleep) -> list[dict]:
+def download_item(
+    source: SourceConfig, item: dict, root: DataRoot, http: HttpConfig, *, session=None, sleep=time.sleep
+) -> list[dict]:
     """The listing already extracted the file: check and probe it -> one row."""
     vid = safe_id(item.get("video_id"), "video id")
     url = item.get("source_url")

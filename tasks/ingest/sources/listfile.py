@@ -74,7 +74,11 @@ def read_table(path: Path, source: SourceConfig) -> tuple[list[str], list[dict]]
     if not records:
         return [], []
     first = [c.strip() for c in records[0]]
-    if Path(first[0]).suffix.lower() in VIDEO_EXTENSIONS and source.path_column not in first and source.url_column not in first:
+    if (
+        Path(first[0]).suffix.lower() in VIDEO_EXTENSIONS
+        and source.path_column not in first
+        and source.url_column not in first
+    ):
         # Open-Sora v1.0: no header, the first row is already path, caption[, num_frames]
         return list(HEADERLESS), [dict(zip(HEADERLESS, r)) for r in records]
     return first, [dict(zip(first, r)) for r in records[1:]]
@@ -102,7 +106,9 @@ def list_items(source: SourceConfig, http: HttpConfig, root: DataRoot, *, sessio
             item["url"] = item["source_url"] = remote
         elif local and source.url:
             item["source_url"] = ref
-            item["error"] = f"{ref}: local path {local[:200]!r} in a remote list: not opened (remote lists may only name URLs)"
+            item["error"] = (
+                f"{ref}: local path {local[:200]!r} in a remote list: not opened (remote lists may only name URLs)"
+            )
         elif local:
             p = Path(local).expanduser()
             item["path"] = str(p if p.is_absolute() else path.parent / p)
@@ -114,7 +120,9 @@ def list_items(source: SourceConfig, http: HttpConfig, root: DataRoot, *, sessio
     return items
 
 
-def download_item(source: SourceConfig, item: dict, root: DataRoot, http: HttpConfig, *, session=None, sleep=time.sleep) -> list[dict]:
+def download_item(
+    source: SourceConfig, item: dict, root: DataRoot, http: HttpConfig, *, session=None, sleep=time.sleep
+) -> list[dict]:
     """A listed local file probed in place, or a listed URL fetched into raw/<kind>/ -> one row."""
     ref = f"{item.get('list')}#row={item.get('row')}"
     if item.get("error"):

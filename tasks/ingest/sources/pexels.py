@@ -131,7 +131,9 @@ def list_items(source: SourceConfig, http: HttpConfig, root: DataRoot, *, sessio
         if not isinstance(nxt, str) or not nxt or not videos:
             break
         if _origin(nxt) != origin:
-            raise BadInputError(f"{url}: next_page points at another host ({urlsplit(nxt).netloc!r}); the key is not sent there")
+            raise BadInputError(
+                f"{url}: next_page points at another host ({urlsplit(nxt).netloc!r}); the key is not sent there"
+            )
         if nxt in seen_pages:
             break
         seen_pages.add(nxt)
@@ -151,7 +153,9 @@ def _respect_rate_limit(headers, http: HttpConfig, sleep) -> None:
         sleep(wait)
 
 
-def download_item(source: SourceConfig, item: dict, root: DataRoot, http: HttpConfig, *, session=None, sleep=time.sleep) -> list[dict]:
+def download_item(
+    source: SourceConfig, item: dict, root: DataRoot, http: HttpConfig, *, session=None, sleep=time.sleep
+) -> list[dict]:
     """Fetch the chosen file of one video (no key sent) -> one row."""
     vid = safe_id(item.get("video_id"), "video id")
     page = item.get("page_url")

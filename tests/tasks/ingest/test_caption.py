@@ -41,13 +41,19 @@ def _row(path, source="inter4k", vid="v", **kw):
 
 
 def _llava_cfg(llava_dir, **kw):
-    return CaptionConfig(**{"captioners": ["source", "llava"], "llava_path": str(llava_dir), "batch_size": 2, "max_new_tokens": 6, **kw})
+    return CaptionConfig(
+        **{"captioners": ["source", "llava"], "llava_path": str(llava_dir), "batch_size": 2, "max_new_tokens": 6, **kw}
+    )
 
 
 def test_three_frames_prompt_is_open_soras():
-    assert THREE_FRAMES_PROMPT.startswith("A video is given by providing three frames in chronological order. Describe this video")
+    assert THREE_FRAMES_PROMPT.startswith(
+        "A video is given by providing three frames in chronological order. Describe this video"
+    )
     assert "Do not reply with words like 'first frame'." in THREE_FRAMES_PROMPT
-    assert "with the cliff’s edges jutting out over the sea." in THREE_FRAMES_PROMPT  # curly apostrophe, as in Open-Sora
+    assert (
+        "with the cliff’s edges jutting out over the sea." in THREE_FRAMES_PROMPT
+    )  # curly apostrophe, as in Open-Sora
     assert THREE_FRAMES_PROMPT.endswith("the rugged landscape of the Pacific Coast Highway.")
     assert len(THREE_FRAMES_PROMPT) == 1752 and "\n" not in THREE_FRAMES_PROMPT
 
@@ -97,8 +103,14 @@ def test_source_captions_without_llava(clips):
         ("a red square slides right", "source", "ok"),
         ("a green disc moving up", "source", "ok"),
     ]
-    assert out[2]["status"] == "rejected" and "no caption: tried source (source: not a Pexels video page URL" in out[2]["error"]
-    assert out[3]["status"] == "rejected" and out[3]["error"] == f"{p3}: no caption: tried source (source: source 'inter4k' gave no caption)"
+    assert (
+        out[2]["status"] == "rejected"
+        and "no caption: tried source (source: not a Pexels video page URL" in out[2]["error"]
+    )
+    assert (
+        out[3]["status"] == "rejected"
+        and out[3]["error"] == f"{p3}: no caption: tried source (source: source 'inter4k' gave no caption)"
+    )
     assert out[4] == gone
     assert rows[1]["text"] is None  # the input rows are not modified
 
@@ -192,7 +204,9 @@ def test_no_caption_from_anyone_is_a_rejected_row(llava_dir, clips, tmp_path, mo
     out = caption_rows(rows, _llava_cfg(llava_dir), captioner_cache={})
     assert out[1]["status"] == "ok" and out[1]["caption_source"] == "llava"
     assert out[0]["status"] == "rejected"
-    assert out[0]["error"].startswith(f"{garbage}: no caption: tried source, llava (source: source 'inter4k' gave no caption; llava: ")
+    assert out[0]["error"].startswith(
+        f"{garbage}: no caption: tried source, llava (source: source 'inter4k' gave no caption; llava: "
+    )
     assert str(garbage) in out[0]["error"].split("llava: ", 1)[1]
 
     monkeypatch.setattr(LlavaCaptionModel, "caption", lambda self, videos, prompt, n: ["\n  \n"] * len(videos))
@@ -204,25 +218,35 @@ def test_llava_without_a_checkpoint_is_a_config_error(tmp_path, clips):
     (p0, *_), _ = clips
     missing = tmp_path / "no-such-llava"
     with pytest.raises(ConfigError, match=str(missing)):
-        caption_rows([_row(p0)], CaptionConfig(captioners=["source", "llava"], llava_path=str(missing)), captioner_cache={})
+        caption_rows(
+            [_row(p0)], CaptionConfig(captioners=["source", "llava"], llava_path=str(missing)), captioner_cache={}
+        )
     # The schema refuses llava without a path; the stage still checks a config built around it.
     with pytest.raises(ValueError, match="needs caption.llava_path"):
         CaptionConfig(captioners=["llava"])
     with pytest.raises(ConfigError, match="caption.llava_path is not set"):
-        caption_rows([_row(p0)], CaptionConfig.model_construct(captioners=["llava"], llava_path=None), captioner_cache={})
+        caption_rows(
+            [_row(p0)], CaptionConfig.model_construct(captioners=["llava"], llava_path=None), captioner_cache={}
+        )
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="cannot load a LLaVA checkpoint"):
-        caption_rows([_row(p0)], CaptionConfig(captioners=["llava"], llava_path=str(tmp_path / "broken")), captioner_cache={})
+        caption_rows(
+            [_row(p0)], CaptionConfig(captioners=["llava"], llava_path=str(tmp_path / "broken")), captioner_cache={}
+        )
     # Not needed, not built: every row already has its caption.
-    (kept,) = caption_rows([_row(p0, text="given")], CaptionConfig(captioners=["llava"], llava_path=str(missing)), captioner_cache={})
+    (kept,) = caption_rows(
+        [_row(p0, text="given")], CaptionConfig(captioners=["llava"], llava_path=str(missing)), captioner_cache={}
+    )
     assert kept["text"] == "given"
 
 
 def test_caption_manifest(llava_dir, clips, tmp_path):
     (p0, p1, *_), _ = clips
     root = DataRoot(tmp_path / "data")
-    src = write_manifest([_row(p0, "pexels", "p", source_url="https://www.pexels.com/video/red-5/"), _row(p1, vid="i")], "split", root)
+    src = write_manifest(
+        [_row(p0, "pexels", "p", source_url="https://www.pexels.com/video/red-5/"), _row(p1, vid="i")], "split", root
+    )
     out = caption_manifest(src, root, _llava_cfg(llava_dir), captioner_cache={})
     assert out.parent == root.manifest_dir("caption") and lineage(out)["inputs"] == [str(src)]
     assert [(r["caption_source"], r["status"]) for r in read_rows(out)] == [("source", "ok"), ("llava", "ok")]
@@ -234,7 +258,9 @@ def test_tiny_llava_reloads_with_the_real_loading_code(llava_dir):
     processor = AutoProcessor.from_pretrained(llava_dir, local_files_only=True)
     model = LlavaForConditionalGeneration.from_pretrained(llava_dir, local_files_only=True)
     assert "<image>" in processor.tokenizer.get_vocab() and processor.num_additional_image_tokens == 1
-    assert processor.chat_template and model.config.image_token_index == processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert processor.chat_template and model.config.image_token_index == processor.tokenizer.convert_tokens_to_ids(
+        "<image>"
+    )
     again = build_tiny_llava(llava_dir.parent / "again", seed=0)
     a = LlavaForConditionalGeneration.from_pretrained(again, local_files_only=True).state_dict()
     assert all(torch.equal(v, a[k]) for k, v in model.state_dict().items())  # the seed fixes the weights

@@ -130,7 +130,9 @@ def test_auto_fetcher_uses_ytdlp_for_youtube(tmp_path, monkeypatch, http_cfg):
     monkeypatch.setitem(hdvg.FETCHERS, "http", no_http)
     root = DataRoot(tmp_path / "data")
     source = SourceConfig(kind="hdvg", url="http://127.0.0.1:1/hdvg_0.json", fetcher="auto")
-    rows = download_items(source, [_hdvg_item("abcDEF_123", "https://www.youtube.com/watch?v=abcDEF_123")], root, http_cfg)
+    rows = download_items(
+        source, [_hdvg_item("abcDEF_123", "https://www.youtube.com/watch?v=abcDEF_123")], root, http_cfg
+    )
     assert [c[0] for c in calls] == ["https://www.youtube.com/watch?v=abcDEF_123"]
     assert calls[0][1].parent == root.tmp / "hdvg"
     assert [r["status"] for r in rows] == ["ok", "ok"]
@@ -146,7 +148,10 @@ def test_auto_fetcher_uses_ytdlp_for_youtube(tmp_path, monkeypatch, http_cfg):
     assert not (root.tmp / "hdvg" / "abcDEF_123.mp4").exists()  # the full video is dropped once cut
     validate_rows(rows)
     # again: the span exists and probes, nothing is fetched
-    assert download_items(source, [_hdvg_item("abcDEF_123", "https://www.youtube.com/watch?v=abcDEF_123")], root, http_cfg) == rows
+    assert (
+        download_items(source, [_hdvg_item("abcDEF_123", "https://www.youtube.com/watch?v=abcDEF_123")], root, http_cfg)
+        == rows
+    )
     assert len(calls) == 1
 
 
@@ -322,8 +327,28 @@ class MiniSource:
         for q, w, h in (("sd", 48, 32), ("hd", 96, 64)):
             path = f"/files/{vid}_{q}.mp4"
             self.files[path] = (body, "video/mp4")
-            files.append({"id": vid * 10 + len(files), "quality": q, "file_type": "video/mp4", "width": w, "height": h, "fps": 30, "link": self.base_url + path, "size": len(body)})
-        self.pexels_videos.append({"id": vid, "width": 96, "height": 64, "duration": 1, "url": f"https://www.pexels.com/video/{slug}-{vid}/", "video_files": files})
+            files.append(
+                {
+                    "id": vid * 10 + len(files),
+                    "quality": q,
+                    "file_type": "video/mp4",
+                    "width": w,
+                    "height": h,
+                    "fps": 30,
+                    "link": self.base_url + path,
+                    "size": len(body),
+                }
+            )
+        self.pexels_videos.append(
+            {
+                "id": vid,
+                "width": 96,
+                "height": 64,
+                "duration": 1,
+                "url": f"https://www.pexels.com/video/{slug}-{vid}/",
+                "video_files": files,
+            }
+        )
 
     # ------------------------------------------------------------ serving
 
@@ -414,11 +439,17 @@ class MiniSource:
         endpoint = urlsplit(h.path).path
         if page * per_page < len(videos):
             extra = f"&query={q['query'][0]}" if "query" in q else ""
-            data["next_page"] = f"{self.next_base or self.base_url}{endpoint}?page={page + 1}&per_page={per_page}{extra}"
+            data["next_page"] = (
+                f"{self.next_base or self.base_url}{endpoint}?page={page + 1}&per_page={per_page}{extra}"
+            )
         headers = {}
         if self.ratelimit_remaining is not None:
             self.ratelimit_remaining = max(0, self.ratelimit_remaining - 1)
-            headers = {"X-Ratelimit-Limit": 20000, "X-Ratelimit-Remaining": self.ratelimit_remaining, "X-Ratelimit-Reset": int(time.time()) + 5}
+            headers = {
+                "X-Ratelimit-Limit": 20000,
+                "X-Ratelimit-Remaining": self.ratelimit_remaining,
+                "X-Ratelimit-Reset": int(time.time()) + 5,
+            }
         self._send(h, 200, json.dumps(data).encode(), headers, "application/json")
 
     next_base: str | None = None
@@ -450,8 +481,26 @@ HDVG_CLIPS = {
 def src():
     with MiniSource() as s:
         s.add_hdvg("vidA", HDVG_CLIPS)
-        s.add_hdvg("vidB", {"vidB.0.mp4": {"span": ["00:00:01.000", "00:00:02.000"], "fps": 30.0, "scene_split": [{"scene_cut": [0, -1], "clip_id": "vidB.0_0", "caption": "b"}]}})
-        s.add_hdvg("vidC", {"vidC.0.mp4": {"span": ["00:00:00.000", "00:00:01.000"], "fps": 30.0, "scene_split": [{"scene_cut": [0, 10], "clip_id": "vidC.0_0", "caption": "c"}]}})
+        s.add_hdvg(
+            "vidB",
+            {
+                "vidB.0.mp4": {
+                    "span": ["00:00:01.000", "00:00:02.000"],
+                    "fps": 30.0,
+                    "scene_split": [{"scene_cut": [0, -1], "clip_id": "vidB.0_0", "caption": "b"}],
+                }
+            },
+        )
+        s.add_hdvg(
+            "vidC",
+            {
+                "vidC.0.mp4": {
+                    "span": ["00:00:00.000", "00:00:01.000"],
+                    "fps": 30.0,
+                    "scene_split": [{"scene_cut": [0, 10], "clip_id": "vidC.0_0", "caption": "c"}],
+                }
+            },
+        )
         yield s
 
 
@@ -568,7 +617,9 @@ def _inter4k_zip(entries: list[tuple]) -> bytes:
 @pytest.fixture
 def i4k():
     with MiniSource() as s:
-        good = [("Inter4K/", b"", stat.S_IFDIR | 0o755)] + [(f"Inter4K/60fps/UHD/{n}.mp4", _mp4(20, 60.0, offset=n)) for n in (1, 2, 3)]
+        good = [("Inter4K/", b"", stat.S_IFDIR | 0o755)] + [
+            (f"Inter4K/60fps/UHD/{n}.mp4", _mp4(20, 60.0, offset=n)) for n in (1, 2, 3)
+        ]
         s.files["/Inter4K.zip"] = (_inter4k_zip(good), "application/zip")
         s.redirects["/inter4KUHD"] = "/Inter4K.zip"
         evil = {
@@ -591,7 +642,10 @@ def test_inter4k_redirect_extract_and_rows(i4k, tmp_path):
     assert [i["video_id"] for i in items] == ["1", "2"]
     assert "Range" in i4k.log_for("/Inter4K.zip")[1]["headers"]  # the zip download resumed
     rows = download_items(source, items, root, _fast_http())
-    assert [(r["video_id"], r["status"], r["fps"], r["num_frames"]) for r in rows] == [("1", "ok", 60.0, 20), ("2", "ok", 60.0, 20)]
+    assert [(r["video_id"], r["status"], r["fps"], r["num_frames"]) for r in rows] == [
+        ("1", "ok", 60.0, 20),
+        ("2", "ok", 60.0, 20),
+    ]
     assert rows[0]["source_url"] == f"{i4k.base_url}/inter4KUHD#Inter4K/60fps/UHD/1.mp4"
     assert [frame_index(f) for f in read_frames(rows[1]["path"])] == list(range(2, 22))
     assert not root.raw("inter4k", "3").exists()  # beyond max_videos
@@ -605,7 +659,16 @@ def test_inter4k_redirect_extract_and_rows(i4k, tmp_path):
     assert not list((root.tmp / "inter4k").glob("*.zip"))  # deleted once fully extracted
 
 
-@pytest.mark.parametrize("name, entry", [("dotdot", "../"), ("absolute", "/tmp/escape"), ("symlink", "9.mp4"), ("oversized", "9.mp4"), ("stray", "evil.sh")])
+@pytest.mark.parametrize(
+    "name, entry",
+    [
+        ("dotdot", "../"),
+        ("absolute", "/tmp/escape"),
+        ("symlink", "9.mp4"),
+        ("oversized", "9.mp4"),
+        ("stray", "evil.sh"),
+    ],
+)
 def test_inter4k_evil_archives_refused(i4k, tmp_path, name, entry):
     root = DataRoot(tmp_path / "data")
     source = SourceConfig(kind="inter4k", url=f"{i4k.base_url}/evil/{name}.zip", max_file_bytes=100_000)
@@ -663,7 +726,11 @@ def test_pexels_download_rows_resume_and_idempotent(px, tmp_path, caplog):
     assert ok["path"] == str(root.raw("pexels", "101")) and (ok["height"], ok["width"]) == (64, 96)
     assert "Range" in px.log_for("/files/101_hd")[1]["headers"]
     assert 3.0 in sleeps
-    assert "not a readable video" in rows[2]["error"] and "404" in rows[3]["error"] and "/files/104_hd.mp4" in rows[3]["error"]
+    assert (
+        "not a readable video" in rows[2]["error"]
+        and "404" in rows[3]["error"]
+        and "/files/104_hd.mp4" in rows[3]["error"]
+    )
     assert not any("Authorization" in r["headers"] for r in px.log_for("/files/"))  # the key stays with the API
     n = len(px.log_for("/files/"))
     again = download_items(source, items, root, _fast_http(), sleep=sleeps)
@@ -695,7 +762,9 @@ def test_pexels_budget_exhausted_429_waits_and_retries(monkeypatch, tmp_path):
         for i in range(1, 8):
             s.add_pexels(100 + i, f"clip-{i}")
         sleeps = Sleeps()
-        items = list_items(SourceConfig(kind="pexels", url=s.base_url, per_page=2), _fast_http(), DataRoot(tmp_path), sleep=sleeps)
+        items = list_items(
+            SourceConfig(kind="pexels", url=s.base_url, per_page=2), _fast_http(), DataRoot(tmp_path), sleep=sleeps
+        )
         assert len(items) == 7
         statuses = len(s.log_for("/videos/popular"))
         assert statuses == 4 + 2  # 4 pages + two 429s (no headers) in between
@@ -743,7 +812,10 @@ def test_hdvg_overflowing_numbers_reject_only_their_rows(src, tmp_path):
     meta = json.loads(src.files["/metafiles/hdvg_0.json"][0])
 
     def clip(vid, cut="[0, -1]", fps="30.0", span='["00:00:00.000", "00:00:01.000"]'):
-        return f'{{"{vid}.0.mp4": {{"span": {span}, "fps": {fps}, "scene_split": [{{"scene_cut": {cut}, "clip_id": "{vid}.0_0", "caption": "x"}}]}}}}'
+        return (
+            f'{{"{vid}.0.mp4": {{"span": {span}, "fps": {fps}, '
+            f'"scene_split": [{{"scene_cut": {cut}, "clip_id": "{vid}.0_0", "caption": "x"}}]}}}}'
+        )
 
     entries = {vid: json.dumps(meta[vid]).replace('"clip": {}', '"clip": %s') for vid in meta}
     text = "{" + ", ".join([
@@ -816,8 +888,14 @@ def test_failing_source_listing_is_one_rejected_row(src, tmp_path):
     good = _hdvg_source(src)
     rows = []
     for source in (bad, good):
-        rows += download_items(source, list_items_or_error(source, _fast_http(), root, sleep=Sleeps()), root, _fast_http(), sleep=Sleeps())
-    assert rows[0]["status"] == "rejected" and "listing the source failed" in rows[0]["error"] and "404" in rows[0]["error"]
+        rows += download_items(
+            source, list_items_or_error(source, _fast_http(), root, sleep=Sleeps()), root, _fast_http(), sleep=Sleeps()
+        )
+    assert (
+        rows[0]["status"] == "rejected"
+        and "listing the source failed" in rows[0]["error"]
+        and "404" in rows[0]["error"]
+    )
     assert rows[0]["video_id"] == "hdvg-source"
     assert len(rows) == 6 and all(r["status"] == "ok" for r in rows[1:])
 

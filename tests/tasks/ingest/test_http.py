@@ -132,7 +132,9 @@ class ScriptedServer:
         if fault == "gzip_json":
             import gzip
 
-            return self._send(h, 200, gzip.compress(body), {"Content-Type": "application/json", "Content-Encoding": "gzip"})
+            return self._send(
+                h, 200, gzip.compress(body), {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+            )
         if fault == "gzip_file":  # what many servers do with a CSV, whatever Accept-Encoding said
             import gzip
 
@@ -194,7 +196,9 @@ def server():
 
 @pytest.fixture
 def cfg():
-    return HttpConfig(timeout_s=5, max_retries=3, backoff_base_s=1.0, backoff_max_s=30.0, max_bytes=10_000_000, allow_hosts=LOOPBACK)
+    return HttpConfig(
+        timeout_s=5, max_retries=3, backoff_base_s=1.0, backoff_max_s=30.0, max_bytes=10_000_000, allow_hosts=LOOPBACK
+    )
 
 
 class Sleeps(list):
@@ -369,7 +373,9 @@ def test_other_4xx_not_retried(server, cfg, tmp_path, code):
     assert len(server.requests_to("/f.bin")) == 1
 
 
-@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/x", "gopher://x/", "/relative/path", "http:///nohost"])
+@pytest.mark.parametrize(
+    "url", ["file:///etc/passwd", "ftp://127.0.0.1/x", "gopher://x/", "/relative/path", "http:///nohost"]
+)
 def test_non_http_refused(cfg, tmp_path, url):
     with pytest.raises(BadInputError):
         download_file(url, tmp_path / "x", cfg=cfg, sleep=Sleeps())
@@ -477,7 +483,13 @@ def test_secret_never_logged_or_raised(server, cfg, tmp_path, caplog):
     server.faults.clear()
     server.inject("/data.json", "status", code=401, headers={"WWW-Authenticate": SECRET})
     with pytest.raises(BadInputError) as ei:
-        get_json(f"{server.base_url}/data.json", cfg=cfg, headers={"X-Custom-Token": SECRET}, redact=["X-Custom-Token"], sleep=Sleeps())
+        get_json(
+            f"{server.base_url}/data.json",
+            cfg=cfg,
+            headers={"X-Custom-Token": SECRET},
+            redact=["X-Custom-Token"],
+            sleep=Sleeps(),
+        )
     errors.append(ei.value)
     assert caplog.records, "the retries should have logged something"
     text = caplog.text + " ".join(f"{e} {e!r} {e.args}" for e in errors) + repr(res)
@@ -577,7 +589,10 @@ def test_url_policy_after_dns_resolution(ips, allow, ok):
             check_url("https://internal.example/x", c, resolve=lambda h, p: ips)
 
 
-@pytest.mark.parametrize("target", ["http://169.254.169.254/latest/meta-data", "http://10.0.0.1/admin", "http://[::1]:1/x", "http://0.0.0.0:1/"])
+@pytest.mark.parametrize(
+    "target",
+    ["http://169.254.169.254/latest/meta-data", "http://10.0.0.1/admin", "http://[::1]:1/x", "http://0.0.0.0:1/"],
+)
 def test_redirect_from_allowed_host_to_refused_one(server, cfg, tmp_path, target):
     server.inject("/f.bin", "redirect", to=target)
     with pytest.raises(BadInputError, match="refused"):
@@ -611,7 +626,9 @@ def test_secret_headers_dropped_on_cross_origin_redirect(server, tmp_path):
 
 def test_same_origin_redirect_keeps_headers(server, cfg, tmp_path):
     server.inject("/short", "redirect", to="/f.bin")
-    download_file(f"{server.base_url}/short", tmp_path / "f.bin", cfg=cfg, headers={"X-API-Key": SECRET}, sleep=Sleeps())
+    download_file(
+        f"{server.base_url}/short", tmp_path / "f.bin", cfg=cfg, headers={"X-API-Key": SECRET}, sleep=Sleeps()
+    )
     assert server.requests_to("/f.bin")[0]["headers"]["X-API-Key"] == SECRET
 
 
@@ -666,7 +683,9 @@ def test_two_concurrent_downloads_of_one_file(server, cfg, tmp_path):
 
     def fetch():
         try:
-            results.append(download_file(f"{server.base_url}/f.bin", tmp_path / "f.bin", cfg=cfg, sleep=lambda s: time.sleep(0.05)))
+            results.append(
+                download_file(f"{server.base_url}/f.bin", tmp_path / "f.bin", cfg=cfg, sleep=lambda s: time.sleep(0.05))
+            )
         except Exception as e:  # noqa: BLE001 - the test reports it
             errors.append(e)
 

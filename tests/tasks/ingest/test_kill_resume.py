@@ -40,7 +40,9 @@ def _video_bytes(seed: int, frames: int = 150) -> bytes:
 
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as d:
-        return write_video(Path(d) / "v.mp4", rng.integers(0, 255, (frames, 64, 96, 3), dtype=np.uint8), 30.0).read_bytes()
+        return write_video(
+            Path(d) / "v.mp4", rng.integers(0, 255, (frames, 64, 96, 3), dtype=np.uint8), 30.0
+        ).read_bytes()
 
 
 class PexelsLike:
@@ -79,9 +81,26 @@ class PexelsLike:
         path = h.path.split("?", 1)[0]
         self.log.append((path, dict(h.headers)))
         if path == "/videos/popular":
-            videos = [{"id": i, "width": 96, "height": 64, "url": f"https://www.pexels.com/video/a-red-circle-{i}/",
-                       "video_files": [{"id": i, "quality": "hd", "file_type": "video/mp4", "width": 96, "height": 64,
-                                        "link": f"{self.base}/files/{i}.mp4", "size": len(self.files[f"/files/{i}.mp4"])}]} for i in IDS]
+            videos = [
+                {
+                    "id": i,
+                    "width": 96,
+                    "height": 64,
+                    "url": f"https://www.pexels.com/video/a-red-circle-{i}/",
+                    "video_files": [
+                        {
+                            "id": i,
+                            "quality": "hd",
+                            "file_type": "video/mp4",
+                            "width": 96,
+                            "height": 64,
+                            "link": f"{self.base}/files/{i}.mp4",
+                            "size": len(self.files[f"/files/{i}.mp4"]),
+                        }
+                    ],
+                }
+                for i in IDS
+            ]
             return self._send(h, 200, json.dumps({"videos": videos}).encode(), {"Content-Type": "application/json"})
         body = self.files.get(path)
         if body is None:
@@ -123,7 +142,9 @@ DOWNLOAD_CHILD = textwrap.dedent("""
 
 def _child(code: str, *args: str) -> subprocess.Popen:
     env = dict(os.environ, PEXELS_API_KEY=KEY)
-    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def _rows(proc: subprocess.Popen) -> list[dict]:
@@ -195,7 +216,8 @@ SPLIT_CHILD = textwrap.dedent("""
         return out
     cc.encode_clip = slow_write
     rows = read_rows(sys.argv[1])
-    out = ss.split_rows(rows, DataRoot(sys.argv[2]), SplitConfig(fps=24.0, short_side=64, min_seconds=0.5, max_seconds=5.0))
+    out = ss.split_rows(rows, DataRoot(sys.argv[2]),
+                        SplitConfig(fps=24.0, short_side=64, min_seconds=0.5, max_seconds=5.0))
     print("ROWS " + json.dumps(out))
 """)
 

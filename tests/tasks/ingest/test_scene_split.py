@@ -116,7 +116,10 @@ def test_short_scenes_rejected_long_scenes_truncated(root, tmp_path):
     assert [r["status"] for r in rows] == ["ok", "rejected", "ok"]
     assert rows[1]["error"].endswith("scene too short: 1.5 s < min 2.0 s")
     assert str(video.path) in rows[1]["error"]
-    assert rows[1]["clip_id"] == "v-scene-1" and not root.clip("hdvg", "v", "v-scene-1", variant=split_variant(cfg)).exists()
+    assert (
+        rows[1]["clip_id"] == "v-scene-1"
+        and not root.clip("hdvg", "v", "v-scene-1", variant=split_variant(cfg)).exists()
+    )
     # Truncated to the first 1.25 s = 30 frames of each long scene.
     assert [r["num_frames"] for r in (rows[0], rows[2])] == [30, 30]
     assert (rows[2]["start_s"], rows[2]["end_s"]) == (4.0, 4.0 + 1.25)

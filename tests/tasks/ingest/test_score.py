@@ -45,8 +45,11 @@ def videos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A tiny open_clip architecture registered by config, and its (seeded random) weights as a local file."""
-    model, preprocess, _, weights = make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), TINY_CLIP,
-                                                   {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1})
+    model, preprocess, _, weights = make_tiny_clip(
+        tmp_path_factory.mktemp("tiny-clip"),
+        TINY_CLIP,
+        {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
+    )
     return model, preprocess, weights
 
 
@@ -74,7 +77,13 @@ def test_motion_filter_rejects_still_clips_and_keeps_scores(videos, tmp_path):
     garbage = tmp_path / "garbage.mp4"
     garbage.write_bytes(os.urandom(3000))
     gone = {**_row(videos["fast"], "gone"), "status": "rejected", "error": "scene too short"}
-    rows = [_row(videos["static"], "still"), _row(videos["fast"], "pan"), gone, _row(garbage, "bad"), _row(videos["slow"], "done", flow=9.5)]
+    rows = [
+        _row(videos["static"], "still"),
+        _row(videos["fast"], "pan"),
+        gone,
+        _row(garbage, "bad"),
+        _row(videos["slow"], "done", flow=9.5),
+    ]
 
     out, notes = score_rows(rows, ScoreConfig(min_flow=0.3))
 
@@ -121,7 +130,13 @@ def test_laion_mlp_head_and_aesthetic_filter(videos, tiny_clip, tmp_path):
         layers[f"layers.{idx}.weight"], layers[f"layers.{idx}.bias"] = torch.zeros(o, i), torch.zeros(o)
     layers["layers.7.bias"] = torch.tensor([4.0])
     head = _head(tmp_path / "mlp.safetensors", layers)
-    cfg = ScoreConfig(aesthetic_clip_model=TINY_CLIP, aesthetic_clip_path=str(clip_path), aesthetic_head_path=str(head), min_aes=4.5, min_flow=0.3)
+    cfg = ScoreConfig(
+        aesthetic_clip_model=TINY_CLIP,
+        aesthetic_clip_path=str(clip_path),
+        aesthetic_head_path=str(head),
+        min_aes=4.5,
+        min_flow=0.3,
+    )
     out, _ = score_rows([_row(videos["fast"], "pan"), _row(videos["static"], "still")], cfg)
     assert [r["aes"] for r in out] == [pytest.approx(4.0), pytest.approx(4.0)]
     assert out[0]["error"] == "aesthetic 4.00 < min_aes 4.5"
@@ -134,11 +149,28 @@ def test_bad_aesthetic_files_are_config_errors(tiny_clip, tmp_path, videos):
     wrong_width = _head(tmp_path / "w.safetensors", {"weight": torch.zeros(1, 768)})
     rows = [_row(videos["fast"])]
     with pytest.raises(ConfigError, match="nowhere.safetensors"):
-        score_rows(rows, ScoreConfig(aesthetic_clip_model=TINY_CLIP, aesthetic_clip_path=str(tmp_path / "nowhere.safetensors"), aesthetic_head_path=str(good_head)))
+        score_rows(
+            rows,
+            ScoreConfig(
+                aesthetic_clip_model=TINY_CLIP,
+                aesthetic_clip_path=str(tmp_path / "nowhere.safetensors"),
+                aesthetic_head_path=str(good_head),
+            ),
+        )
     with pytest.raises(ConfigError, match="takes 768 features, expected 16"):
-        score_rows(rows, ScoreConfig(aesthetic_clip_model=TINY_CLIP, aesthetic_clip_path=str(clip_path), aesthetic_head_path=str(wrong_width)))
+        score_rows(
+            rows,
+            ScoreConfig(
+                aesthetic_clip_model=TINY_CLIP, aesthetic_clip_path=str(clip_path), aesthetic_head_path=str(wrong_width)
+            ),
+        )
     with pytest.raises(ConfigError, match="ViT-B-32"):  # weights of another architecture
-        score_rows(rows, ScoreConfig(aesthetic_clip_model="ViT-B-32", aesthetic_clip_path=str(clip_path), aesthetic_head_path=str(good_head)))
+        score_rows(
+            rows,
+            ScoreConfig(
+                aesthetic_clip_model="ViT-B-32", aesthetic_clip_path=str(clip_path), aesthetic_head_path=str(good_head)
+            ),
+        )
 
 
 def test_score_manifest_records_the_skipped_note(videos, tmp_path):

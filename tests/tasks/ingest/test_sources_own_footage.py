@@ -56,7 +56,9 @@ def test_folder_source_every_file_is_an_ok_or_rejected_row(footage, tmp_path):
     assert set(got) == {"bunny.mp4", "bikes.mp4", "carphone.MOV", "fake.mp4", "voice.mp4", "escape.mp4", "linked-dir"}
     assert got["bunny.mp4"]["status"] == "ok" and got["bunny.mp4"]["text"] == "an animated rabbit in a meadow"
     assert (got["bunny.mp4"]["height"], got["bunny.mp4"]["width"], got["bunny.mp4"]["num_frames"]) == (720, 1280, 132)
-    assert got["bikes.mp4"]["text"] == "cyclists racing on a road" and got["bikes.mp4"]["path"] == str(footage / "nested/deeper/bikes.mp4")
+    assert got["bikes.mp4"]["text"] == "cyclists racing on a road" and got["bikes.mp4"]["path"] == str(
+        footage / "nested/deeper/bikes.mp4"
+    )
     assert got["carphone.MOV"]["status"] == "ok" and got["carphone.MOV"]["text"] is None
     assert got["fake.mp4"]["status"] == "rejected" and "not a readable video" in got["fake.mp4"]["error"]
     assert got["voice.mp4"]["status"] == "rejected" and "no video stream" in got["voice.mp4"]["error"]
@@ -117,10 +119,17 @@ def test_csv_reads_open_sora_headered_and_v1_headerless(tmp_path):
 def test_csv_column_names_are_configurable_and_checked(tmp_path):
     copy_real("bikes.mp4", tmp_path / "bikes.mp4")
     (tmp_path / "mine.csv").write_text("file,description\nbikes.mp4,bikes on a road\n")
-    rows = ingest(SourceConfig(kind="csv", path=str(tmp_path / "mine.csv"), path_column="file", caption_column="description"), DataRoot(tmp_path / "d"))
+    rows = ingest(
+        SourceConfig(kind="csv", path=str(tmp_path / "mine.csv"), path_column="file", caption_column="description"),
+        DataRoot(tmp_path / "d"),
+    )
     assert rows[0]["status"] == "ok" and rows[0]["text"] == "bikes on a road"
     with pytest.raises(BadInputError, match="neither a 'path' nor a 'url' column"):
-        list_items(SourceConfig(kind="csv", path=str(tmp_path / "mine.csv"), caption_column="description"), HTTP, DataRoot(tmp_path / "d"))
+        list_items(
+            SourceConfig(kind="csv", path=str(tmp_path / "mine.csv"), caption_column="description"),
+            HTTP,
+            DataRoot(tmp_path / "d"),
+        )
 
 
 def test_video2dataset_url_list_goes_through_the_http_layer(tmp_path, monkeypatch):
@@ -138,8 +147,10 @@ def test_video2dataset_url_list_goes_through_the_http_layer(tmp_path, monkeypatc
         dest.write_bytes(served[url].read_bytes())
 
     monkeypatch.setattr(listfile, "download_file", fake_download)
-    pq.write_table(pa.table({"url": list(served) + ["http://videos.example/b/gone.mp4"], "caption": ["bikes", "nothing"]}),
-                   tmp_path / "v2d.parquet")
+    pq.write_table(
+        pa.table({"url": list(served) + ["http://videos.example/b/gone.mp4"], "caption": ["bikes", "nothing"]}),
+        tmp_path / "v2d.parquet",
+    )
     root = DataRoot(tmp_path / "data")
     rows = ingest(SourceConfig(kind="parquet", path=str(tmp_path / "v2d.parquet")), root)
     assert [r["status"] for r in rows] == ["ok", "rejected"]
@@ -175,8 +186,13 @@ def test_footage_as_it_comes_through_scene_split(tmp_path):
     rows = ingest(SourceConfig(kind="folder", path=str(d)), root)
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
     out = by_name(split_rows(rows, root, SplitConfig(min_seconds=0.5, fps=8.0, short_side=32)))
-    assert out["portrait.mp4"]["status"] == "ok" and (out["portrait.mp4"]["height"], out["portrait.mp4"]["width"]) == (56, 32)
+    assert out["portrait.mp4"]["status"] == "ok" and (out["portrait.mp4"]["height"], out["portrait.mp4"]["width"]) == (
+        56,
+        32,
+    )
     assert out["odd.mp4"]["status"] == "ok" and out["odd.mp4"]["height"] == 32
     assert out["wide.mp4"]["status"] == "ok" and out["wide.mp4"]["height"] == 32 and out["wide.mp4"]["width"] > 140
     assert out["one.mp4"]["status"] == "rejected" and "scene too short" in out["one.mp4"]["error"]
-    assert out["vfr.mp4"]["status"] == "ok" and out["vfr.mp4"]["num_frames"] == 24 and out["vfr.mp4"]["fps"] == 8.0, out["vfr.mp4"]["error"]
+    assert (
+        out["vfr.mp4"]["status"] == "ok" and out["vfr.mp4"]["num_frames"] == 24 and out["vfr.mp4"]["fps"] == 8.0
+    ), out["vfr.mp4"]["error"]

@@ -16,7 +16,9 @@ from soraflow.tasks.sample_world.adherence import (
 )
 
 PALETTE = {"red": (220, 40, 40), "green": (40, 190, 70), "blue": (40, 70, 230), "yellow": (235, 215, 40)}
-VOCAB = Vocab(colors=tuple(PALETTE), shapes=("circle", "square", "triangle"), directions=("left", "right", "up", "down"))
+VOCAB = Vocab(
+    colors=tuple(PALETTE), shapes=("circle", "square", "triangle"), directions=("left", "right", "up", "down")
+)
 STEPS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "none": (0, 0)}
 BACKGROUNDS = ([25, 25, 35], [128, 128, 128], [235, 235, 225])
 
@@ -137,15 +139,27 @@ def test_wrong_prompts_count_as_wrong():
 
 
 def test_prompt_parsing_and_partial_prompts():
-    assert parse_prompt("A Yellow triangle drifting up.", VOCAB) == {"color": "yellow", "shape": "triangle", "direction": "up"}
+    assert parse_prompt("A Yellow triangle drifting up.", VOCAB) == {
+        "color": "yellow",
+        "shape": "triangle",
+        "direction": "up",
+    }
     assert parse_prompt("a red square on a blue background moving right", VOCAB)["color"] == "red"  # first named
-    assert parse_prompt("reddish squares", VOCAB) == {"color": None, "shape": None, "direction": None}  # whole words only
-    custom = Vocab(VOCAB.colors, VOCAB.shapes, VOCAB.directions, parse=lambda t: ("blue", "circle", "up") if "x" in t else None)
+    assert parse_prompt("reddish squares", VOCAB) == {
+        "color": None,
+        "shape": None,
+        "direction": None,
+    }  # whole words only
+    custom = Vocab(
+        VOCAB.colors, VOCAB.shapes, VOCAB.directions, parse=lambda t: ("blue", "circle", "up") if "x" in t else None
+    )
     assert parse_prompt("x", custom) == {"color": "blue", "shape": "circle", "direction": "up"}
     assert parse_prompt("a red circle moving left", custom) == {"color": None, "shape": None, "direction": None}
 
     video = render("circle", "blue", "up", size=32)
-    result = score_videos([video, video, video], ["a blue circle", "a blue circle moving up", "waves at sunset"], PALETTE, VOCAB)
+    result = score_videos(
+        [video, video, video], ["a blue circle", "a blue circle moving up", "waves at sunset"], PALETTE, VOCAB
+    )
     assert result["counts"]["color"] == {"correct": 2, "scored": 2}
     assert result["counts"]["direction"] == {"correct": 1, "scored": 1}
     assert result["counts"]["all"] == {"correct": 1, "scored": 1} and result["unparsed"] == 1
@@ -208,7 +222,12 @@ def test_default_vocabulary_from_the_sample_source():
     palette = default_palette()
     assert {"red", "green", "blue", "yellow"} <= set(palette)
     vocab = default_vocab()
-    assert set(vocab.shapes) == {"circle", "square", "triangle"} and set(vocab.directions) >= {"left", "right", "up", "down"}
+    assert set(vocab.shapes) == {"circle", "square", "triangle"} and set(vocab.directions) >= {
+        "left",
+        "right",
+        "up",
+        "down",
+    }
     assert vocab.parse is scenes.parse_caption
 
 

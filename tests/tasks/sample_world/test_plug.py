@@ -11,8 +11,14 @@ from soraflow.storage.layout import DataRoot
 from soraflow.tasks.ingest.sources.pexels import ENV_KEY
 from soraflow.tasks.sample_world.plug import SAMPLE_TOKEN, sample_source, stable_port
 
-TINY = ["ingest.sample_source.hdvg_videos=1", "ingest.sample_source.pexels_videos=1", "ingest.sample_source.scenes_per_video=1",
-        "ingest.sample_source.scene_seconds=0.5", "ingest.sample_source.width=32", "ingest.sample_source.height=32"]
+TINY = [
+    "ingest.sample_source.hdvg_videos=1",
+    "ingest.sample_source.pexels_videos=1",
+    "ingest.sample_source.scenes_per_video=1",
+    "ingest.sample_source.scene_seconds=0.5",
+    "ingest.sample_source.width=32",
+    "ingest.sample_source.height=32",
+]
 
 
 def test_sources_point_at_the_running_server_and_the_key_env_is_restored(tmp_path, monkeypatch):
@@ -24,7 +30,12 @@ def test_sources_point_at_the_running_server_and_the_key_env_is_restored(tmp_pat
         base = urls["pexels"]
         assert base.startswith("http://127.0.0.1:") and urls["hdvg"] == f"{base}/metafiles/hdvg_0.json"
         assert requests.get(urls["hdvg"], timeout=10).status_code == 200
-        assert requests.get(f"{base}/videos/popular", headers={"Authorization": os.environ[ENV_KEY]}, timeout=10).status_code == 200
+        assert (
+            requests.get(
+                f"{base}/videos/popular", headers={"Authorization": os.environ[ENV_KEY]}, timeout=10
+            ).status_code
+            == 200
+        )
     assert ENV_KEY not in os.environ  # the key it set is gone again
     assert all(s.url.startswith(SAMPLE_TOKEN) for s in cfg.ingest.sources)  # the caller's config is not modified
     assert stable_port(root) == stable_port(DataRoot(tmp_path / "data")) and 20000 <= stable_port(root) < 40000

@@ -163,7 +163,9 @@ def test_planned_motion_stays_in_frame_and_crosses_half(size):
     for p in S.plan_videos(cfg, "hdvg"):
         for s in p.scenes:
             track = S.centre_track(s, w, h)
-            unclamped = np.array(s.start_xy) + np.outer(np.arange(s.n_frames), np.array(S._UNIT[s.direction]) * s.speed_px)
+            unclamped = np.array(s.start_xy) + np.outer(
+                np.arange(s.n_frames), np.array(S._UNIT[s.direction]) * s.speed_px
+            )
             assert np.allclose(track, unclamped), "the planned track should never need clamping"
             along = w if s.direction in ("left", "right") else h
             travel = float(np.abs(track[-1] - track[0]).sum())
@@ -212,7 +214,9 @@ def test_make_video_ranges_match_the_file(tmp_path):
     frames = read_frames(tmp_path / "v.mp4")
     lumas = [S.luma(border_colour(f)) for f in frames]
     for (a, b, text), spec in zip(ranges, plan.scenes):
-        assert all(abs(lumas[i] - S.luma(spec.background)) < 12 for i in range(a, b)), text  # the whole window is this scene
+        assert all(
+            abs(lumas[i] - S.luma(spec.background)) < 12 for i in range(a, b)
+        ), text  # the whole window is this scene
         assert abs(lumas[a - 1] - lumas[a]) >= S.MIN_CUT_LUMA * 0.8  # a hard cut into it (padding or previous scene)
         assert seen_colour(frames[a:b]) == spec.color
         assert seen_direction(frames[a:b]) == spec.direction
@@ -409,7 +413,11 @@ def test_range_requests(srv):
     full = get(srv, "/videos/hdvg0000.mp4")
     body = full.content
     n = len(body)
-    assert full.status_code == 200 and int(full.headers["Content-Length"]) == n and full.headers["Accept-Ranges"] == "bytes"
+    assert (
+        full.status_code == 200
+        and int(full.headers["Content-Length"]) == n
+        and full.headers["Accept-Ranges"] == "bytes"
+    )
     r = get(srv, "/videos/hdvg0000.mp4", headers={"Range": "bytes=100-199"})
     assert r.status_code == 206 and r.content == body[100:200]
     assert r.headers["Content-Range"] == f"bytes 100-199/{n}" and r.headers["Content-Length"] == "100"
@@ -567,7 +575,9 @@ def test_fault_corrupt_and_not_video(srv, tmp_path):
     srv.inject("/video-files/", "not_video")
     link = srv.pexels_videos()[0]["video_files"][0]["link"]
     r = requests.get(link, timeout=TIMEOUT)
-    assert r.status_code == 200 and r.headers["Content-Type"] == "video/mp4" and r.content.startswith(b"<!DOCTYPE html>")
+    assert (
+        r.status_code == 200 and r.headers["Content-Type"] == "video/mp4" and r.content.startswith(b"<!DOCTYPE html>")
+    )
     (tmp_path / "x.mp4").write_bytes(r.content)
     with pytest.raises(ValueError):
         probe_video(tmp_path / "x.mp4")

@@ -19,7 +19,9 @@ def encoders(tmp_path_factory):
     from soraflow.models.vae import VideoVAE, build_tiny_vae
 
     base = tmp_path_factory.mktemp("enc")
-    build_tiny_vae(block_out_channels=[16, 32, 32], layers_per_block=1, latent_channels=4, norm_num_groups=8, seed=0).save_pretrained(str(base / "vae"))
+    build_tiny_vae(
+        block_out_channels=[16, 32, 32], layers_per_block=1, latent_channels=4, norm_num_groups=8, seed=0
+    ).save_pretrained(str(base / "vae"))
     build_tiny_t5(base / "t5", d_model=32, num_layers=1, num_heads=2, d_ff=64, vocab_size=256)
     vae = VideoVAE.from_pretrained(str(base / "vae"), micro_batch_size=None, scaling_factor=0.18215).eval()
     te = T5TextEncoder(str(base / "t5"), max_length=12)
@@ -38,7 +40,13 @@ def _build(clips, encoders, **kw):
 
     root, manifest = clips
     base, vae, te = encoders
-    args = dict(vae_id=folder_identity(base / "vae"), text_id=folder_identity(base / "t5"), num_frames=8, frame_interval=1, image_size=(32, 32))
+    args = dict(
+        vae_id=folder_identity(base / "vae"),
+        text_id=folder_identity(base / "t5"),
+        num_frames=8,
+        frame_interval=1,
+        image_size=(32, 32),
+    )
     args.update(kw)
     return build_latent_cache(manifest, root, lambda: (vae, te), **args)
 
@@ -100,7 +108,9 @@ def test_cache_key_changes_with_inputs(clips, encoders, tmp_path):
     from soraflow.storage.data.latent_cache import build_latent_cache, folder_identity
 
     b, vae, te = encoders
-    info = build_latent_cache(other, root, lambda: (vae, te), folder_identity(b / "vae"), folder_identity(b / "t5"), 8, 1, (32, 32))
+    info = build_latent_cache(
+        other, root, lambda: (vae, te), folder_identity(b / "vae"), folder_identity(b / "t5"), 8, 1, (32, 32)
+    )
     assert info.path != base.path and info.clips == 7
 
 

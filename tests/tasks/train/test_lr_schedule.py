@@ -27,7 +27,9 @@ def test_cosine_warms_up_linearly_then_decays_to_the_floor():
 
 def test_cosine_without_warmup_starts_at_the_peak():
     tc = TrainConfig(lr=2e-3, steps=4, lr_schedule="cosine")
-    assert [lr_at(tc, s) for s in range(5)] == pytest.approx([2e-3 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(5)])
+    assert [lr_at(tc, s) for s in range(5)] == pytest.approx(
+        [2e-3 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(5)]
+    )
 
 
 def test_set_lr_sets_every_param_group():

@@ -8,7 +8,15 @@ from soraflow.models.diffusion.rflow import RFlow
 from soraflow.models.stdit import build_stdit
 from soraflow.tasks.train.precision import Precision
 
-KW = dict(depth=2, hidden_size=64, num_heads=4, input_size=[4, 8, 8], caption_channels=32, model_max_length=8, pred_sigma=False)
+KW = dict(
+    depth=2,
+    hidden_size=64,
+    num_heads=4,
+    input_size=[4, 8, 8],
+    caption_channels=32,
+    model_max_length=8,
+    pred_sigma=False,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +71,11 @@ def test_bf16_gradients_match_fp32_gradients():
     torch.manual_seed(0)
     model = build_stdit("STDiT-Tiny", **{**KW, "depth": 1}).train()
     model.y_embedder.uncond_prob = 0.0
-    for p in model.parameters():  # no zero-initialised layers (output, cross/temporal projections): every weight gets a gradient
+    for (
+        p
+    ) in (
+        model.parameters()
+    ):  # no zero-initialised layers (output, cross/temporal projections): every weight gets a gradient
         if p.ndim == 2 and not p.any():
             torch.nn.init.normal_(p, std=0.02)
     x = torch.randn(2, 4, 4, 8, 8)

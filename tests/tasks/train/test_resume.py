@@ -15,7 +15,9 @@ from soraflow.tasks.train.resume import (
 
 def _save(run_dir, step):
     lin = torch.nn.Linear(2, 2)
-    return save_training_state(run_dir / checkpoint_name(step), lin.state_dict(), lin.state_dict(), None, {"step": step})
+    return save_training_state(
+        run_dir / checkpoint_name(step), lin.state_dict(), lin.state_dict(), None, {"step": step}
+    )
 
 
 def test_truncated_and_unmarked_newer_checkpoints_fall_back_to_an_intact_older_one(tmp_path):

@@ -9,7 +9,15 @@ from soraflow.models.stdit import build_stdit
 from soraflow.tasks.train.precision import Precision
 from soraflow.tasks.train.thread_parallel import BatchThreads, split_batch, torch_threads
 
-KW = dict(depth=2, hidden_size=64, num_heads=4, input_size=[4, 8, 8], caption_channels=32, model_max_length=8, pred_sigma=False)
+KW = dict(
+    depth=2,
+    hidden_size=64,
+    num_heads=4,
+    input_size=[4, 8, 8],
+    caption_channels=32,
+    model_max_length=8,
+    pred_sigma=False,
+)
 
 
 def _batch(b: int = 5) -> dict:
@@ -110,7 +118,10 @@ def test_autocast_reaches_the_worker_threads():
         split.loss_and_grads(part_loss, split_batch(batch, 2), [p for p in m.parameters() if p.requires_grad])
     hook.remove()
     assert dtypes == [torch.bfloat16, torch.bfloat16]
-    assert all(p.grad is None or (p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()) for p in prec.master.parameters())
+    assert all(
+        p.grad is None or (p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all())
+        for p in prec.master.parameters()
+    )
 
 
 def test_a_batch_smaller_than_the_threads_still_trains():

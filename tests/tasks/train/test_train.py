@@ -60,7 +60,9 @@ def test_local_training_learns_and_checkpoints_without_pickles(data):
     assert result.metrics["train_clips"] == len(train_rows) and result.metrics["val_clips"] == len(val_rows) >= 1
     # the exported folder is self-contained and loads as a pipeline
     assert (result.model_dir / "vae").is_dir() and (result.model_dir / "text_encoder").is_dir()
-    assert result.loss_history == [(s, v) for s, v in _history(result.checkpoint_dir)]  # the history travels with the result
+    assert result.loss_history == [
+        (s, v) for s, v in _history(result.checkpoint_dir)
+    ]  # the history travels with the result
     pipe, source = load_pipeline(cfg, root, ckpt=result.model_dir)
     assert "model folder" in source
     assert pipe(["a red circle moving left"], steps=3).shape == (1, 3, 8, 32, 32)
@@ -75,7 +77,9 @@ def test_bf16_precision_learns_with_fp32_master_state(data):
     result = train(cfg, _split(manifest, cfg), root, run_name="bf16", vae_dir=vae_dir)
     losses = [v for _, v in _history(result.checkpoint_dir)]
     assert len(losses) == 40 and sum(losses[-10:]) < 0.8 * sum(losses[:10]), losses
-    with safe_open(str(result.checkpoint_dir / "state.safetensors"), "pt") as f:  # master, EMA and AdamW state stay fp32
+    with safe_open(
+        str(result.checkpoint_dir / "state.safetensors"), "pt"
+    ) as f:  # master, EMA and AdamW state stay fp32
         dtypes = {f.get_tensor(k).dtype for k in f.keys()}
     assert torch.float32 in dtypes and torch.bfloat16 not in dtypes and torch.float16 not in dtypes
 
@@ -131,9 +135,18 @@ def test_each_step_runs_at_the_scheduled_learning_rate(data):
     from soraflow.tasks.train.lr_schedule import lr_at
 
     root, manifest, vae_dir = data
-    cfg = train_cfg(root, **{"train.steps": 12, "train.lr_schedule": "cosine", "train.warmup_steps": 3, "train.lr_min_ratio": 0.1})
+    cfg = train_cfg(
+        root, **{"train.steps": 12, "train.lr_schedule": "cosine", "train.warmup_steps": 3, "train.lr_min_ratio": 0.1}
+    )
     seen: list[tuple[int, float]] = []
-    train(cfg, _split(manifest, cfg), root, run_name="cosine", vae_dir=vae_dir, on_step=[lambda info: seen.append((info.step, info.lr))])
+    train(
+        cfg,
+        _split(manifest, cfg),
+        root,
+        run_name="cosine",
+        vae_dir=vae_dir,
+        on_step=[lambda info: seen.append((info.step, info.lr))],
+    )
     assert [s for s, _ in seen] == list(range(1, 13))
     assert [lr for _, lr in seen] == [lr_at(cfg.train, s - 1) for s in range(1, 13)]
     assert seen[2][1] == cfg.train.lr and seen[-1][1] < 0.2 * cfg.train.lr  # warmed up, then decayed
@@ -218,8 +231,12 @@ def test_training_killed_mid_checkpoint_save_resumes_from_the_last_valid_one(dat
     support = str(Path(__file__).resolve().parents[2] / "support")
 
     def run(hang_file: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(script), str(root.root), str(manifest), str(vae_dir), hang_file, support],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            [sys.executable, str(script), str(root.root), str(manifest), str(vae_dir), hang_file, support],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     proc = run(str(hang))
     deadline = time.monotonic() + 600
@@ -263,7 +280,14 @@ def test_ray_two_workers_survive_a_killed_worker(data, tmp_path):
     marker = tmp_path / "killed"
     cfg = train_cfg(root, **{"train.steps": 6, "train.num_workers": 2, "train.batch_size": 2, "train.ckpt_every": 3,
                              "train.log_every": 3, "train.max_failures": 1})
-    result = train(cfg, _split(manifest, cfg), root, run_name="ray-kill", vae_dir=vae_dir, on_step=[_kill_last_rank_after(5, marker)])
+    result = train(
+        cfg,
+        _split(manifest, cfg),
+        root,
+        run_name="ray-kill",
+        vae_dir=vae_dir,
+        on_step=[_kill_last_rank_after(5, marker)],
+    )
     assert marker.exists()  # the worker really died
     assert result.metrics["steps"] == 6 and result.metrics["world_size"] == 2
     meta = json.loads((result.checkpoint_dir / "state.json").read_text())["meta"]
@@ -292,7 +316,14 @@ def _fsdp_worker(rank: int, world: int, port: int, folder: str) -> None:
 
     def build():
         torch.manual_seed(0)
-        return build_stdit("STDiT-Tiny", input_size=[8, 8, 8], in_channels=4, caption_channels=64, model_max_length=16, class_dropout_prob=0.0)
+        return build_stdit(
+            "STDiT-Tiny",
+            input_size=[8, 8, 8],
+            in_channels=4,
+            caption_channels=64,
+            model_max_length=16,
+            class_dropout_prob=0.0,
+        )
 
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, 4, 8, 8, 8, generator=g), torch.randn(4, 1, 16, 64, generator=g)

@@ -97,6 +97,8 @@ def test_calibration_is_an_exact_reparametrisation(quant_convs):
         after = vae.encode(x).latent_dist
         recon_after = vae.decode(after.mean).sample
     used_shift = shift if quant_convs else torch.zeros(4)
-    torch.testing.assert_close(after.mean, scale.view(1, -1, 1, 1) * (before.mean - used_shift.view(1, -1, 1, 1)), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        after.mean, scale.view(1, -1, 1, 1) * (before.mean - used_shift.view(1, -1, 1, 1)), atol=1e-4, rtol=1e-4
+    )
     torch.testing.assert_close(after.std, scale.view(1, -1, 1, 1) * before.std, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(recon_after, recon_before, atol=1e-4, rtol=1e-4)
